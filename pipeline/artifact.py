@@ -1,0 +1,149 @@
+"""The model directory: written by training, verified before anything loads it.
+
+``MODEL/`` holds ``model.keras`` (weights; its embedded architecture is never read),
+``metadata.json`` and ``history.png``. Loading rebuilds the architecture from the
+validated metadata and reads only the weights, after checking the file's sha256:
+Keras ``safe_mode`` is not a security boundary.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from pipeline.config import IngestSettings, TrainSettings
+from pipeline.contract import FEATURE_DIM, NUM_CLASSES
+from pipeline.errors import ModelError
+
+MODEL_FILE = "model.keras"
+METADATA_FILE = "metadata.json"
+HISTORY_PLOT = "history.png"
+CHECKPOINTS_DIR = "checkpoints"
+
+
+class Metadata(BaseModel):
+    """What ``metadata.json`` must hold. Anything else in it is refused."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    format_version: int = 1
+    feature_dim: int
+    classes: int
+    model_file: str = MODEL_FILE
+    model_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    preprocessing: IngestSettings
+    train: TrainSettings
+    workers: int = Field(ge=1)
+    epochs_completed: int = Field(ge=0)
+    history: list[dict[str, float]] = Field(default_factory=list)
+    samples_per_second: float | None = None
+    training_seconds: float | None = None
+    data: dict[str, Any] = Field(default_factory=dict)
+    seed: int
+    versions: dict[str, str] = Field(default_factory=dict)
+    created: str | None = None
+
+    @field_validator("model_file")
+    @classmethod
+    def _plain_file_name(cls, value: str) -> str:
+        if value != MODEL_FILE:
+            raise ValueError(f"must be {MODEL_FILE!r}: the model file lives in the model directory")
+        return value
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def parse_metadata(text: str, where: str) -> Metadata:
+    """Validated metadata from the text of ``metadata.json``, or `ModelError`."""
+    try:
+        return Metadata.model_validate(json.loads(text))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ModelError(f"{where} is not valid JSON: {exc}") from None
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()
+        )
+        raise ModelError(f"{where} is not valid model metadata: {problems}") from None
+
+
+def check_fits(
+    metadata: Metadata, where: str, feature_dim: int = FEATURE_DIM, classes: int = NUM_CLASSES
+) -> None:
+    """Refuse a model whose input or output size differs from the data's."""
+    if metadata.feature_dim != feature_dim or metadata.classes != classes:
+        raise ModelError(
+            f"model in {where} takes {metadata.feature_dim} features and predicts "
+            f"{metadata.classes} classes; the data has {feature_dim} features and "
+            f"{classes} classes"
+        )
+
+
+def check_checksum(metadata: Metadata, model_bytes: bytes, where: str) -> None:
+    """Refuse model bytes whose sha256 is not the one recorded in the metadata."""
+    actual = sha256_bytes(model_bytes)
+    if actual != metadata.model_sha256:
+        raise ModelError(
+            f"{where}/{MODEL_FILE} does not match its metadata (sha256 {actual[:12]}..., "
+            f"expected {metadata.model_sha256[:12]}...): the file was changed or truncated; "
+            f"refusing to load it"
+        )
+
+
+def read_model_dir(storage, model_dir: str) -> tuple[Metadata, bytes]:
+    """Metadata and verified model bytes of `model_dir` (any URI), read on the driver.
+
+    The bytes are small (about 100 kB for the reference model); jobs broadcast them to
+    the executors, which rebuild the model with `model_from_bytes`.
+    """
+    model_dir = model_dir.rstrip("/")
+    metadata_path = f"{model_dir}/{METADATA_FILE}"
+    if not storage.exists(metadata_path):
+        raise ModelError(f"{model_dir} is not a complete model directory: no {METADATA_FILE}")
+    metadata = parse_metadata(storage.read_text(metadata_path), metadata_path)
+    check_fits(metadata, model_dir)
+    model_path = f"{model_dir}/{MODEL_FILE}"
+    if not storage.exists(model_path):
+        raise ModelError(f"{model_path} is missing")
+    model_bytes = storage.read_bytes(model_path)
+    check_checksum(metadata, model_bytes, model_dir)
+    return metadata, model_bytes
+
+
+def model_from_bytes(metadata: Metadata, model_bytes: bytes):
+    """The Keras model: architecture from `metadata`, weights from verified `model_bytes`.
+
+    Only the weights are read from the ``.keras`` archive; its embedded architecture
+    (which could name arbitrary functions or Lambda layers) is never deserialised.
+    """
+    import tempfile
+
+    from pipeline.model import build_model
+
+    check_checksum(metadata, model_bytes, "(broadcast model)")
+    model = build_model(metadata.train)
+    with tempfile.TemporaryDirectory(prefix="digits-model-") as tmp:
+        path = os.path.join(tmp, MODEL_FILE)
+        with open(path, "wb") as f:
+            f.write(model_bytes)
+        try:
+            model.load_weights(path)
+        except Exception as exc:  # Keras raises ValueError, OSError or KeyError on bad archives
+            raise ModelError(f"cannot load the weights in {MODEL_FILE}: {exc}") from None
+    return model
+
+
+def model_to_bytes(model) -> bytes:
+    """The ``.keras`` archive of `model` as bytes, for the driver to write with `Storage`."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="digits-model-") as tmp:
+        path = os.path.join(tmp, MODEL_FILE)
+        model.save(path)
+        with open(path, "rb") as f:
+            return f.read()

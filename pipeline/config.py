@@ -1,0 +1,257 @@
+"""One configuration schema for every job, validated when it is loaded.
+
+Values are layered, later layers winning key by key:
+
+1. the defaults below (also written out, with comments, in ``conf/base.yaml``);
+2. ``conf/base.yaml`` and ``conf/local.yaml`` (the latter ignored by git) when present;
+3. each ``--conf FILE`` in the order given;
+4. each ``--set key.path=value`` in the order given (values are parsed as YAML).
+
+An unknown key, a wrong type or an out-of-range value raises `ConfigError` naming
+the key and what is allowed, before any Spark work starts.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from pipeline.contract import PIXEL_COLUMN_PREFIX
+from pipeline.errors import ConfigError
+
+BASE_FILE = "base.yaml"
+LOCAL_FILE = "local.yaml"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+
+class SparkSettings(_Section):
+    """How a job builds its SparkSession when spark-submit did not already decide."""
+
+    master: str = Field("local[*]", description="used only when spark-submit set no --master")
+    app_name: str = "digits-pipeline"
+    log_level: Literal["ERROR", "WARN", "INFO", "DEBUG"] = "WARN"
+    show_progress: bool = True
+    conf: dict[str, str] = Field(
+        default_factory=dict,
+        description="extra Spark properties, applied only where spark-submit set none",
+    )
+
+
+class SplitSettings(_Section):
+    """Deterministic train/validation/test split written by ingest as a `split` column."""
+
+    enabled: bool = False
+    by: Literal["id", "row"] = Field(
+        "row", description="hash the id columns, or the row's label and pixels"
+    )
+    train: float = Field(0.8, ge=0, le=1)
+    validation: float = Field(0.1, ge=0, le=1)
+    test: float = Field(0.1, ge=0, le=1)
+    seed: int = 42
+
+    @model_validator(mode="after")
+    def _fractions_sum_to_one(self) -> SplitSettings:
+        total = self.train + self.validation + self.test
+        if abs(total - 1.0) > 1e-9:
+            raise ValueError(
+                f"train + validation + test must add up to 1, they add up to {total:g}"
+            )
+        return self
+
+
+class IngestSettings(_Section):
+    """How raw Parquet is read and validated. Scoring applies the same settings to raw input."""
+
+    layout: Literal["auto", "image", "array", "columns"] = "auto"
+    label_column: str = "label"
+    image_column: str | None = Field(None, description="auto: the struct<bytes> or binary column")
+    array_column: str | None = Field(None, description="auto: the one numeric array column")
+    pixel_column_prefix: str = PIXEL_COLUMN_PREFIX
+    pixel_max: float | None = Field(
+        None, gt=0, description="scale of array/column pixels; auto: 255 for integers, 1 for floats"
+    )
+    id_columns: list[str] | None = Field(None, description="auto: the columns named id or row_id")
+    max_reject_fraction: float = Field(0.05, ge=0, le=1)
+    max_rows_per_file: int = Field(100_000, ge=1)
+    split: SplitSettings = SplitSettings()
+
+
+class EarlyStoppingSettings(_Section):
+    enabled: bool = False
+    monitor: Literal["val_loss", "val_accuracy"] = "val_loss"
+    patience: int = Field(2, ge=1)
+    restore_best_weights: bool = True
+
+
+Activation = Literal[
+    "relu", "tanh", "sigmoid", "elu", "selu", "gelu", "swish", "softplus", "linear"
+]
+
+
+class TrainSettings(_Section):
+    """The model and how it is trained. The defaults are the reference model."""
+
+    hidden_units: list[int] = Field(default_factory=lambda: [32], min_length=1)
+    activation: Activation | list[Activation] = "relu"
+    learning_rate: float = Field(0.01, gt=0)
+    decay: float = Field(1e-6, ge=0, description="time-based decay: lr / (1 + decay * step)")
+    momentum: float = Field(0.9, ge=0, lt=1)
+    nesterov: bool = True
+    batch_size: int = Field(32, ge=1, description="per worker")
+    epochs: int = Field(10, ge=1)
+    seed: int = 42
+    l2: float = Field(0.0, ge=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    shuffle_buffer: int = Field(10_000, ge=0, description="0 turns shuffling off")
+    steps_per_call: int = Field(100, ge=1, description="training steps fused into one call")
+    workers: int = Field(1, ge=1)
+    sync: Literal["exact", "local_sgd"] = "exact"
+    average_every: int = Field(100, ge=1, description="steps between averages when sync=local_sgd")
+    validation_fraction: float = Field(0.0, ge=0, lt=1)
+    validation_path: str | None = None
+    early_stopping: EarlyStoppingSettings = EarlyStoppingSettings()
+    memory_budget_mb: int = Field(
+        1024, ge=0, description="per worker: keep the partition in memory up to this, else spill"
+    )
+    collective_timeout_s: float = Field(300.0, gt=0)
+    tensorboard: bool = False
+
+    @model_validator(mode="after")
+    def _activations_match_layers(self) -> TrainSettings:
+        if isinstance(self.activation, list) and len(self.activation) != len(self.hidden_units):
+            raise ValueError(
+                f"activation lists {len(self.activation)} entries for "
+                f"{len(self.hidden_units)} hidden layers; give one per layer or a single name"
+            )
+        if any(units < 1 for units in self.hidden_units):
+            raise ValueError("hidden_units must all be at least 1")
+        return self
+
+    def activations(self) -> list[str]:
+        if isinstance(self.activation, str):
+            return [self.activation] * len(self.hidden_units)
+        return list(self.activation)
+
+
+class ScoreSettings(_Section):
+    """Batch scoring."""
+
+    batch_size: int = Field(8192, ge=1, description="rows per inference batch")
+    confidence_threshold: float = Field(0.5, ge=0, le=1)
+    max_reject_fraction: float = Field(0.05, ge=0, le=1)
+    max_rows_per_file: int = Field(500_000, ge=1)
+
+
+class Config(_Section):
+    """The whole configuration shared by every job."""
+
+    spark: SparkSettings = SparkSettings()
+    ingest: IngestSettings = IngestSettings()
+    train: TrainSettings = TrainSettings()
+    score: ScoreSettings = ScoreSettings()
+
+    def with_overrides(self, overrides: Mapping[str, Any]) -> Config:
+        """A copy with nested overrides applied and validated again."""
+        return _validate(_deep_merge(self.model_dump(), overrides), source="overrides")
+
+
+def load_config(
+    conf_dir: str | Path | None = None,
+    files: Sequence[str | Path] = (),
+    overrides: Iterable[str] = (),
+) -> Config:
+    """Build the validated config from the layers described in the module docstring."""
+    layers: list[tuple[str, dict[str, Any]]] = []
+    if conf_dir is not None:
+        for name in (BASE_FILE, LOCAL_FILE):
+            path = Path(conf_dir) / name
+            if path.is_file():
+                layers.append((str(path), _read_yaml(path)))
+    for file in files:
+        path = Path(file)
+        if not path.is_file():
+            raise ConfigError(f"--conf {file}: no such file")
+        layers.append((str(path), _read_yaml(path)))
+    for item in overrides:
+        layers.append((f"--set {item}", parse_override(item)))
+
+    merged: dict[str, Any] = {}
+    for _source, layer in layers:
+        merged = _deep_merge(merged, layer)
+    sources = ", ".join(source for source, _ in layers) or "defaults"
+    return _validate(merged, source=sources)
+
+
+def parse_override(item: str) -> dict[str, Any]:
+    """Turn ``a.b.c=value`` into ``{"a": {"b": {"c": value}}}``, the value parsed as YAML."""
+    key, sep, raw = item.partition("=")
+    key = key.strip()
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"--set {item!r}: expected key.path=value, e.g. train.epochs=5")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--set {item!r}: the value is not valid YAML ({exc})") from exc
+    for part in reversed(key.split(".")):
+        value = {part: value}
+    return value
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections, found {type(data).__name__}")
+    return data
+
+
+def _deep_merge(base: Mapping[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
+    merged = copy.deepcopy(dict(base))
+    for key, value in update.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping) and key != "conf":
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def _validate(data: Mapping[str, Any], source: str) -> Config:
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc, source)) from None
+
+
+def _describe(exc: ValidationError, source: str) -> str:
+    problems = []
+    for error in exc.errors():
+        key = ".".join(str(part) for part in error["loc"]) or "(top level)"
+        if error["type"] == "extra_forbidden":
+            allowed = _allowed_keys(error["loc"][:-1])
+            problems.append(f"unknown key '{key}'; allowed here: {', '.join(allowed)}")
+        else:
+            message = error["msg"].removeprefix("Value error, ")
+            problems.append(f"'{key}': {message} (got {error.get('input')!r})")
+    return f"invalid configuration from {source}: " + "; ".join(problems)
+
+
+def _allowed_keys(path: Sequence[Any]) -> list[str]:
+    model: type[BaseModel] = Config
+    for part in path:
+        annotation = model.model_fields[str(part)].annotation
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return []
+        model = annotation
+    return sorted(model.model_fields)

@@ -1,0 +1,170 @@
+"""The ingest stage: raw Parquet in, the features dataset and its quarantine out.
+
+``OUT/`` holds Parquet with `features`, `label`, `label_onehot` and the id columns,
+``OUT/_rejected/`` the bad rows with their original columns and `reject_reason`, and
+``OUT/_report.json`` the counts. The whole directory appears at once, when complete.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+from pyspark import StorageLevel
+from pyspark.sql import Column, DataFrame, SparkSession
+from pyspark.sql import functions as F
+
+from pipeline import __version__
+from pipeline.config import Config, SplitSettings
+from pipeline.contract import SPLIT, Layout
+from pipeline.errors import DataQualityError, InputDataError
+from pipeline.features import FEATURES_TMP, LABEL_TMP, Preprocessed, accepted_columns, preprocess
+from pipeline.quarantine import REJECTED_DIR, Counts, write_with_quarantine
+from pipeline.sources import read_parquet, translate_read_errors
+from pipeline.storage import SUCCESS_MARKER, Storage
+
+log = logging.getLogger(__name__)
+
+REPORT_FILE = "_report.json"
+
+
+@dataclass(frozen=True)
+class IngestResult:
+    output: str
+    layout: str
+    counts: Counts
+    seconds: float
+    report: dict
+
+    @property
+    def rows_per_second(self) -> float:
+        return self.counts.rows_in / self.seconds if self.seconds else 0.0
+
+
+def run_ingest(
+    spark: SparkSession, config: Config, input_path: str, output_path: str
+) -> IngestResult:
+    """Validate `input_path` and publish the features dataset at `output_path`."""
+    started = time.monotonic()
+    storage = Storage(spark)
+    output = storage.qualify(output_path)
+    raw = read_parquet(spark, input_path)
+    prepared = preprocess(raw, config.ingest, require_label=True)
+    log.info("input %s: %s layout", input_path, prepared.layout.layout.value)
+
+    validated = prepared.df
+    if prepared.layout.layout is Layout.IMAGE:
+        # Decoding is the costly part: keep the decoded rows for the two writes.
+        validated = validated.persist(StorageLevel.MEMORY_AND_DISK)
+
+    staging = storage.staging_dir(output)
+    try:
+        with translate_read_errors(input_path):
+            counts = write_with_quarantine(
+                validated,
+                to_output=lambda good: good.select(
+                    *features_columns(prepared, config.ingest.split)
+                ),
+                rejected_columns=prepared.raw_columns,
+                output_path=staging,
+                rejected_path=f"{staging}/{REJECTED_DIR}",
+                max_rows_per_file=config.ingest.max_rows_per_file,
+                partition_by=(SPLIT,) if config.ingest.split.enabled else (),
+            )
+        seconds = time.monotonic() - started
+        report = _report(config, input_path, output, prepared, counts, seconds)
+        if counts.rows_in == 0:
+            raise InputDataError(f"{input_path} holds no rows: nothing to ingest")
+        failed = counts.rejected_fraction > config.ingest.max_reject_fraction
+        if failed:
+            report["status"] = "failed"
+            _drop_accepted(storage, staging)
+        storage.write_json(f"{staging}/{REPORT_FILE}", report)
+        storage.publish(staging, output)
+    except BaseException:
+        storage.delete(staging)
+        raise
+    finally:
+        validated.unpersist()
+
+    if failed:
+        raise DataQualityError(
+            f"{counts.rows_rejected} of {counts.rows_in} rows rejected "
+            f"({counts.rejected_fraction:.1%}, above ingest.max_reject_fraction = "
+            f"{config.ingest.max_reject_fraction:.1%}): {_reasons(counts)}. The rejected rows "
+            f"and the report are in {output}; no features were published. Fix the input, "
+            f"or raise ingest.max_reject_fraction to accept them"
+        )
+    return IngestResult(output, prepared.layout.layout.value, counts, seconds, report)
+
+
+def features_columns(prepared: Preprocessed, split: SplitSettings) -> list[Column]:
+    """The output columns, with the deterministic split when it is enabled."""
+    columns = accepted_columns(prepared)
+    if split.enabled:
+        columns.append(split_column(prepared, split).alias(SPLIT))
+    return columns
+
+
+def split_column(prepared: Preprocessed, split: SplitSettings) -> Column:
+    """'train', 'validation' or 'test' from a hash of the ids or the row: stable across reruns."""
+    if split.by == "id":
+        if not prepared.layout.id_columns:
+            raise InputDataError(
+                "ingest.split.by is 'id' but the input has no id columns; "
+                "set ingest.id_columns, or ingest.split.by: row"
+            )
+        keys = [F.col(c) for c in prepared.layout.id_columns]
+    else:
+        keys = [F.col(FEATURES_TMP), F.col(LABEL_TMP)]
+    bucket = F.pmod(F.xxhash64(F.lit(split.seed), *keys), F.lit(1_000_000)) / 1_000_000.0
+    return (
+        F.when(bucket < split.train, F.lit("train"))
+        .when(bucket < split.train + split.validation, F.lit("validation"))
+        .otherwise(F.lit("test"))
+    )
+
+
+def read_features(spark: SparkSession, path: str) -> DataFrame:
+    """An ingest output (or any Parquet with the features contract), refusing incomplete ones."""
+    storage = Storage(spark)
+    report_path = f"{path.rstrip('/')}/{REPORT_FILE}"
+    if storage.exists(report_path):
+        report = storage.read_json(report_path)
+        if report.get("status") != "ok" or not storage.exists(
+            f"{path.rstrip('/')}/{SUCCESS_MARKER}"
+        ):
+            raise InputDataError(
+                f"{path} is not a complete ingest output (status {report.get('status')!r}); "
+                f"rerun the ingest job for it"
+            )
+    return read_parquet(spark, path)
+
+
+def _drop_accepted(storage: Storage, staging: str) -> None:
+    for data_file, _ in storage.list_files(staging):
+        storage.delete(data_file)
+    storage.delete(f"{staging}/{SUCCESS_MARKER}")
+
+
+def _report(config, input_path, output, prepared, counts: Counts, seconds: float) -> dict:
+    return {
+        "status": "ok",
+        "input": input_path,
+        "output": output,
+        "layout": prepared.layout.layout.value,
+        "pixel_max": prepared.layout.pixel_max,
+        "label_column": prepared.layout.label_column,
+        "id_columns": list(prepared.layout.id_columns),
+        **counts.as_dict(),
+        "rejected_fraction": round(counts.rejected_fraction, 6),
+        "seconds": round(seconds, 3),
+        "rows_per_second": round(counts.rows_in / seconds, 1) if seconds else None,
+        "preprocessing": config.ingest.model_dump(mode="json"),
+        "version": __version__,
+    }
+
+
+def _reasons(counts: Counts) -> str:
+    return ", ".join(f"{reason} {n}" for reason, n in sorted(counts.rejected_by_reason.items()))

@@ -1,0 +1,108 @@
+"""Writing good rows and quarantined rows from one validated DataFrame, with counts that add up.
+
+The counts come from the write itself (`DataFrame.observe`), not from extra passes over
+the data. The rejected rows are written in a second pass only when there are any, so
+clean data is read once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from pyspark.sql import DataFrame, Observation
+from pyspark.sql import functions as F
+
+from pipeline.contract import REJECT_REASON, RejectReason
+from pipeline.errors import DataQualityError
+
+REJECTED_DIR = "_rejected"
+
+
+@dataclass(frozen=True)
+class Counts:
+    """What happened to the rows of one run. `rows_in == rows_out + rows_rejected`."""
+
+    rows_in: int
+    rows_out: int
+    rows_rejected: int
+    rejected_by_reason: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def rejected_fraction(self) -> float:
+        return self.rows_rejected / self.rows_in if self.rows_in else 0.0
+
+    def as_dict(self) -> dict:
+        return {
+            "rows_in": self.rows_in,
+            "rows_out": self.rows_out,
+            "rows_rejected": self.rows_rejected,
+            "rejected_by_reason": dict(self.rejected_by_reason),
+        }
+
+
+def write_with_quarantine(
+    validated: DataFrame,
+    to_output: Callable[[DataFrame], DataFrame],
+    rejected_columns: Sequence[str],
+    output_path: str,
+    rejected_path: str,
+    max_rows_per_file: int,
+    partition_by: Sequence[str] = (),
+) -> Counts:
+    """Write the good rows of `validated` through `to_output`, and the bad ones with reasons.
+
+    `validated` must carry a ``reject_reason`` column (null for a good row). Raises
+    `DataQualityError` if the counts do not reconcile, which would mean the data
+    changed between the two passes.
+    """
+    reason = F.col(REJECT_REASON)
+    reasons = [r.value for r in RejectReason]
+    seen = Observation("rows")
+    observed = validated.observe(
+        seen,
+        F.count(F.lit(1)).alias("rows_in"),
+        F.count(F.when(reason.isNull(), 1)).alias("rows_out"),
+        *[F.count(F.when(reason == r, 1)).alias(r) for r in reasons],
+    )
+    _write(
+        to_output(observed.filter(reason.isNull())), output_path, max_rows_per_file, partition_by
+    )
+    metrics = seen.get
+    by_reason = {r: int(metrics[r]) for r in reasons if metrics[r]}
+    counts = Counts(
+        rows_in=int(metrics["rows_in"]),
+        rows_out=int(metrics["rows_out"]),
+        rows_rejected=sum(by_reason.values()),
+        rejected_by_reason=by_reason,
+    )
+    if counts.rows_in != counts.rows_out + counts.rows_rejected:
+        raise DataQualityError(
+            f"counts do not reconcile: {counts.rows_in} rows in, {counts.rows_out} written, "
+            f"{counts.rows_rejected} rejected with a known reason"
+        )
+
+    rejected = validated.filter(reason.isNotNull()).select(*rejected_columns, REJECT_REASON)
+    if counts.rows_rejected == 0:
+        _write(rejected.limit(0), rejected_path, max_rows_per_file, ())
+        return counts
+    written = Observation("rejected")
+    _write(
+        rejected.observe(written, F.count(F.lit(1)).alias("n")),
+        rejected_path,
+        max_rows_per_file,
+        (),
+    )
+    if int(written.get["n"]) != counts.rows_rejected:
+        raise DataQualityError(
+            f"the input changed while it was read: {counts.rows_rejected} rows were rejected "
+            f"on the first pass, {written.get['n']} on the second; rerun on stable input"
+        )
+    return counts
+
+
+def _write(df: DataFrame, path: str, max_rows_per_file: int, partition_by: Sequence[str]) -> None:
+    writer = df.write.mode("errorifexists").option("maxRecordsPerFile", max_rows_per_file)
+    if partition_by:
+        writer = writer.partitionBy(*partition_by)
+    writer.parquet(path)

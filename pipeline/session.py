@@ -1,0 +1,89 @@
+"""The one place that builds a SparkSession from the config.
+
+Under ``spark-submit`` the session takes what spark-submit set (master, ``--conf``) and
+our settings only fill the gaps. Started from plain Python, the job launches Spark in
+local mode itself, after checking that Java is there.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+from pipeline.config import SparkSettings
+from pipeline.errors import EnvironmentProblem
+
+log = logging.getLogger(__name__)
+
+MIN_JAVA = 17
+
+# Our defaults; anything spark-submit or the config's `spark.conf` set wins.
+_DEFAULT_CONF = {
+    "spark.sql.execution.arrow.pyspark.enabled": "true",
+    "spark.sql.shuffle.partitions": "8",
+    "spark.sql.adaptive.enabled": "true",
+    "spark.sql.parquet.compression.codec": "snappy",
+    # Tasks that hold a Python worker with TensorFlow: one at a time per core.
+    "spark.python.worker.reuse": "true",
+}
+
+
+def build_session(settings: SparkSettings):
+    """Return the active SparkSession, creating it from `settings` if needed."""
+    from pyspark import SparkConf
+    from pyspark.sql import SparkSession
+
+    launched_by_submit = "PYSPARK_GATEWAY_PORT" in os.environ
+    if not launched_by_submit:
+        check_java()
+
+    conf = SparkConf()  # under spark-submit this holds its --master and --conf values
+    if not conf.contains("spark.master"):
+        conf.setMaster(settings.master)
+    if not conf.contains("spark.app.name"):
+        conf.setAppName(settings.app_name)
+    for key, value in {**_DEFAULT_CONF, **settings.conf}.items():
+        conf.setIfMissing(key, value)
+    conf.setIfMissing("spark.ui.showConsoleProgress", str(settings.show_progress).lower())
+
+    master = conf.get("spark.master")
+    if master.startswith("local") and "PYSPARK_PYTHON" not in os.environ:
+        # Python workers otherwise start the system python3, without our packages.
+        os.environ["PYSPARK_PYTHON"] = sys.executable
+
+    spark = SparkSession.builder.config(conf=conf).getOrCreate()
+    spark.sparkContext.setLogLevel(settings.log_level)
+    log.info("Spark %s, master %s", spark.version, master)
+    return spark
+
+
+def check_java() -> None:
+    """Fail with one clear line when no usable Java runtime is installed."""
+    java_home = os.environ.get("JAVA_HOME")
+    java = os.path.join(java_home, "bin", "java") if java_home else shutil.which("java")
+    if not java or not os.path.exists(java):
+        where = f"JAVA_HOME={java_home} has no bin/java" if java_home else "no java on PATH"
+        raise EnvironmentProblem(
+            f"Spark needs Java {MIN_JAVA} or newer and found none ({where}): install a JDK "
+            f"(e.g. apt-get install openjdk-{MIN_JAVA}-jre-headless) or set JAVA_HOME"
+        )
+    try:
+        out = subprocess.run(
+            [java, "-version"], capture_output=True, text=True, timeout=30, check=False
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise EnvironmentProblem(f"could not run {java} -version: {exc}") from exc
+    match = re.search(r'version "(\d+)(?:\.(\d+))?', out.stderr + out.stdout)
+    if match:
+        major = int(match.group(1))
+        if major == 1 and match.group(2):  # "1.8.0" style
+            major = int(match.group(2))
+        if major < MIN_JAVA:
+            raise EnvironmentProblem(
+                f"Spark needs Java {MIN_JAVA} or newer; {java} is Java {major}: "
+                f"install a newer JDK or point JAVA_HOME at one"
+            )

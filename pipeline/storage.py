@@ -1,0 +1,124 @@
+"""Driver-side file operations on any URI Spark can write (local, HDFS, S3A, ...).
+
+Outputs are written into a hidden staging directory beside their destination and
+renamed into place only when complete, so a crashed job never leaves a directory that
+looks finished. Everything goes through Hadoop's FileSystem API, the same one Spark's
+writers use.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import uuid
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+SUCCESS_MARKER = "_SUCCESS"
+
+
+class Storage:
+    """Hadoop FileSystem access bound to a SparkSession's configuration."""
+
+    def __init__(self, spark) -> None:
+        self._jvm = spark.sparkContext._jvm
+        self._hadoop_conf = spark.sparkContext._jsc.hadoopConfiguration()
+
+    def _path(self, path: str):
+        return self._jvm.org.apache.hadoop.fs.Path(path)
+
+    def _fs(self, path: str):
+        return self._path(path).getFileSystem(self._hadoop_conf)
+
+    def qualify(self, path: str) -> str:
+        """The absolute, scheme-qualified form of `path` (``/x`` -> ``file:/x``)."""
+        p = self._path(path)
+        return str(p.getFileSystem(self._hadoop_conf).makeQualified(p).toString())
+
+    def exists(self, path: str) -> bool:
+        return bool(self._fs(path).exists(self._path(path)))
+
+    def is_dir(self, path: str) -> bool:
+        return bool(self._fs(path).isDirectory(self._path(path)))
+
+    def delete(self, path: str) -> None:
+        self._fs(path).delete(self._path(path), True)
+
+    def list_files(self, path: str) -> list[tuple[str, int]]:
+        """(path, size in bytes) of the data files under `path`, recursively, sorted."""
+        fs = self._fs(path)
+        root = self.qualify(path).rstrip("/")
+        files = []
+        iterator = fs.listFiles(self._path(path), True)
+        while iterator.hasNext():
+            status = iterator.next()
+            full = str(status.getPath().toString())
+            relative = full[len(root) :].lstrip("/") if full.startswith(root) else full
+            if not any(part.startswith(("_", ".")) for part in relative.split("/")):
+                files.append((full, int(status.getLen())))
+        return sorted(files)
+
+    def write_bytes(self, path: str, data: bytes) -> None:
+        """Write `data` to `path`, replacing it, through a temporary file and a rename."""
+        fs = self._fs(path)
+        target = self._path(path)
+        tmp = self._path(f"{path}.tmp-{uuid.uuid4().hex}")
+        stream = fs.create(tmp, True)
+        try:
+            stream.write(bytearray(data))
+        finally:
+            stream.close()
+        if fs.exists(target):
+            fs.delete(target, False)
+        if not fs.rename(tmp, target):
+            raise OSError(f"could not move {tmp} to {path}")
+
+    def read_bytes(self, path: str) -> bytes:
+        stream = self._fs(path).open(self._path(path))
+        try:
+            return bytes(self._jvm.org.apache.commons.io.IOUtils.toByteArray(stream))
+        finally:
+            stream.close()
+
+    def write_text(self, path: str, text: str) -> None:
+        self.write_bytes(path, text.encode("utf-8"))
+
+    def read_text(self, path: str) -> str:
+        return self.read_bytes(path).decode("utf-8")
+
+    def write_json(self, path: str, data: Any) -> None:
+        self.write_text(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
+
+    def read_json(self, path: str) -> Any:
+        return json.loads(self.read_text(path))
+
+    def staging_dir(self, final: str) -> str:
+        """A fresh hidden directory beside `final`, for writing it in one piece."""
+        parent, _, name = final.rstrip("/").rpartition("/")
+        return (
+            f"{parent}/.{name}.staging-{uuid.uuid4().hex[:12]}"
+            if parent
+            else (f".{name}.staging-{uuid.uuid4().hex[:12]}")
+        )
+
+    def publish(self, staging: str, final: str) -> None:
+        """Move a finished `staging` directory to `final`, replacing what was there.
+
+        On HDFS and local disks each rename is atomic: readers see the old complete
+        output or the new one. Object stores copy on rename; see the README.
+        """
+        fs = self._fs(final)
+        target = self._path(final)
+        old = None
+        if fs.exists(target):
+            old = self._path(self.staging_dir(final) + ".old")
+            if not fs.rename(target, old):
+                raise OSError(f"could not move the previous {final} aside")
+        if not fs.rename(self._path(staging), target):
+            if old is not None:
+                fs.rename(old, target)
+            raise OSError(f"could not move {staging} to {final}")
+        if old is not None:
+            fs.delete(old, True)
+        log.info("published %s", final)
