@@ -147,3 +147,34 @@ def model_to_bytes(model) -> bytes:
         model.save(path)
         with open(path, "rb") as f:
             return f.read()
+
+
+def write_model_dir(
+    storage,
+    model_dir: str,
+    metadata: Metadata,
+    model_bytes: bytes,
+    extra_files: dict[str, bytes] | None = None,
+) -> None:
+    """Publish a complete model directory at once (any URI), keeping its checkpoints.
+
+    Files are written into a hidden staging directory and moved into place together,
+    so a crash never leaves a ``MODEL/`` that looks complete. `metadata.model_sha256`
+    must be the checksum of `model_bytes`.
+    """
+    check_checksum(metadata, model_bytes, model_dir)
+    model_dir = model_dir.rstrip("/")
+    staging = storage.staging_dir(model_dir)
+    try:
+        storage.write_bytes(f"{staging}/{MODEL_FILE}", model_bytes)
+        for name, data in (extra_files or {}).items():
+            storage.write_bytes(f"{staging}/{name}", data)
+        storage.write_text(f"{staging}/{METADATA_FILE}", metadata.model_dump_json(indent=2))
+        # Checkpoints and logs live in MODEL/ while training runs: carry them over.
+        for keep in (CHECKPOINTS_DIR, "logs"):
+            if storage.exists(f"{model_dir}/{keep}"):
+                storage.rename(f"{model_dir}/{keep}", f"{staging}/{keep}")
+        storage.publish(staging, model_dir)
+    except BaseException:
+        storage.delete(staging)
+        raise

@@ -45,6 +45,10 @@ class Storage:
     def delete(self, path: str) -> None:
         self._fs(path).delete(self._path(path), True)
 
+    def rename(self, src: str, dst: str) -> None:
+        if not self._fs(src).rename(self._path(src), self._path(dst)):
+            raise OSError(f"could not move {src} to {dst}")
+
     def list_files(self, path: str) -> list[tuple[str, int]]:
         """(path, size in bytes) of the data files under `path`, recursively, sorted."""
         fs = self._fs(path)

@@ -1,0 +1,76 @@
+"""Shared fixtures: one local SparkSession for the whole run, and data derived from the sample."""
+
+from __future__ import annotations
+
+import io
+import os
+import sys
+
+import numpy as np
+import pytest
+
+from pipeline.config import Config, SparkSettings
+from pipeline.sample import sample_path
+
+os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+@pytest.fixture(scope="session")
+def spark():
+    """The one SparkSession of the test run, built by the project's own session code."""
+    from pipeline.session import build_session
+
+    session = build_session(
+        SparkSettings(
+            master="local[2]",
+            show_progress=False,
+            log_level="ERROR",
+            conf={
+                "spark.sql.shuffle.partitions": "4",
+                "spark.ui.enabled": "false",
+                "spark.driver.memory": "2g",
+            },
+        )
+    )
+    yield session
+    session.stop()
+
+
+@pytest.fixture(scope="session")
+def config() -> Config:
+    """The defaults, as a job sees them with no conf files."""
+    return Config()
+
+
+@pytest.fixture(scope="session")
+def sample_file() -> str:
+    return sample_path()
+
+
+@pytest.fixture(scope="session")
+def sample_pixels(sample_file) -> tuple[np.ndarray, np.ndarray]:
+    """The sample decoded in the test process: (uint8 pixels of shape (n, 784), labels)."""
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    table = pq.read_table(sample_file)
+    images = table.column("image").to_pylist()
+    pixels = np.stack(
+        [
+            np.asarray(Image.open(io.BytesIO(img["bytes"])), dtype=np.uint8).reshape(-1)
+            for img in images
+        ]
+    )
+    labels = np.asarray(table.column("label").to_pylist(), dtype=np.int64)
+    return pixels, labels
+
+
+@pytest.fixture(scope="session")
+def ingested_sample(spark, tmp_path_factory, sample_file) -> str:
+    """The whole sample ingested once per run: a features directory to train and score on."""
+    from pipeline.ingest import run_ingest
+
+    out = str(tmp_path_factory.mktemp("ingested") / "features")
+    run_ingest(spark, Config(), sample_file, out)
+    return out
