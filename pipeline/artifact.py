@@ -165,6 +165,7 @@ def write_model_dir(
     check_checksum(metadata, model_bytes, model_dir)
     model_dir = model_dir.rstrip("/")
     staging = storage.staging_dir(model_dir)
+    moved: list[str] = []
     try:
         storage.write_bytes(f"{staging}/{MODEL_FILE}", model_bytes)
         for name, data in (extra_files or {}).items():
@@ -174,7 +175,11 @@ def write_model_dir(
         for keep in (CHECKPOINTS_DIR, "logs"):
             if storage.exists(f"{model_dir}/{keep}"):
                 storage.rename(f"{model_dir}/{keep}", f"{staging}/{keep}")
+                moved.append(keep)
         storage.publish(staging, model_dir)
     except BaseException:
+        for keep in moved:  # put the checkpoints back where the next run looks for them
+            if not storage.exists(f"{model_dir}/{keep}"):
+                storage.rename(f"{staging}/{keep}", f"{model_dir}/{keep}")
         storage.delete(staging)
         raise
