@@ -150,6 +150,30 @@ class ScoreSettings(_Section):
     max_rows_per_file: int = Field(500_000, ge=1)
 
 
+class GenerateSettings(_Section):
+    """Scale data made by augmenting the embedded sample (jobs/generate.py)."""
+
+    layout: Literal["image", "array", "columns"] = "image"
+    seed: int = 0
+    rows_per_file: int = Field(250_000, ge=1, description="rows per output Parquet file")
+    min_rows_per_task: int = Field(
+        10_000, ge=1, description="below this many rows per task, use fewer tasks"
+    )
+    max_shift: float = Field(3.0, ge=0, le=10, description="pixels, each direction")
+    max_rotation: float = Field(12.0, ge=0, le=90, description="degrees, either way")
+    max_scale_change: float = Field(0.1, ge=0, lt=0.5, description="scale in [1 - s, 1 + s]")
+    thicker_probability: float = Field(0.2, ge=0, le=1)
+    thinner_probability: float = Field(0.1, ge=0, le=1)
+    noise_probability: float = Field(0.5, ge=0, le=1)
+    max_noise: float = Field(20.0, ge=0, le=255, description="grey levels, uniform +-level")
+
+    @model_validator(mode="after")
+    def _stroke_probabilities(self) -> GenerateSettings:
+        if self.thicker_probability + self.thinner_probability > 1:
+            raise ValueError("thicker_probability + thinner_probability must be at most 1")
+        return self
+
+
 class Config(_Section):
     """The whole configuration shared by every job."""
 
@@ -157,6 +181,7 @@ class Config(_Section):
     ingest: IngestSettings = IngestSettings()
     train: TrainSettings = TrainSettings()
     score: ScoreSettings = ScoreSettings()
+    generate: GenerateSettings = GenerateSettings()
 
     def with_overrides(self, overrides: Mapping[str, Any]) -> Config:
         """A copy with nested overrides applied and validated again."""
