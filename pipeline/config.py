@@ -142,10 +142,17 @@ class TrainSettings(_Section):
 
 
 class ScoreSettings(_Section):
-    """Batch scoring."""
+    """Batch scoring and the evaluation of its predictions."""
 
-    batch_size: int = Field(8192, ge=1, description="rows per inference batch")
-    confidence_threshold: float = Field(0.5, ge=0, le=1)
+    batch_size: int = Field(
+        8192, ge=1, description="rows per Arrow batch handed to the model (one inference call)"
+    )
+    confidence_threshold: float = Field(
+        0.5, ge=0, le=1, description="rows below it are counted as low-confidence"
+    )
+    confidence_bins: int = Field(
+        10, ge=1, le=100, description="bins of the confidence histogram over [0, 1]"
+    )
     max_reject_fraction: float = Field(0.05, ge=0, le=1)
     max_rows_per_file: int = Field(500_000, ge=1)
 

@@ -1,0 +1,366 @@
+"""Evaluation of predictions: Spark aggregates in, a report, two plots and a table out.
+
+Every figure comes from one aggregation over the predictions (`metric_columns`): the
+scoring job gets it for free while it writes (`DataFrame.observe`), and `run_evaluation`
+recomputes it from an existing ``PRED/`` with `DataFrame.agg`. Only the aggregated
+numbers reach the driver, never rows. The plots are drawn from those numbers.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from pyspark.sql import Column, SparkSession
+from pyspark.sql import functions as F
+
+from pipeline import __version__
+from pipeline.cli import table
+from pipeline.config import Config
+from pipeline.contract import (
+    CONFIDENCE,
+    LABEL,
+    NUM_CLASSES,
+    PREDICTION,
+    PROBABILITIES,
+    REJECT_REASON,
+)
+from pipeline.errors import InputDataError
+from pipeline.ingest import REPORT_FILE
+from pipeline.quarantine import REJECTED_DIR
+from pipeline.sources import read_parquet, translate_read_errors
+from pipeline.storage import Storage
+
+log = logging.getLogger(__name__)
+
+CONFUSION_PLOT = "_confusion_matrix.png"
+CONFIDENCE_PLOT = "_confidence_histogram.png"
+
+# Probabilities are clipped to [EPSILON, 1] for the log loss, as Keras does.
+EPSILON = 1e-7
+
+
+@dataclass(frozen=True)
+class ClassMetrics:
+    precision: float
+    recall: float
+    f1: float
+    support: int
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """What a user looks at to judge a scoring run. Label metrics are None without labels."""
+
+    rows: int
+    predicted: list[int]  # rows predicted as each class
+    confidence_threshold: float
+    rows_below_threshold: int
+    mean_confidence: float | None
+    histogram: list[int]  # rows per confidence bin, equal bins over [0, 1]
+    labelled_rows: int = 0
+    accuracy: float | None = None
+    log_loss: float | None = None
+    confusion: list[list[int]] | None = None  # [true label][prediction]
+    per_class: list[ClassMetrics] = field(default_factory=list)
+
+    @property
+    def has_labels(self) -> bool:
+        return self.confusion is not None
+
+    def macro(self) -> dict[str, float] | None:
+        if not self.per_class:
+            return None
+        return {
+            name: float(np.mean([getattr(m, name) for m in self.per_class]))
+            for name in ("precision", "recall", "f1")
+        }
+
+    def as_dict(self) -> dict:
+        bins = len(self.histogram)
+        out: dict[str, Any] = {
+            "rows_scored": self.rows,
+            "predicted_class_distribution": {str(k): n for k, n in enumerate(self.predicted)},
+            "mean_confidence": _round(self.mean_confidence),
+            "confidence_threshold": self.confidence_threshold,
+            "rows_below_threshold": self.rows_below_threshold,
+            "fraction_below_threshold": _round(self.rows_below_threshold / self.rows)
+            if self.rows
+            else None,
+            "confidence_histogram": [
+                {"from": round(b / bins, 6), "to": round((b + 1) / bins, 6), "rows": n}
+                for b, n in enumerate(self.histogram)
+            ],
+        }
+        if self.has_labels:
+            out.update(
+                labelled_rows=self.labelled_rows,
+                accuracy=_round(self.accuracy),
+                log_loss=_round(self.log_loss),
+                per_class={
+                    str(k): {
+                        "precision": _round(m.precision),
+                        "recall": _round(m.recall),
+                        "f1": _round(m.f1),
+                        "support": m.support,
+                    }
+                    for k, m in enumerate(self.per_class)
+                },
+                macro={k: _round(v) for k, v in (self.macro() or {}).items()},
+                confusion_matrix=self.confusion,
+                confusion_matrix_axes="rows: true label, columns: prediction",
+            )
+        return out
+
+
+@dataclass(frozen=True)
+class EvaluationResult:
+    output: str
+    evaluation: Evaluation
+    report: dict
+    files: list[str]
+
+
+def metric_columns(has_label: bool, threshold: float, bins: int) -> list[Column]:
+    """The aggregate columns every evaluation figure is derived from (see `summarize`).
+
+    Over a DataFrame with `prediction`, `confidence` and, when `has_label`,
+    `probabilities` and `label`.
+    """
+    prediction = F.col(PREDICTION)
+    confidence = F.col(CONFIDENCE)
+    confidence_bin = F.least(F.floor(confidence.cast("double") * bins), F.lit(bins - 1))
+    columns = [
+        F.count(F.lit(1)).alias("rows"),
+        F.count(F.when(confidence < F.lit(threshold), 1)).alias("below_threshold"),
+        F.avg(confidence.cast("double")).alias("mean_confidence"),
+        *[F.count(F.when(prediction == k, 1)).alias(f"predicted_{k}") for k in range(NUM_CLASSES)],
+        *[F.count(F.when(confidence_bin == b, 1)).alias(f"bin_{b}") for b in range(bins)],
+    ]
+    if has_label:
+        label = F.col(LABEL)
+        cell = label * NUM_CLASSES + prediction
+        p_true = F.element_at(F.col(PROBABILITIES), label + 1).cast("double")
+        columns += [F.count(F.when(cell == i, 1)).alias(f"cell_{i}") for i in range(NUM_CLASSES**2)]
+        columns.append(
+            F.sum(F.when(label.isNotNull(), -F.log(F.greatest(p_true, F.lit(EPSILON))))).alias(
+                "log_loss_sum"
+            )
+        )
+    return columns
+
+
+def summarize(
+    values: Mapping[str, Any], has_label: bool, threshold: float, bins: int
+) -> Evaluation:
+    """The evaluation from the aggregated values of `metric_columns` (driver side, tiny)."""
+    rows = int(values["rows"])
+    mean_confidence = values["mean_confidence"]
+    base = {
+        "rows": rows,
+        "predicted": [int(values[f"predicted_{k}"]) for k in range(NUM_CLASSES)],
+        "confidence_threshold": threshold,
+        "rows_below_threshold": int(values["below_threshold"]),
+        "mean_confidence": float(mean_confidence) if mean_confidence is not None else None,
+        "histogram": [int(values[f"bin_{b}"]) for b in range(bins)],
+    }
+    if not has_label:
+        return Evaluation(**base)
+
+    confusion = np.array(
+        [int(values[f"cell_{i}"]) for i in range(NUM_CLASSES**2)], dtype=np.int64
+    ).reshape(NUM_CLASSES, NUM_CLASSES)
+    labelled = int(confusion.sum())
+    correct = np.diag(confusion)
+    predicted = confusion.sum(axis=0)
+    support = confusion.sum(axis=1)
+    per_class = []
+    for k in range(NUM_CLASSES):
+        precision = _ratio(correct[k], predicted[k])
+        recall = _ratio(correct[k], support[k])
+        f1 = _ratio(2 * precision * recall, precision + recall)
+        per_class.append(ClassMetrics(precision, recall, f1, int(support[k])))
+    log_loss_sum = values["log_loss_sum"]
+    return Evaluation(
+        **base,
+        labelled_rows=labelled,
+        accuracy=_ratio(correct.sum(), labelled) if labelled else None,
+        log_loss=float(log_loss_sum) / labelled if labelled and log_loss_sum is not None else None,
+        confusion=confusion.tolist(),
+        per_class=per_class,
+    )
+
+
+def evaluation_files(evaluation: Evaluation) -> dict[str, bytes]:
+    """The plots, as PNG bytes by file name: the confusion matrix only when labelled."""
+    files = {CONFIDENCE_PLOT: _confidence_plot(evaluation)}
+    if evaluation.has_labels:
+        files[CONFUSION_PLOT] = _confusion_plot(evaluation)
+    return files
+
+
+def console_summary(evaluation: Evaluation) -> str:
+    """A short table per class, then the totals: what to read after a large scoring run."""
+    headers = ["class", "predicted"]
+    if evaluation.has_labels:
+        headers += ["true", "precision", "recall", "f1"]
+    rows: list[list[object]] = []
+    for k in range(NUM_CLASSES):
+        row: list[object] = [str(k), evaluation.predicted[k]]
+        if evaluation.has_labels:
+            m = evaluation.per_class[k]
+            row += [m.support, m.precision, m.recall, m.f1]
+        rows.append(row)
+    macro = evaluation.macro()
+    if macro:
+        rows.append(["macro", evaluation.rows, evaluation.labelled_rows, *macro.values()])
+    lines = [table(rows, headers), ""]
+    if evaluation.accuracy is not None:
+        lines.append(f"accuracy {evaluation.accuracy:.4f}   log loss {evaluation.log_loss:.4f}")
+    share = evaluation.rows_below_threshold / evaluation.rows if evaluation.rows else 0.0
+    lines.append(
+        f"confidence below {evaluation.confidence_threshold:g}: "
+        f"{evaluation.rows_below_threshold:,} rows ({share:.1%})"
+        + (f", mean confidence {evaluation.mean_confidence:.3f}" if evaluation.rows else "")
+    )
+    bins = len(evaluation.histogram)
+    peak = max(evaluation.histogram) or 1
+    for b, n in enumerate(evaluation.histogram):
+        bar = "#" * round(30 * n / peak)
+        lines.append(f"  {b / bins:4.2f}-{(b + 1) / bins:4.2f} {n:>10,} {bar}".rstrip())
+    return "\n".join(lines)
+
+
+def run_evaluation(spark: SparkSession, config: Config, pred_path: str) -> EvaluationResult:
+    """Recompute the evaluation of an existing ``PRED/`` and rewrite its report and plots.
+
+    Reads only the prediction columns and the rejected rows' reasons; the model is not
+    needed. The report's scoring counts are refreshed from the data, the rest kept.
+    """
+    started = time.monotonic()
+    storage = Storage(spark)
+    output = storage.qualify(pred_path).rstrip("/")
+    report_path = f"{output}/{REPORT_FILE}"
+    report = storage.read_json(report_path) if storage.exists(report_path) else {}
+    if report.get("status") == "failed":
+        raise InputDataError(
+            f"{output} is the output of a failed scoring run (no predictions): rerun scoring"
+        )
+    predictions = read_parquet(spark, output)
+    missing = [c for c in (PREDICTION, CONFIDENCE, PROBABILITIES) if c not in predictions.columns]
+    if missing:
+        raise InputDataError(
+            f"{output} has no {', '.join(missing)} column: not a scoring output "
+            f"(columns: {', '.join(predictions.columns)})"
+        )
+    has_label = LABEL in predictions.columns
+    score = config.score
+    with translate_read_errors(output):
+        values = predictions.agg(
+            *metric_columns(has_label, score.confidence_threshold, score.confidence_bins)
+        ).first()
+        rejected = _rejected_counts(spark, storage, f"{output}/{REJECTED_DIR}")
+    evaluation = summarize(
+        values.asDict(), has_label, score.confidence_threshold, score.confidence_bins
+    )
+
+    rows_rejected = sum(rejected.values())
+    rows_in = evaluation.rows + rows_rejected
+    report.update(
+        status="ok",
+        output=output,
+        rows_in=rows_in,
+        rows_out=evaluation.rows,
+        rows_rejected=rows_rejected,
+        rejected_by_reason=rejected,
+        rejected_fraction=round(rows_rejected / rows_in, 6) if rows_in else 0.0,
+        evaluation=evaluation.as_dict(),
+        evaluated_seconds=round(time.monotonic() - started, 3),
+        evaluated_version=__version__,
+    )
+    files = []
+    for name, data in evaluation_files(evaluation).items():
+        storage.write_bytes(f"{output}/{name}", data)
+        files.append(f"{output}/{name}")
+    if not evaluation.has_labels and storage.exists(f"{output}/{CONFUSION_PLOT}"):
+        storage.delete(f"{output}/{CONFUSION_PLOT}")
+    storage.write_json(report_path, report)
+    log.info("evaluation of %s rewritten", output)
+    return EvaluationResult(output, evaluation, report, [report_path, *files])
+
+
+def _rejected_counts(spark: SparkSession, storage: Storage, path: str) -> dict[str, int]:
+    if not storage.exists(path) or not storage.list_files(path):
+        return {}
+    by_reason = read_parquet(spark, path).groupBy(REJECT_REASON).count().collect()
+    return {str(r[REJECT_REASON]): int(r["count"]) for r in sorted(by_reason, key=str)}
+
+
+def _confusion_plot(evaluation: Evaluation) -> bytes:
+    from matplotlib.figure import Figure
+
+    matrix = np.asarray(evaluation.confusion)
+    fig = Figure(figsize=(6.4, 5.6), dpi=100)
+    ax = fig.add_subplot()
+    image = ax.imshow(matrix, cmap="Blues")
+    fig.colorbar(image, ax=ax, label="rows")
+    ticks = range(NUM_CLASSES)
+    ax.set_xticks(ticks)
+    ax.set_yticks(ticks)
+    ax.set_xlabel("prediction")
+    ax.set_ylabel("true label")
+    accuracy = f"accuracy {evaluation.accuracy:.2%}" if evaluation.accuracy is not None else ""
+    ax.set_title(f"Confusion matrix ({evaluation.labelled_rows:,} rows, {accuracy})")
+    threshold = matrix.max() / 2 if matrix.size else 0
+    for i in ticks:
+        for j in ticks:
+            ax.text(
+                j,
+                i,
+                f"{matrix[i, j]:,}",
+                ha="center",
+                va="center",
+                fontsize=7,
+                color="white" if matrix[i, j] > threshold else "black",
+            )
+    fig.tight_layout()
+    return _png(fig)
+
+
+def _confidence_plot(evaluation: Evaluation) -> bytes:
+    from matplotlib.figure import Figure
+
+    bins = len(evaluation.histogram)
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    fig = Figure(figsize=(6.4, 4.0), dpi=100)
+    ax = fig.add_subplot()
+    ax.bar(edges[:-1], evaluation.histogram, width=1.0 / bins, align="edge", edgecolor="white")
+    ax.axvline(evaluation.confidence_threshold, color="tab:red", linestyle="--")
+    ax.set_xlim(0.0, 1.0)
+    ax.set_xlabel("confidence (largest probability)")
+    ax.set_ylabel("rows")
+    ax.set_title(
+        f"Confidence of {evaluation.rows:,} predictions; "
+        f"{evaluation.rows_below_threshold:,} below {evaluation.confidence_threshold:g}"
+    )
+    fig.tight_layout()
+    return _png(fig)
+
+
+def _png(fig) -> bytes:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    return buffer.getvalue()
+
+
+def _ratio(numerator: float, denominator: float) -> float:
+    return float(numerator) / float(denominator) if denominator else 0.0
+
+
+def _round(value: float | None) -> float | None:
+    return round(float(value), 6) if value is not None else None

@@ -1,0 +1,415 @@
+"""The scoring stage: a verified model mapped over Arrow batches of validated features.
+
+``PRED/`` holds Parquet with the pass-through id columns, `prediction`, `probabilities`,
+`confidence` and, when the input has one, `label`; ``PRED/_rejected/`` the rows that
+failed validation with their reason; ``PRED/_report.json`` the counts and the
+evaluation (see `pipeline.evaluation`) and the plots beside it. The directory appears
+at once, when complete, replacing any previous one.
+
+Where a batch enters TensorFlow: `_score_batches`, which runs in the Python workers.
+The model is rebuilt from the broadcast, checksum-verified bytes once per worker and
+cached; TensorFlow is imported there and nowhere on the driver.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+from pyspark import StorageLevel
+from pyspark.sql import DataFrame, Observation, SparkSession
+from pyspark.sql import types as T
+
+from pipeline import __version__
+from pipeline.artifact import Metadata, read_model_dir
+from pipeline.config import Config, IngestSettings
+from pipeline.contract import (
+    CONFIDENCE,
+    FEATURE_DIM,
+    FEATURES,
+    LABEL,
+    NUM_CLASSES,
+    PREDICTION,
+    PROBABILITIES,
+    Layout,
+)
+from pipeline.errors import DataQualityError, InputDataError
+from pipeline.evaluation import (
+    Evaluation,
+    evaluation_files,
+    metric_columns,
+    summarize,
+)
+from pipeline.features import accepted_columns, preprocess
+from pipeline.ingest import REPORT_FILE, read_features
+from pipeline.quarantine import REJECTED_DIR, Counts, write_with_quarantine
+from pipeline.sources import translate_read_errors
+from pipeline.storage import SUCCESS_MARKER, Storage
+
+log = logging.getLogger(__name__)
+
+ARROW_BATCH_CONF = "spark.sql.execution.arrow.maxRecordsPerBatch"
+
+# Keys of IngestSettings that say where this input keeps its pixels, label and ids,
+# rather than how pixels become features. A value changed from the default in the job's
+# config overrides the model's recorded preprocessing.
+_INPUT_KEYS = (
+    "layout",
+    "label_column",
+    "image_column",
+    "array_column",
+    "pixel_column_prefix",
+    "pixel_max",
+    "id_columns",
+)
+
+
+@dataclass(frozen=True)
+class ScoreResult:
+    output: str
+    layout: str
+    counts: Counts
+    evaluation: Evaluation
+    seconds: float
+    report: dict
+
+    @property
+    def rows_per_second(self) -> float:
+        return self.counts.rows_in / self.seconds if self.seconds else 0.0
+
+
+@dataclass(frozen=True)
+class BroadcastModel:
+    """What executors need to rebuild a verified model: a broadcast and its cache key."""
+
+    handle: Any  # pyspark Broadcast of (metadata JSON, model bytes)
+    key: str  # sha256 of the metadata JSON, which records the model file's sha256
+
+
+def broadcast_model(spark: SparkSession, metadata: Metadata, model_bytes: bytes) -> BroadcastModel:
+    """Ship verified model bytes and their metadata to the executors once per job."""
+    metadata_json = metadata.model_dump_json()
+    key = hashlib.sha256(metadata_json.encode("utf-8")).hexdigest()
+    handle = spark.sparkContext.broadcast((metadata_json, model_bytes))
+    return BroadcastModel(handle, key)
+
+
+def run_scoring(
+    spark: SparkSession, config: Config, input_path: str, model_dir: str, output_path: str
+) -> ScoreResult:
+    """Score `input_path` (raw or ingested) with the model in `model_dir` into `output_path`."""
+    started = time.monotonic()
+    storage = Storage(spark)
+    output = storage.qualify(output_path)
+    metadata, model_bytes = read_model_dir(storage, model_dir)
+    raw = read_features(spark, input_path)
+    settings = scoring_preprocessing(
+        metadata.preprocessing, config.ingest, is_ingest_output(storage, input_path)
+    )
+    prepared = preprocess(raw, settings, require_label=False)
+    has_label = prepared.layout.label_column is not None
+    log.info(
+        "input %s: %s layout, %s; model %s (sha256 %s...)",
+        input_path,
+        prepared.layout.layout.value,
+        "labelled" if has_label else "unlabelled",
+        model_dir,
+        metadata.model_sha256[:12],
+    )
+
+    validated = prepared.df
+    if prepared.layout.layout is Layout.IMAGE:
+        validated = validated.persist(StorageLevel.MEMORY_AND_DISK)
+
+    model = broadcast_model(spark, metadata, model_bytes)
+    threads = task_cpus(spark)
+    score = config.score
+    observation = Observation("evaluation")
+
+    def to_output(good: DataFrame) -> DataFrame:
+        features = good.select(*accepted_columns(prepared, with_onehot=False))
+        scored = predict_digits(features, model, threads)
+        return scored.observe(
+            observation,
+            *metric_columns(has_label, score.confidence_threshold, score.confidence_bins),
+        )
+
+    staging = storage.staging_dir(output)
+    try:
+        with translate_read_errors(input_path), arrow_batch_rows(spark, score.batch_size):
+            counts = write_with_quarantine(
+                validated,
+                to_output=to_output,
+                rejected_columns=prepared.raw_columns,
+                output_path=staging,
+                rejected_path=f"{staging}/{REJECTED_DIR}",
+                max_rows_per_file=score.max_rows_per_file,
+            )
+        if counts.rows_in == 0:
+            raise InputDataError(f"{input_path} holds no rows: nothing to score")
+        evaluation = summarize(
+            observation.get, has_label, score.confidence_threshold, score.confidence_bins
+        )
+        if evaluation.rows != counts.rows_out:
+            raise DataQualityError(
+                f"{counts.rows_out} rows were validated but {evaluation.rows} scored; "
+                f"the input changed while it was read, rerun on stable input"
+            )
+        seconds = time.monotonic() - started
+        report = _report(
+            input_path, output, model_dir, metadata, settings, prepared, counts, config, seconds
+        )
+        report["evaluation"] = evaluation.as_dict()
+        failed = counts.rejected_fraction > score.max_reject_fraction
+        if failed:
+            report["status"] = "failed"
+            _drop_accepted(storage, staging)
+        else:
+            for name, data in evaluation_files(evaluation).items():
+                storage.write_bytes(f"{staging}/{name}", data)
+        storage.write_json(f"{staging}/{REPORT_FILE}", report)
+        storage.publish(staging, output)
+    except BaseException:
+        storage.delete(staging)
+        raise
+    finally:
+        validated.unpersist()
+        model.handle.unpersist()
+
+    if failed:
+        reasons = ", ".join(f"{r} {n}" for r, n in sorted(counts.rejected_by_reason.items()))
+        raise DataQualityError(
+            f"{counts.rows_rejected} of {counts.rows_in} rows rejected "
+            f"({counts.rejected_fraction:.1%}, above score.max_reject_fraction = "
+            f"{score.max_reject_fraction:.1%}): {reasons}. The rejected rows and the report are "
+            f"in {output}; no predictions were published. Fix the input, or raise "
+            f"score.max_reject_fraction to accept them"
+        )
+    return ScoreResult(output, prepared.layout.layout.value, counts, evaluation, seconds, report)
+
+
+def predict_digits(features: DataFrame, model: BroadcastModel, threads: int = 1) -> DataFrame:
+    """Append `prediction`, `probabilities` and `confidence`; drop the `features` column.
+
+    `features` must hold a non-null array<float> of FEATURE_DIM values per row (validated
+    features); every other column passes through unchanged, `label` last. Inference runs
+    in the executors, one call per Arrow batch (``spark.sql.execution.arrow.maxRecordsPerBatch``
+    rows), with TensorFlow limited to `threads` threads per task.
+    """
+    fields = {f.name: f for f in features.schema.fields}
+    if FEATURES not in fields:
+        raise InputDataError(f"no '{FEATURES}' column to score; columns: {list(fields)}")
+    ids = [f for name, f in fields.items() if name not in (FEATURES, LABEL)]
+    label = [fields[LABEL]] if LABEL in fields else []
+    schema = T.StructType(
+        [
+            *ids,
+            T.StructField(PREDICTION, T.IntegerType(), False),
+            T.StructField(PROBABILITIES, T.ArrayType(T.FloatType(), False), False),
+            T.StructField(CONFIDENCE, T.FloatType(), False),
+            *label,
+        ]
+    )
+    score = functools.partial(
+        _score_batches,
+        broadcast=model.handle,
+        key=model.key,
+        threads=int(threads),
+        ids=tuple(f.name for f in ids),
+        label=label[0].name if label else None,
+    )
+    return features.mapInArrow(score, schema)
+
+
+def task_cpus(spark: SparkSession) -> int:
+    """Cores each task may use (``spark.task.cpus``): TensorFlow's thread budget per task."""
+    return max(1, int(spark.conf.get("spark.task.cpus", "1") or 1))
+
+
+@contextmanager
+def arrow_batch_rows(spark: SparkSession, rows: int) -> Iterator[None]:
+    """Set the Arrow batch size (rows per inference call) for the actions inside."""
+    previous = spark.conf.get(ARROW_BATCH_CONF, None)
+    spark.conf.set(ARROW_BATCH_CONF, str(rows))
+    try:
+        yield
+    finally:
+        if previous is None:
+            spark.conf.unset(ARROW_BATCH_CONF)
+        else:
+            spark.conf.set(ARROW_BATCH_CONF, previous)
+
+
+def is_ingest_output(storage: Storage, path: str) -> bool:
+    """True when `path` is a directory written by the ingest job (its report says so)."""
+    report = f"{path.rstrip('/')}/{REPORT_FILE}"
+    return storage.exists(report) and "preprocessing" in storage.read_json(report)
+
+
+def scoring_preprocessing(
+    trained: IngestSettings, current: IngestSettings, ingest_output: bool
+) -> IngestSettings:
+    """The preprocessing to score with: the model's own, adapted to where this input keeps things.
+
+    Keys that locate pixels, label and ids (`_INPUT_KEYS`) changed from their defaults in
+    the job's config win over the model's. An ingest output holds features already
+    scaled to [0, 1], so its `features` column is read at scale 1, whatever the raw
+    training data's scale was.
+    """
+    defaults = IngestSettings()
+    update = {
+        key: getattr(current, key)
+        for key in _INPUT_KEYS
+        if getattr(current, key) != getattr(defaults, key)
+    }
+    if ingest_output:
+        update.update(layout="array", array_column=FEATURES, pixel_max=None, label_column=LABEL)
+    return trained.model_copy(update=update)
+
+
+# --- executor side ------------------------------------------------------------------------
+
+# Predictors built in this Python worker, by cache key: one model per worker, not per batch.
+_PREDICTORS: dict[str, Callable[[np.ndarray], np.ndarray]] = {}
+
+
+def _score_batches(
+    batches: Iterator[pa.RecordBatch],
+    *,
+    broadcast: Any,
+    key: str,
+    threads: int,
+    ids: tuple[str, ...],
+    label: str | None,
+) -> Iterator[pa.RecordBatch]:
+    predict = _predictor(broadcast, key, threads)
+    names = [*ids, PREDICTION, PROBABILITIES, CONFIDENCE, *([label] if label else [])]
+    for batch in batches:
+        x = features_matrix(batch.column(FEATURES))
+        probabilities = predict(x) if len(x) else np.zeros((0, NUM_CLASSES), np.float32)
+        yield pa.RecordBatch.from_arrays(
+            [
+                *(batch.column(name) for name in ids),
+                *prediction_arrays(probabilities),
+                *([batch.column(label)] if label else []),
+            ],
+            names=names,
+        )
+
+
+def features_matrix(column: pa.Array) -> np.ndarray:
+    """An (n, FEATURE_DIM) float32 view of a list<float> Arrow column, copying nothing.
+
+    Refuses (rather than misaligns) a column whose rows are not all FEATURE_DIM long.
+    """
+    n = len(column)
+    if column.null_count:
+        raise InputDataError(f"{column.null_count} rows without features reached the model")
+    offsets = column.offsets.to_numpy()
+    if n and not (np.diff(offsets) == FEATURE_DIM).all():
+        raise InputDataError(f"rows reached the model with other than {FEATURE_DIM} features")
+    values = column.flatten()  # honours the array's slice offset, unlike `.values`
+    if values.null_count:
+        raise InputDataError("null feature values reached the model")
+    flat = values.to_numpy(zero_copy_only=values.type == pa.float32())
+    return flat.astype(np.float32, copy=False).reshape(n, FEATURE_DIM)
+
+
+def prediction_arrays(probabilities: np.ndarray) -> list[pa.Array]:
+    """`prediction` (int32), `probabilities` (list<float>) and `confidence` (float32)."""
+    probabilities = np.ascontiguousarray(probabilities, dtype=np.float32)
+    n = len(probabilities)
+    prediction = probabilities.argmax(axis=1).astype(np.int32)
+    confidence = probabilities[np.arange(n), prediction]
+    offsets = pa.array(np.arange(0, (n + 1) * NUM_CLASSES, NUM_CLASSES, dtype=np.int32))
+    return [
+        pa.array(prediction),
+        pa.ListArray.from_arrays(offsets, pa.array(probabilities.reshape(-1))),
+        pa.array(confidence),
+    ]
+
+
+def _predictor(broadcast: Any, key: str, threads: int) -> Callable[[np.ndarray], np.ndarray]:
+    predictor = _PREDICTORS.get(key)
+    if predictor is None:
+        metadata_json, model_bytes = broadcast.value
+        predictor = build_predictor(metadata_json, model_bytes, threads)
+        _PREDICTORS[key] = predictor
+    return predictor
+
+
+def build_predictor(
+    metadata_json: str, model_bytes: bytes, threads: int
+) -> Callable[[np.ndarray], np.ndarray]:
+    """A function from an (n, FEATURE_DIM) float32 array to (n, NUM_CLASSES) probabilities.
+
+    The checksum is verified again here: the bytes crossed the network.
+    """
+    _limit_tf_threads(threads)
+    import tensorflow as tf
+
+    from pipeline.artifact import model_from_bytes, parse_metadata
+
+    metadata = parse_metadata(metadata_json, "broadcast model metadata")
+    model = model_from_bytes(metadata, model_bytes)
+    forward = tf.function(
+        lambda x: model(x, training=False),
+        input_signature=[tf.TensorSpec([None, FEATURE_DIM], tf.float32)],
+    )
+
+    def predict(x: np.ndarray) -> np.ndarray:
+        return forward(x).numpy()
+
+    log.info(
+        "model %s built in this worker (%d TensorFlow threads)", metadata.model_sha256[:12], threads
+    )
+    return predict
+
+
+def _limit_tf_threads(threads: int) -> None:
+    import tensorflow as tf
+
+    try:
+        tf.config.threading.set_intra_op_parallelism_threads(threads)
+        tf.config.threading.set_inter_op_parallelism_threads(threads)
+    except RuntimeError:  # TensorFlow already running in this worker: its pools are fixed
+        log.debug("TensorFlow threads already configured in this worker")
+
+
+# --- driver side helpers ------------------------------------------------------------------
+
+
+def _drop_accepted(storage: Storage, staging: str) -> None:
+    for data_file, _ in storage.list_files(staging):
+        storage.delete(data_file)
+    storage.delete(f"{staging}/{SUCCESS_MARKER}")
+
+
+def _report(
+    input_path, output, model_dir, metadata: Metadata, settings, prepared, counts, config, seconds
+) -> dict:
+    return {
+        "status": "ok",
+        "input": input_path,
+        "output": output,
+        "model_dir": model_dir,
+        "model_sha256": metadata.model_sha256,
+        "layout": prepared.layout.layout.value,
+        "label_column": prepared.layout.label_column,
+        "id_columns": list(prepared.layout.id_columns),
+        **counts.as_dict(),
+        "rejected_fraction": round(counts.rejected_fraction, 6),
+        "seconds": round(seconds, 3),
+        "rows_per_second": round(counts.rows_in / seconds, 1) if seconds else None,
+        "preprocessing": settings.model_dump(mode="json"),
+        "score": config.score.model_dump(mode="json"),
+        "version": __version__,
+    }
