@@ -80,7 +80,8 @@ def run(
     try:
         code = main(args) or 0
     except PipelineError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        # On a line of its own: Spark's progress bar may have left the cursor mid-line.
+        print(f"\nerror: {exc}", file=sys.stderr)
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -287,3 +287,40 @@ def _allowed_keys(path: Sequence[Any]) -> list[str]:
             return []
         model = annotation
     return sorted(model.model_fields)
+
+
+def render_defaults() -> str:
+    """The defaults as commented YAML: the text of ``conf/base.yaml``."""
+    lines = [
+        "# Defaults of every job's configuration, generated from pipeline/config.py",
+        "# (`python -m pipeline.config > conf/base.yaml`). Override them in conf/local.yaml",
+        "# (ignored by git), with --conf FILE, or with --set key.path=value.",
+    ]
+    _render(Config(), Config, 0, lines)
+    return "\n".join(lines) + "\n"
+
+
+def _render(values: BaseModel, model: type[BaseModel], depth: int, lines: list[str]) -> None:
+    indent = "  " * depth
+    for name, info in model.model_fields.items():
+        value = getattr(values, name)
+        if isinstance(value, BaseModel):
+            if depth == 0:
+                lines.append("")
+            doc = (type(value).__doc__ or "").strip().splitlines()
+            if doc:
+                lines.append(f"{indent}# {doc[0]}")
+            lines.append(f"{indent}{name}:")
+            _render(value, type(value), depth + 1, lines)
+            continue
+        dumped = yaml.safe_dump(
+            {name: values.model_dump(mode="json")[name]}, default_flow_style=True, width=1000
+        ).strip()
+        if dumped.startswith("{") and dumped.endswith("}"):
+            dumped = dumped[1:-1]
+        comment = f"  # {info.description}" if info.description else ""
+        lines.append(f"{indent}{dumped}{comment}")
+
+
+if __name__ == "__main__":
+    print(render_defaults(), end="")

@@ -34,14 +34,18 @@ _DEFAULT_CONF = {
 
 def build_session(settings: SparkSettings):
     """Return the active SparkSession, creating it from `settings` if needed."""
-    from pyspark import SparkConf
+    from pyspark import SparkConf, SparkContext
     from pyspark.sql import SparkSession
 
     launched_by_submit = "PYSPARK_GATEWAY_PORT" in os.environ
     if not launched_by_submit:
         check_java()
 
-    conf = SparkConf()  # under spark-submit this holds its --master and --conf values
+    # Connect to (or start) the JVM first: only then does SparkConf() see the
+    # --master and --conf values that spark-submit passed as system properties.
+    SparkContext._ensure_initialized()
+    conf = SparkConf()
+    _set_jvm_log_level(conf, settings.log_level)
     if not conf.contains("spark.master"):
         conf.setMaster(settings.master)
     if not conf.contains("spark.app.name"):
@@ -59,6 +63,19 @@ def build_session(settings: SparkSettings):
     spark.sparkContext.setLogLevel(settings.log_level)
     log.info("Spark %s, master %s", spark.version, master)
     return spark
+
+
+def _set_jvm_log_level(conf, level: str) -> None:
+    """Quiet Spark's own logging before the context starts, unless a log4j2 config is given."""
+    from pyspark import SparkContext
+
+    jvm = SparkContext._jvm
+    if jvm.java.lang.System.getProperty("log4j2.configurationFile") is not None:
+        return
+    # Let Spark install its default log4j2 profile first, then lower the level it set.
+    conf._jconf.initializeLogIfNecessary(False)
+    log4j = jvm.org.apache.logging.log4j
+    log4j.core.config.Configurator.setRootLevel(log4j.Level.toLevel(level))
 
 
 def check_java() -> None:
@@ -87,3 +104,10 @@ def check_java() -> None:
                 f"Spark needs Java {MIN_JAVA} or newer; {java} is Java {major}: "
                 f"install a newer JDK or point JAVA_HOME at one"
             )
+
+
+if __name__ == "__main__":  # `python -m pipeline.session`: the Makefile's Java check
+    try:
+        check_java()
+    except EnvironmentProblem as problem:
+        sys.exit(f"error: {problem}")

@@ -1,0 +1,65 @@
+# Set-up and everyday commands. `make run` and `make test` are all a new machine needs.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+OUT ?= out
+# Arguments for `make bench`: rows per stage and repetitions of each measurement.
+ROWS ?= 1000000
+REPEATS ?= 3
+PYTEST_ARGS ?=
+
+# Spark's Python workers must use the project's interpreter, and Spark reads
+# conf/log4j2.properties (warnings only) from SPARK_CONF_DIR.
+export PYSPARK_PYTHON := $(abspath $(PY))
+export SPARK_CONF_DIR := $(abspath conf)
+export TF_CPP_MIN_LOG_LEVEL ?= 2
+SUBMIT := $(VENV)/bin/spark-submit --master "local[*]"
+
+.PHONY: run test test-fast bench lint format conf clean check-python check-java
+
+check-python:
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 10))' 2>/dev/null || { \
+	  echo "error: Python 3.10 or newer is required ($(PYTHON) is $$($(PYTHON) --version 2>&1 || echo missing)); install it, or run make PYTHON=python3.11 ..." >&2; exit 1; }
+
+$(VENV)/.installed: pyproject.toml | check-python
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e .
+	@touch $@
+
+$(VENV)/.installed-dev: pyproject.toml $(VENV)/.installed
+	$(PY) -m pip install --quiet -e '.[dev]'
+	@touch $@
+
+check-java: $(VENV)/.installed
+	@$(PY) -m pipeline.session
+
+## run: the whole pipeline on the embedded 6,000-digit sample, in Spark local mode
+run: $(VENV)/.installed check-java
+	$(SUBMIT) jobs/ingest.py --input "$$($(PY) -c 'from pipeline.sample import sample_path; print(sample_path())')" \
+	  --output $(OUT)/features --set ingest.split.enabled=true
+	@echo
+	@echo "outputs: $(OUT)/features (features, _rejected/, _report.json)"
+
+## test: the test suite (the slow subprocess and multi-process tests included)
+test: $(VENV)/.installed-dev check-java
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+## test-fast: the tests without the slow ones
+test-fast: $(VENV)/.installed-dev
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+lint: $(VENV)/.installed-dev
+	$(VENV)/bin/ruff check pipeline jobs tests benchmarks
+	$(VENV)/bin/ruff format --check pipeline jobs tests benchmarks
+
+format: $(VENV)/.installed-dev
+	$(VENV)/bin/ruff format pipeline jobs tests benchmarks
+	$(VENV)/bin/ruff check --fix pipeline jobs tests benchmarks
+
+## conf: regenerate conf/base.yaml from the config schema
+conf: $(VENV)/.installed
+	$(PY) -m pipeline.config > conf/base.yaml
+
+clean:
+	rm -rf $(OUT) spark-warehouse metastore_db derby.log .pytest_cache

@@ -1,0 +1,125 @@
+"""The jobs as users run them: spark-submit subprocesses, --help, exit codes, one-line errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+JOBS = sorted(p.name for p in (REPO / "jobs").glob("*.py"))
+SPARK_SUBMIT = str(Path(sys.executable).with_name("spark-submit"))
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = dict(os.environ, PYSPARK_PYTHON=sys.executable, TF_CPP_MIN_LOG_LEVEL="2")
+    env.update(extra)
+    return env
+
+
+def _python_job(name: str, *args: str, env=None, timeout=120) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(REPO / "jobs" / name), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env or _env(),
+        cwd=REPO,
+    )
+
+
+@pytest.mark.parametrize("job", JOBS)
+def test_every_job_has_help(job):
+    result = _python_job(job, "--help")
+    assert result.returncode == 0, result.stderr
+    assert "usage:" in result.stdout
+    assert "exit codes:" in result.stdout
+    assert "--set KEY=VALUE" in result.stdout
+
+
+def test_invalid_config_stops_before_spark_with_exit_2(tmp_path):
+    result = _python_job(
+        "ingest.py",
+        "--input",
+        "x",
+        "--output",
+        str(tmp_path / "o"),
+        "--set",
+        "ingest.max_reject_fraction=2",
+    )
+    assert result.returncode == 2
+    assert "ingest.max_reject_fraction" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert "Spark" not in result.stderr  # nothing was started
+
+
+def test_missing_java_is_one_clear_line(tmp_path):
+    env = _env(JAVA_HOME=str(tmp_path / "no-jdk"), PATH=str(Path(sys.executable).parent))
+    result = _python_job("ingest.py", "--input", "x", "--output", str(tmp_path / "o"), env=env)
+    assert result.returncode == 3
+    lines = result.stderr.strip().splitlines()
+    assert lines[-1].startswith("error: Spark needs Java 17 or newer")
+    assert "install a JDK" in lines[-1]
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.slow
+def test_spark_submit_ingest_on_the_sample(tmp_path, sample_file):
+    out = tmp_path / "features"
+    result = subprocess.run(
+        [
+            SPARK_SUBMIT,
+            "--master",
+            "local[2]",
+            str(REPO / "jobs" / "ingest.py"),
+            "--input",
+            sample_file,
+            "--output",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=_env(),
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((out / "_report.json").read_text())
+    assert (report["rows_in"], report["rows_out"], report["rows_rejected"]) == (6000, 6000, 0)
+    assert (out / "_SUCCESS").exists()
+    assert "rows in" in result.stdout and "6,000" in result.stdout
+
+
+@pytest.mark.slow
+def test_spark_submit_ingest_reports_a_corrupt_file_and_exits_4(tmp_path):
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    (raw / "bad.parquet").write_bytes(b"PAR1" + b"\0" * 100 + b"PAR1")
+    result = subprocess.run(
+        [
+            SPARK_SUBMIT,
+            "--master",
+            "local[1]",
+            str(REPO / "jobs" / "ingest.py"),
+            "--input",
+            str(raw),
+            "--output",
+            str(tmp_path / "out"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=_env(),
+        cwd=tmp_path,
+    )
+    assert result.returncode == 4, result.stderr[-3000:]
+    # spark-submit merges the Python driver's stderr into its stdout
+    output = result.stdout + result.stderr
+    errors = [line for line in output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1
+    assert "bad.parquet" in errors[0] and "corrupt" in errors[0]
+    assert not (tmp_path / "out").exists()
