@@ -1,0 +1,399 @@
+"""The training stage: the ingest output in, a published model directory out.
+
+`run_training` reads the features, marks validation rows, checks that the barrier stage
+can be scheduled, trains with `fit_partitions` and publishes ``MODEL/`` (``model.keras``,
+``metadata.json``, ``history.png``) atomically. `fit_partitions` is the distributed part:
+one worker per partition of a DataFrame, streamed from Spark into TensorFlow (see
+`pipeline.training.distributed` for the barrier stage and `pipeline.training.loop` for
+the training loop). Nothing but worker 0's model bytes and history reaches the driver.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+from pyspark.sql import Column, DataFrame, SparkSession
+from pyspark.sql import functions as F
+from pyspark.sql import types as T
+
+from pipeline.artifact import (
+    CHECKPOINTS_DIR,
+    Metadata,
+    sha256_bytes,
+    write_model_dir,
+)
+from pipeline.config import Config, IngestSettings, TrainSettings
+from pipeline.contract import FEATURE_DIM, FEATURES, LABEL, LABEL_ONEHOT, NUM_CLASSES
+from pipeline.errors import ConfigError, InputDataError, PipelineError, TrainingError
+from pipeline.storage import Storage
+from pipeline.training.checkpoints import decode, epoch_of
+from pipeline.training.data import VALIDATION_FLAG
+from pipeline.training.distributed import (
+    RESULT_SCHEMA,
+    ProgressListener,
+    check_slots,
+    failure_message,
+    make_task,
+)
+
+log = logging.getLogger(__name__)
+
+__all__ = ["FitResult", "TrainResult", "fit_partitions", "prepare_training_data", "run_training"]
+
+# Settings that may change between a checkpoint and the run resuming from it.
+_RESUMABLE_CHANGES = {
+    "epochs",
+    "workers",
+    "steps_per_call",
+    "memory_budget_mb",
+    "collective_timeout_s",
+    "tensorboard",
+    "early_stopping",
+}
+
+
+@dataclass(frozen=True)
+class FitResult:
+    """What the barrier stage hands back to the driver."""
+
+    model_bytes: bytes
+    history: list[dict[str, float]]
+    workers: list[dict[str, Any]]  # per-worker statistics, by rank
+    seconds: float
+    resumed_from: list[int] = field(default_factory=list)
+
+    @property
+    def epochs_completed(self) -> int:
+        return int(self.history[-1]["epoch"]) if self.history else 0
+
+    @property
+    def samples_per_second(self) -> float:
+        """Training samples per second of training time, all workers together."""
+        samples = sum(w["samples"] for w in self.workers)
+        seconds = max((w["train_seconds"] for w in self.workers), default=0.0)
+        return samples / seconds if seconds else 0.0
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    model_dir: str
+    metadata: Metadata
+    fit: FitResult
+    seconds: float
+
+    @property
+    def history(self) -> list[dict[str, float]]:
+        return self.metadata.history
+
+
+def run_training(
+    spark: SparkSession,
+    config: Config,
+    input_path: str,
+    model_dir: str,
+    workers: int | None = None,
+    fresh: bool = False,
+    on_epoch: Callable[[dict[str, Any]], None] | None = None,
+    _fail_at_epoch: int | None = None,
+) -> TrainResult:
+    """Train on the features at `input_path` and publish the model directory `model_dir`.
+
+    Resumes from ``MODEL/checkpoints/`` unless `fresh`. `workers` overrides
+    ``train.workers``. `on_epoch` receives worker 0's per-epoch record while training
+    runs (default: one log line). `_fail_at_epoch` is for tests: the last worker's Spark
+    task is killed once, after that epoch's checkpoint.
+    """
+    started = time.monotonic()
+    settings = config.train
+    if workers is not None and workers != settings.workers:
+        settings = settings.model_copy(update={"workers": workers})
+    workers = settings.workers
+    if settings.early_stopping.enabled and not (
+        settings.validation_fraction or settings.validation_path
+    ):
+        raise ConfigError(
+            "train.early_stopping.enabled needs validation data: set "
+            "train.validation_fraction or train.validation_path"
+        )
+    check_slots(spark, workers)
+
+    from pipeline.ingest import REPORT_FILE, read_features
+
+    storage = Storage(spark)
+    model_dir = storage.qualify(model_dir).rstrip("/")
+    checkpoint_dir = f"{model_dir}/{CHECKPOINTS_DIR}"
+    if fresh and storage.exists(checkpoint_dir):
+        log.info("--fresh: deleting %s", checkpoint_dir)
+        storage.delete(checkpoint_dir)
+    _check_resumable(storage, checkpoint_dir, settings)
+
+    features = read_features(spark, input_path)
+    validation = (
+        read_features(spark, settings.validation_path) if settings.validation_path else None
+    )
+    data = prepare_training_data(features, settings, validation)
+    fingerprint = data_fingerprint(storage, features, input_path)
+    preprocessing = _preprocessing(storage, f"{input_path.rstrip('/')}/{REPORT_FILE}")
+
+    fit = fit_partitions(
+        spark,
+        data,
+        settings,
+        checkpoint_dir=checkpoint_dir,
+        fingerprint=fingerprint["sha256"],
+        tensorboard_dir=f"{model_dir}/logs" if settings.tensorboard else None,
+        on_epoch=on_epoch,
+        _fail_at_epoch=_fail_at_epoch,
+    )
+    metadata = Metadata(
+        feature_dim=FEATURE_DIM,
+        classes=NUM_CLASSES,
+        model_sha256=sha256_bytes(fit.model_bytes),
+        preprocessing=preprocessing,
+        train=settings,
+        workers=workers,
+        epochs_completed=fit.epochs_completed,
+        history=fit.history,
+        samples_per_second=round(fit.samples_per_second, 1),
+        training_seconds=round(fit.seconds, 3),
+        data=fingerprint,
+        seed=settings.seed,
+        versions=_versions(spark),
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    )
+    from pipeline.training.plot import history_png
+
+    write_model_dir(
+        storage, model_dir, metadata, fit.model_bytes, {"history.png": history_png(fit.history)}
+    )
+    return TrainResult(model_dir, metadata, fit, time.monotonic() - started)
+
+
+def prepare_training_data(
+    features: DataFrame, settings: TrainSettings, validation: DataFrame | None = None
+) -> DataFrame:
+    """`features` and one-hot `label_onehot` as float arrays, plus the validation flag.
+
+    Validation rows are the separate `validation` dataset when given, else a deterministic
+    ``validation_fraction`` of the rows chosen by a hash of their features and label.
+    """
+    train = _contract_columns(features, "input")
+    if validation is not None:
+        flagged = train.withColumn(VALIDATION_FLAG, F.lit(False)).unionByName(
+            _contract_columns(validation, "validation data").withColumn(
+                VALIDATION_FLAG, F.lit(True)
+            )
+        )
+    elif settings.validation_fraction > 0:
+        bucket = F.pmod(
+            F.xxhash64(F.lit(settings.seed), F.col(FEATURES), F.col(LABEL_ONEHOT)),
+            F.lit(1_000_000),
+        )
+        flagged = train.withColumn(
+            VALIDATION_FLAG, bucket < F.lit(int(settings.validation_fraction * 1_000_000))
+        )
+    else:
+        flagged = train.withColumn(VALIDATION_FLAG, F.lit(False))
+    return flagged
+
+
+def _contract_columns(df: DataFrame, what: str) -> DataFrame:
+    names = set(df.columns)
+    if FEATURES not in names or not ({LABEL_ONEHOT, LABEL} & names):
+        raise InputDataError(
+            f"the {what} needs a '{FEATURES}' column and a '{LABEL_ONEHOT}' or '{LABEL}' "
+            f"column; it has {sorted(names)}. Train on the output of jobs/ingest.py"
+        )
+    floats = T.ArrayType(T.FloatType())
+    if LABEL_ONEHOT in names:
+        onehot: Column = F.col(LABEL_ONEHOT).cast(floats)
+    else:
+        onehot = F.transform(
+            F.sequence(F.lit(0), F.lit(NUM_CLASSES - 1)),
+            lambda k: F.when(k == F.col(LABEL), F.lit(1.0)).otherwise(F.lit(0.0)),
+        ).cast(floats)
+    return df.select(F.col(FEATURES).cast(floats).alias(FEATURES), onehot.alias(LABEL_ONEHOT))
+
+
+def fit_partitions(
+    spark: SparkSession,
+    data: DataFrame,
+    settings: TrainSettings,
+    *,
+    checkpoint_dir: str,
+    fingerprint: str = "",
+    tensorboard_dir: str | None = None,
+    on_epoch: Callable[[dict[str, Any]], None] | None = None,
+    _fail_at_epoch: int | None = None,
+) -> FitResult:
+    """Train on `data` (from `prepare_training_data`) with ``settings.workers`` workers.
+
+    Each worker consumes one partition. A DataFrame that already has exactly that many
+    partitions is used as it is (its partitions may be uneven); any other is
+    repartitioned. Checkpoints go to `checkpoint_dir` (any URI pyarrow can write).
+    """
+    started = time.monotonic()
+    workers = settings.workers
+    check_slots(spark, workers)
+    if data.rdd.getNumPartitions() != workers:
+        data = data.repartition(workers)
+    resumed: list[int] = []
+    console = on_epoch or _log_epoch
+
+    def on_message(message: dict[str, Any]) -> None:
+        if message.get("event") == "resume":
+            resumed.append(int(message["epoch"]))
+            log.info("resuming from the checkpoint of epoch %d", message["epoch"])
+        elif message.get("event") == "epoch":
+            console(message)
+
+    spec_base = {
+        "train": settings.model_dump(mode="json"),
+        "workers": workers,
+        "checkpoint_dir": checkpoint_dir,
+        "fingerprint": fingerprint,
+        "tensorboard_dir": tensorboard_dir,
+        "fail_at_epoch": _fail_at_epoch,
+        "settings_key": _resume_key(settings),
+    }
+    host = spark.sparkContext.getConf().get("spark.driver.host", "127.0.0.1")
+    sc = spark.sparkContext
+    group = f"train-{uuid.uuid4().hex[:8]}"
+    with ProgressListener(host, on_message) as listener:
+        spec = {**spec_base, "progress": list(listener.address)}
+        sc.setJobGroup(group, f"train {workers} worker(s), {settings.epochs} epochs")
+        try:
+            rows = (
+                data.mapInArrow(make_task(spec), RESULT_SCHEMA, barrier=workers > 1)
+                # The shuffle makes the barrier stage a ShuffleMapStage, which Spark retries.
+                .repartition(1)
+                .collect()
+            )
+        except PipelineError:
+            raise
+        except Exception as exc:  # Py4JJavaError and friends: the stage failed for good
+            message = failure_message(exc)
+            if "InputDataError" in str(exc):
+                raise InputDataError(message) from None
+            raise TrainingError(f"training failed: {message}") from None
+        finally:
+            sc.setLocalProperty("spark.jobGroup.id", None)
+    infos = sorted((json.loads(r["info"]) for r in rows), key=lambda i: i["rank"])
+    chief = next((r for r in rows if r["rank"] == 0), None)
+    if chief is None or chief["model"] is None:
+        raise TrainingError(f"worker 0 returned no model ({len(rows)} results)")
+    for info in infos:
+        if info["resumed_from"] and info["resumed_from"] not in resumed:
+            resumed.append(info["resumed_from"])
+    return FitResult(
+        model_bytes=bytes(chief["model"]),
+        history=infos[0]["history"],
+        workers=infos,
+        seconds=time.monotonic() - started,
+        resumed_from=resumed,
+    )
+
+
+def _log_epoch(record: dict[str, Any]) -> None:
+    log.info("%s", format_epoch(record))
+
+
+def format_epoch(record: dict[str, Any]) -> str:
+    """One console line for an epoch record."""
+    parts = [
+        f"epoch {int(record['epoch'])}/{int(record.get('epochs', record['epoch']))}",
+        f"loss {record['loss']:.4f}",
+        f"accuracy {record['accuracy']:.4f}",
+    ]
+    if "val_loss" in record:
+        parts += [
+            f"val_loss {record['val_loss']:.4f}",
+            f"val_accuracy {record['val_accuracy']:.4f}",
+        ]
+    parts.append(f"{record['samples_per_second']:,.0f} samples/s")
+    if "eta_s" in record:
+        parts.append(f"{_duration(record['eta_s'])} left")
+    return "  ".join(parts)
+
+
+def _duration(seconds: float) -> str:
+    seconds = max(0, math.ceil(seconds))
+    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
+
+
+def data_fingerprint(storage: Storage, df: DataFrame, path: str) -> dict[str, Any]:
+    """Row count, schema and files (name and size) of the training data, and their sha256."""
+    files = [{"path": p, "bytes": size} for p, size in storage.list_files(path)]
+    described = {
+        "path": storage.qualify(path),
+        "rows": df.count(),
+        "schema": df.schema.simpleString(),
+        "files": files,
+    }
+    described["sha256"] = sha256_bytes(
+        json.dumps({k: described[k] for k in ("rows", "schema", "files")}, sort_keys=True).encode()
+    )
+    return described
+
+
+def _preprocessing(storage: Storage, report_path: str) -> IngestSettings:
+    if storage.exists(report_path):
+        report = storage.read_json(report_path)
+        if isinstance(report.get("preprocessing"), dict):
+            return IngestSettings.model_validate(report["preprocessing"])
+    return IngestSettings()
+
+
+def _check_resumable(storage: Storage, checkpoint_dir: str, settings: TrainSettings) -> None:
+    """Refuse to resume from checkpoints written with another model or optimizer."""
+    if not storage.exists(checkpoint_dir):
+        return
+    found = [(epoch_of(p), p) for p, _ in storage.list_files(checkpoint_dir)]
+    found = sorted((e, p) for e, p in found if e is not None)
+    if not found:
+        return
+    epoch, path = found[-1]
+    state, _ = decode(storage.read_bytes(path), path)
+    before = state.get("settings") or {}
+    now = _resume_key(settings)
+    changed = sorted(k for k in now if k in before and before[k] != now[k])
+    if changed:
+        raise ConfigError(
+            f"{checkpoint_dir} holds a checkpoint (epoch {epoch}) trained with other "
+            f"settings ({', '.join(f'train.{k}' for k in changed)} differ): rerun with --fresh "
+            f"to start over, or use another model directory"
+        )
+    if epoch >= settings.epochs:
+        log.info("checkpoint of epoch %d already reaches train.epochs = %d", epoch, settings.epochs)
+    else:
+        log.info("found the checkpoint of epoch %d: training resumes from it", epoch)
+
+
+def _resume_key(settings: TrainSettings) -> dict[str, Any]:
+    dumped = settings.model_dump(mode="json")
+    return {k: v for k, v in dumped.items() if k not in _RESUMABLE_CHANGES}
+
+
+def _versions(spark: SparkSession) -> dict[str, str]:
+    from importlib import metadata as importlib_metadata
+
+    from pipeline import __version__
+
+    versions = {"pipeline": __version__, "spark": spark.version}
+    for package in ("tensorflow", "keras", "pyarrow", "numpy", "pandas", "pyspark"):
+        try:
+            versions[package] = importlib_metadata.version(package)
+        except importlib_metadata.PackageNotFoundError:
+            try:
+                versions[package] = importlib_metadata.version(f"{package}-cpu")
+            except importlib_metadata.PackageNotFoundError:
+                continue
+    return versions

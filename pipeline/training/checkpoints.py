@@ -1,0 +1,116 @@
+"""Checkpoints under ``MODEL/checkpoints/``: one file per epoch, written whole or not at all.
+
+A checkpoint is one ``.npz`` file, ``epoch-0003.npz``, holding the model weights, the
+optimizer's variables (step counter and momentum), the best weights seen so far (for
+early stopping) and a JSON state: epoch, history, early-stopping counters, the seed and
+the config fingerprint. The data position needs no more than that: a worker's batch order
+in an epoch is a function of (seed, worker, epoch).
+
+Worker 0 writes it from the executor through ``pyarrow.fs`` (local paths, ``hdfs://``,
+``s3://``): into a hidden temporary name, then moved into place, so a reader sees a
+complete checkpoint or none. The newest file is the one to resume from; older ones are
+deleted, keeping `KEEP`.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+import uuid
+from typing import Any
+
+import numpy as np
+
+from pipeline.errors import TrainingError
+
+KEEP = 2
+_NAME = re.compile(r"^epoch-(\d{4,})\.npz$")
+_STATE_KEY = "__state__"
+
+
+def checkpoint_name(epoch: int) -> str:
+    return f"epoch-{epoch:04d}.npz"
+
+
+def epoch_of(name: str) -> int | None:
+    """The epoch of a checkpoint file name, or None for any other file."""
+    match = _NAME.match(name.rsplit("/", 1)[-1])
+    return int(match.group(1)) if match else None
+
+
+def encode(state: dict[str, Any], arrays: dict[str, np.ndarray]) -> bytes:
+    buffer = io.BytesIO()
+    payload = {_STATE_KEY: np.frombuffer(json.dumps(state).encode("utf-8"), dtype=np.uint8)}
+    np.savez(buffer, **payload, **arrays)
+    return buffer.getvalue()
+
+
+def decode(data: bytes, where: str) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    try:
+        with np.load(io.BytesIO(data), allow_pickle=False) as npz:
+            arrays = {key: npz[key] for key in npz.files}
+        state = json.loads(arrays.pop(_STATE_KEY).tobytes().decode("utf-8"))
+    except (OSError, ValueError, KeyError) as exc:
+        raise TrainingError(
+            f"checkpoint {where} is unreadable ({exc}); delete it or rerun with --fresh"
+        ) from None
+    return state, arrays
+
+
+def arrow_uri(uri: str) -> str:
+    """A Hadoop-style URI as ``pyarrow.fs.FileSystem.from_uri`` wants it."""
+    if uri.startswith("file:") and not uri.startswith("file://"):
+        return "file://" + "/" + uri[len("file:") :].lstrip("/")
+    if uri.startswith(("s3a://", "s3n://")):
+        return "s3://" + uri.split("://", 1)[1]
+    if "://" not in uri:
+        return "file://" + uri if uri.startswith("/") else uri
+    return uri
+
+
+class CheckpointDir:
+    """Executor-side access to ``MODEL/checkpoints/`` through pyarrow's filesystems."""
+
+    def __init__(self, uri: str) -> None:
+        from pyarrow import fs
+
+        self._fs, self._root = fs.FileSystem.from_uri(arrow_uri(uri))
+        self._root = self._root.rstrip("/")
+        self._fs.create_dir(self._root, recursive=True)
+
+    def epochs(self) -> list[int]:
+        from pyarrow import fs
+
+        infos = self._fs.get_file_info(fs.FileSelector(self._root, allow_not_found=True))
+        found = (epoch_of(info.path) for info in infos if info.type == fs.FileType.File)
+        return sorted(e for e in found if e is not None)
+
+    def latest(self) -> int | None:
+        epochs = self.epochs()
+        return epochs[-1] if epochs else None
+
+    def read(self, epoch: int) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        path = f"{self._root}/{checkpoint_name(epoch)}"
+        with self._fs.open_input_stream(path) as stream:
+            return decode(stream.read(), path)
+
+    def write(self, epoch: int, state: dict[str, Any], arrays: dict[str, np.ndarray]) -> str:
+        """Write the checkpoint of `epoch` atomically and drop all but the newest `KEEP`."""
+        final = f"{self._root}/{checkpoint_name(epoch)}"
+        tmp = f"{self._root}/.tmp-{uuid.uuid4().hex}"
+        with self._fs.open_output_stream(tmp) as stream:
+            stream.write(encode(state, arrays))
+        self._fs.move(tmp, final)
+        for old in self.epochs()[:-KEEP]:
+            self._fs.delete_file(f"{self._root}/{checkpoint_name(old)}")
+        return final
+
+    def claim_once(self, marker: str) -> bool:
+        """True the first time `marker` is claimed in this directory (test fault injection)."""
+        path = f"{self._root}/_{marker}"
+        if self._fs.get_file_info(path).type != 0:  # FileType.NotFound == 0
+            return False
+        with self._fs.open_output_stream(path) as stream:
+            stream.write(b"claimed\n")
+        return True

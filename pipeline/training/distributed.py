@@ -1,0 +1,310 @@
+"""The Spark side of training: slot check, the barrier stage, and progress to the driver.
+
+``df.mapInArrow(task, schema, barrier=True)`` runs one task per worker on the DataFrame's
+partitions. Each task spools its partition to local Arrow files, reserves a port on its
+executor's address, and shares (address, row counts, checkpoint to resume from) with the
+others through ``BarrierTaskContext.allGather``: every worker then knows the cluster, the
+same number of steps per epoch, and the same checkpoint. It writes ``TF_CONFIG`` and a
+spec, starts the TensorFlow worker process (`pipeline.training.worker`), waits for it and
+yields one small row: worker 0's model bytes and history, the others' statistics.
+
+A failed barrier ResultStage is never retried by Spark, so the barrier stage is followed
+by a shuffle (``repartition(1)``), which makes it a ShuffleMapStage: when a worker dies,
+Spark reruns the whole stage (up to ``spark.stage.maxConsecutiveAttempts`` times) and the
+workers resume from the newest checkpoint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pyarrow as pa
+
+from pipeline.errors import EnvironmentProblem, InputDataError, TrainingError
+
+log = logging.getLogger(__name__)
+
+RESULT_SCHEMA = "rank int, model binary, info string"
+_RESULT_ARROW_SCHEMA = pa.schema(
+    [pa.field("rank", pa.int32()), pa.field("model", pa.binary()), pa.field("info", pa.string())]
+)
+_LOG_TAIL_CHARS = 3000
+
+
+# -- driver: slots ------------------------------------------------------------------------
+def task_slots(spark) -> tuple[int, str]:
+    """How many tasks this application can run at once, and how that was worked out."""
+    sc = spark.sparkContext
+    conf = sc.getConf()
+    task_cpus = int(conf.get("spark.task.cpus", "1"))
+    master = sc.master
+    match = re.fullmatch(r"local(?:\[(\*|\d+)(?:,\s*\d+)?\])?", master)
+    if match:
+        threads = match.group(1)
+        cores = os.cpu_count() or 1 if threads == "*" else int(threads or 1)
+        return cores // task_cpus, f"master {master}, spark.task.cpus={task_cpus}"
+    cores = sc.defaultParallelism
+    return cores // task_cpus, (
+        f"{cores} executor cores in all (spark.executor.cores x executors), "
+        f"spark.task.cpus={task_cpus}"
+    )
+
+
+def check_slots(spark, workers: int) -> None:
+    """Fail at once when a barrier stage of `workers` tasks could never be scheduled."""
+    slots, how = task_slots(spark)
+    busy = _busy_tasks(spark)
+    if workers > slots - busy:
+        raise EnvironmentProblem(
+            f"--workers {workers} needs {workers} free task slots at once (a barrier stage); "
+            f"this Spark application has {slots} ({how})"
+            + (f", {busy} of them busy with other jobs" if busy else "")
+            + f". Lower --workers / train.workers to at most {max(slots - busy, 1)}, or give "
+            f"Spark more cores: --master local[{workers}] in local mode, otherwise "
+            f"spark.executor.cores / spark.executor.instances (or a smaller spark.task.cpus)"
+        )
+
+
+def _busy_tasks(spark) -> int:
+    tracker = spark.sparkContext.statusTracker()
+    busy = 0
+    for stage_id in tracker.getActiveStageIds():
+        info = tracker.getStageInfo(stage_id)
+        if info is not None:
+            busy += info.numActiveTasks
+    return busy
+
+
+# -- driver: progress ---------------------------------------------------------------------
+class ProgressListener:
+    """A socket on the driver that worker 0 sends one JSON line per epoch to."""
+
+    def __init__(self, host: str, on_message: Callable[[dict[str, Any]], None]) -> None:
+        self._on_message = on_message
+        self._server = socket.create_server((host, 0))
+        self._server.settimeout(0.5)
+        self.address = (host, self._server.getsockname()[1])
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True, name="train-progress")
+
+    def __enter__(self) -> ProgressListener:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        self._server.close()
+
+    def _serve(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self._server.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            threading.Thread(target=self._read, args=(conn,), daemon=True).start()
+
+    def _read(self, conn: socket.socket) -> None:
+        with conn, conn.makefile("r", encoding="utf-8") as lines:
+            for line in lines:
+                try:
+                    message = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                try:
+                    self._on_message(message)
+                except Exception:  # a broken console must not stop training
+                    log.exception("progress handler failed")
+
+
+# -- executor: the barrier task -----------------------------------------------------------
+def make_task(spec: dict[str, Any]) -> Callable[[Iterator[pa.RecordBatch]], Iterator]:
+    """The function each barrier task runs. `spec` holds plain values only."""
+    spec = json.loads(json.dumps(spec))  # proof that it pickles without a session
+
+    def task(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        from pyspark import BarrierTaskContext, TaskContext
+
+        workers = int(spec["workers"])
+        context = BarrierTaskContext.get() if workers > 1 else TaskContext.get()
+        rank = context.partitionId()
+        workdir = tempfile.mkdtemp(prefix=f"digits-train-{rank}-", dir=_local_dir())
+        try:
+            yield _run_worker(spec, context, rank, workers, batches, workdir)
+        finally:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+    return task
+
+
+def _run_worker(spec, context, rank: int, workers: int, batches, workdir: str) -> pa.RecordBatch:
+    from pipeline.training.checkpoints import CheckpointDir
+    from pipeline.training.data import TRAIN_FILE, VALIDATION_FILE, spool_partition
+
+    counts = spool_partition(batches, workdir)
+    host = _executor_host(context, rank, workers)
+    reserved = _reserve_port(host) if workers > 1 else None
+    resume = CheckpointDir(spec["checkpoint_dir"]).latest() if rank == 0 else None
+    mine = {
+        "rank": rank,
+        "address": f"{host}:{reserved.getsockname()[1]}" if reserved else None,
+        "train_rows": counts.train_rows,
+        "validation_rows": counts.validation_rows,
+        "resume_epoch": resume,
+    }
+    if workers > 1:
+        everyone = sorted((json.loads(m) for m in context.allGather(json.dumps(mine))),
+                          key=lambda m: m["rank"])  # fmt: skip
+    else:
+        everyone = [mine]
+    empty = [m["rank"] for m in everyone if m["train_rows"] == 0]
+    if empty:
+        raise InputDataError(
+            f"worker(s) {empty} received no training rows out of "
+            f"{sum(m['train_rows'] for m in everyone)}: fewer rows than workers, or an "
+            f"empty partition; lower --workers"
+        )
+    total_train = sum(m["train_rows"] for m in everyone)
+    batch = int(spec["train"]["batch_size"])
+    child_spec = {
+        **spec,
+        "rank": rank,
+        "parent_pid": os.getpid(),
+        "workdir": workdir,
+        "threads": _task_cpus(context),
+        "train_file": os.path.join(workdir, TRAIN_FILE),
+        "validation_file": os.path.join(workdir, VALIDATION_FILE),
+        "total_train_rows": total_train,
+        "total_validation_rows": sum(m["validation_rows"] for m in everyone),
+        "steps_per_epoch": math.ceil(total_train / (workers * batch)),
+        "resume_epoch": everyone[0]["resume_epoch"],
+    }
+    if rank != 0:
+        child_spec["progress"] = None
+    spec_path = os.path.join(workdir, "spec.json")
+    with open(spec_path, "w", encoding="utf-8") as f:
+        json.dump(child_spec, f)
+
+    env = dict(os.environ)
+    env.update(
+        TF_CPP_MIN_LOG_LEVEL="2",
+        TF_ENABLE_ONEDNN_OPTS="0",
+        PYTHONPATH=os.pathsep.join(filter(None, [_package_root(), env.get("PYTHONPATH")])),
+    )
+    env.pop("TF_CONFIG", None)
+    if workers > 1:
+        env["TF_CONFIG"] = json.dumps(
+            {
+                "cluster": {"worker": [m["address"] for m in everyone]},
+                "task": {"type": "worker", "index": rank},
+            }
+        )
+        reserved.close()  # as late as possible: the worker binds this port right away
+    log_path = os.path.join(workdir, "worker.log")
+    with open(log_path, "wb") as log_file:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "pipeline.training.worker", spec_path],
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=workdir,
+        )
+        code = process.wait()
+    if code != 0:
+        raise TrainingError(
+            f"training worker {rank} of {workers} exited with code {code}; its log ends:\n"
+            + _tail(log_path)
+        )
+    with open(os.path.join(workdir, "result.json"), encoding="utf-8") as f:
+        info = json.load(f)
+    info["log_tail"] = _tail(log_path, 600) if rank == 0 else ""
+    model = None
+    if rank == 0:
+        with open(os.path.join(workdir, "model.keras"), "rb") as f:
+            model = f.read()
+    return pa.record_batch(
+        [
+            pa.array([rank], pa.int32()),
+            pa.array([model], pa.binary()),
+            pa.array([json.dumps(info)]),
+        ],
+        schema=_RESULT_ARROW_SCHEMA,
+    )
+
+
+def _executor_host(context, rank: int, workers: int) -> str:
+    if workers > 1:
+        address = context.getTaskInfos()[rank].address
+        return address.rsplit(":", 1)[0]
+    return socket.gethostbyname(socket.gethostname())
+
+
+def _reserve_port(host: str, attempts: int = 5) -> socket.socket:
+    """A socket bound to a free port on `host`, held until the worker process starts."""
+    last: OSError | None = None
+    for _ in range(attempts):
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            sock.bind((host, 0))
+            return sock
+        except OSError as exc:
+            sock.close()
+            last = exc
+    raise TrainingError(f"could not reserve a port on {host}: {last}")
+
+
+def _task_cpus(context) -> int:
+    with contextlib.suppress(AttributeError, TypeError, ValueError):
+        return max(1, int(context.cpus()))
+    return 1
+
+
+def _local_dir() -> str | None:
+    for key in ("SPARK_LOCAL_DIRS", "LOCAL_DIRS"):
+        value = os.environ.get(key)
+        if value:
+            first = value.split(",")[0]
+            if os.path.isdir(first):
+                return first
+    return None
+
+
+def _package_root() -> str:
+    import pipeline
+
+    return os.path.dirname(os.path.dirname(os.path.abspath(pipeline.__file__)))
+
+
+def _tail(path: str, chars: int = _LOG_TAIL_CHARS) -> str:
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - chars))
+            return f.read().decode("utf-8", errors="replace")
+    except OSError:
+        return "(no log)"
+
+
+def failure_message(exc: Exception) -> str:
+    """The useful part of a failed training stage's Java/Python error."""
+    text = str(exc)
+    found = re.findall(r"(?:TrainingError|InputDataError): (.+?)(?:\n\s*\n|SQLSTATE|$)", text, re.S)
+    if found:
+        return found[-1].strip()
+    lines = [line for line in text.splitlines() if line.strip() and not line.startswith("\tat ")]
+    return " ".join(lines[:3])[:1500]

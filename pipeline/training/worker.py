@@ -1,0 +1,349 @@
+"""One training worker: the TensorFlow process a barrier task starts for its partition.
+
+``python -m pipeline.training.worker SPEC.json`` reads the spec its Spark task wrote
+(plain values: settings, rank, cluster addresses, steps per epoch, spooled data files,
+checkpoint directory), trains, and writes ``result.json`` (and, on worker 0,
+``model.keras``) beside the spec.
+
+Why a process of its own rather than TensorFlow inside the Python worker: Spark reuses
+Python workers across tasks, and a TensorFlow process can join one collective cluster
+only once, with thread pools fixed at start-up. A fresh process per task makes every
+stage attempt (and every retry after a failure) start clean, keeps TensorFlow's output
+out of the executor log, and dies with its task (``PR_SET_PDEATHSIG``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import json
+import logging
+import math
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+from typing import Any
+
+log = logging.getLogger("pipeline.training.worker")
+
+BIND_FAILED_EXIT = 75  # the gRPC port was taken between reservation and start-up
+
+
+def main(spec_path: str) -> int:
+    logging.basicConfig(
+        level=logging.INFO,
+        format="%(asctime)s %(levelname)s worker: %(message)s",
+        stream=sys.stderr,
+    )
+    with open(spec_path, encoding="utf-8") as f:
+        spec = json.load(f)
+    _die_with_parent(spec["parent_pid"])
+    peak = _PeakMemory()
+    try:
+        result = _train(spec, peak)
+    except OSError as exc:
+        if "address already in use" in str(exc).lower():
+            log.error("gRPC port taken: %s", exc)
+            return BIND_FAILED_EXIT
+        raise
+    result["peak_rss_mb"] = peak.stop()
+    with open(os.path.join(spec["workdir"], "result.json"), "w", encoding="utf-8") as f:
+        json.dump(result, f)
+    return 0
+
+
+def _train(spec: dict[str, Any], peak: _PeakMemory) -> dict[str, Any]:
+    import tensorflow as tf
+
+    tf.get_logger().setLevel("ERROR")
+    threads = int(spec["threads"])
+    tf.config.threading.set_intra_op_parallelism_threads(threads)
+    tf.config.threading.set_inter_op_parallelism_threads(threads)
+
+    import keras
+
+    from pipeline.artifact import model_to_bytes
+    from pipeline.config import TrainSettings
+    from pipeline.model import build_model
+    from pipeline.training.checkpoints import CheckpointDir
+    from pipeline.training.data import LocalData, epoch_dataset, evaluation_batches
+    from pipeline.training.loop import Trainer
+
+    settings = TrainSettings.model_validate(spec["train"])
+    workers, rank = int(spec["workers"]), int(spec["rank"])
+    chief = rank == 0
+    strategy = None
+    if workers > 1:
+        strategy = tf.distribute.MultiWorkerMirroredStrategy(
+            communication_options=tf.distribute.experimental.CommunicationOptions(
+                timeout_seconds=settings.collective_timeout_s
+            )
+        )
+    keras.utils.set_random_seed(settings.seed)
+
+    budget = settings.memory_budget_mb * 1024 * 1024
+    train_data = LocalData(spec["train_file"], budget)
+    validation = LocalData(spec["validation_file"], max(0, budget - train_data.size_bytes))
+    log.info(
+        "worker %d/%d: %d training rows (%s), %d validation rows",
+        rank,
+        workers,
+        train_data.rows,
+        "in memory" if train_data.in_memory else "streamed from local disk",
+        validation.rows,
+    )
+    has_validation = spec["total_validation_rows"] > 0
+
+    trainer = Trainer(settings, workers, strategy)
+    checkpoints = CheckpointDir(spec["checkpoint_dir"])
+    progress = _Progress(spec.get("progress")) if chief else _Progress(None)
+
+    history: list[dict[str, float]] = []
+    best: dict[str, Any] = {"value": None, "epoch": None, "wait": 0}
+    best_weights = None
+    start_epoch = 0
+    resume = spec.get("resume_epoch")
+    if resume:
+        state, arrays = checkpoints.read(resume)
+        trainer.set_weights(_arrays(arrays, "w"))
+        trainer.set_optimizer_state(_arrays(arrays, "o"))
+        best_weights = _arrays(arrays, "b") or None
+        history, best, start_epoch = state["history"], state["best"], state["epoch"]
+        log.info("resumed from the checkpoint of epoch %d", start_epoch)
+        progress.send({"event": "resume", "epoch": start_epoch})
+
+    steps = int(spec["steps_per_epoch"])
+    batch = settings.batch_size
+    stopping = settings.early_stopping
+    stopped_early = state_stopped = bool(resume) and bool(state.get("stopped_early"))
+    train_seconds = 0.0
+    samples = 0
+    tensorboard = _TensorBoard(spec.get("tensorboard_dir")) if chief else None
+    epoch = start_epoch
+    for epoch in range(start_epoch + 1, settings.epochs + 1):
+        if state_stopped:
+            break
+        started = time.monotonic()
+        dataset = epoch_dataset(
+            train_data,
+            epoch=epoch,
+            worker=rank,
+            seed=settings.seed,
+            steps=steps,
+            batch_size=batch,
+            shuffle_buffer=settings.shuffle_buffer,
+        )
+        loss_sum, correct = trainer.train(dataset, steps)
+        seconds = time.monotonic() - started
+        val = trainer.evaluate(evaluation_batches(validation)) if validation.rows else (0.0, 0.0, 0)
+        totals = trainer.allreduce_sum([loss_sum, correct, *val, seconds])
+        epoch_samples = steps * batch * workers
+        record = {
+            "epoch": float(epoch),
+            "loss": totals[0] / epoch_samples,
+            "accuracy": totals[1] / epoch_samples,
+        }
+        if has_validation:
+            record["val_loss"] = totals[2] / max(totals[4], 1.0)
+            record["val_accuracy"] = totals[3] / max(totals[4], 1.0)
+        slowest = totals[5] / workers  # mean across workers of the epoch's training time
+        record["samples_per_second"] = epoch_samples / max(seconds, slowest, 1e-9)
+        train_seconds += seconds
+        samples += steps * batch
+        history.append(record)
+
+        if stopping.enabled and has_validation:
+            value = record[stopping.monitor]
+            better = best["value"] is None or (
+                value < best["value"] if stopping.monitor == "val_loss" else value > best["value"]
+            )
+            if better:
+                best = {"value": value, "epoch": epoch, "wait": 0}
+                best_weights = trainer.weights() if stopping.restore_best_weights else None
+            else:
+                best["wait"] += 1
+                stopped_early = best["wait"] >= stopping.patience
+
+        if stopped_early and best_weights is not None:
+            trainer.set_weights(best_weights)
+        if chief:
+            arrays = _named("w", trainer.weights()) | _named("o", trainer.optimizer_state())
+            if best_weights is not None:
+                arrays |= _named("b", best_weights)
+            state = {
+                "epoch": epoch,
+                "history": history,
+                "best": best,
+                "stopped_early": stopped_early,
+                "seed": settings.seed,
+                "fingerprint": spec["fingerprint"],
+                "settings": spec["settings_key"],
+                "workers": workers,
+                "data_position": {"epoch": epoch, "rule": "batch order = f(seed, worker, epoch)"},
+            }
+            checkpoints.write(epoch, state, arrays)
+            left = (settings.epochs - epoch) * (time.monotonic() - started)
+            progress.send({"event": "epoch", **record, "epochs": settings.epochs, "eta_s": left})
+            if tensorboard is not None:
+                tensorboard.write(epoch, record)
+        if spec.get("fail_at_epoch") == epoch:
+            _inject_fault(trainer, checkpoints, rank, workers)
+        if stopped_early:
+            log.info("early stopping after epoch %d (best epoch %s)", epoch, best["epoch"])
+            break
+
+    result: dict[str, Any] = {
+        "rank": rank,
+        "epochs_completed": history[-1]["epoch"] if history else 0,
+        "train_rows": train_data.rows,
+        "validation_rows": validation.rows,
+        "in_memory": train_data.in_memory,
+        "samples": samples,
+        "train_seconds": train_seconds,
+        "resumed_from": start_epoch,
+        "stopped_early": stopped_early,
+        "weights_digest": _digest(trainer.weights()),
+    }
+    if chief:
+        result["history"] = history
+        plain = build_model(settings)  # outside any strategy scope, for a plain .keras file
+        plain.set_weights(trainer.weights())
+        with open(os.path.join(spec["workdir"], "model.keras"), "wb") as f:
+            f.write(model_to_bytes(plain))
+        if tensorboard is not None:
+            tensorboard.close()
+    progress.close()
+    return result
+
+
+def _inject_fault(trainer, checkpoints, rank: int, workers: int) -> None:
+    """Test only: the last worker's Spark task dies once, after this epoch's checkpoint."""
+    if workers > 1:
+        trainer.sync_point()  # worker 0 has finished writing the checkpoint
+    if rank == workers - 1 and checkpoints.claim_once("fault-injected"):
+        log.error("fault injection: killing this worker's Spark task")
+        os.kill(os.getppid(), signal.SIGKILL)
+        os._exit(1)
+
+
+def _named(prefix: str, arrays) -> dict[str, Any]:
+    return {f"{prefix}{i:03d}": a for i, a in enumerate(arrays)}
+
+
+def _arrays(arrays: dict[str, Any], prefix: str) -> list[Any]:
+    return [arrays[k] for k in sorted(arrays) if k[0] == prefix and k[1:].isdigit()]
+
+
+def _digest(weights) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for w in weights:
+        h.update(w.tobytes())
+    return h.hexdigest()
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    """Exit when the Spark task's Python worker dies (it is killed with its task)."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    if os.getppid() != parent_pid:
+        os._exit(1)
+
+    def watch():
+        while True:
+            if os.getppid() != parent_pid:
+                os._exit(1)
+            time.sleep(1.0)
+
+    threading.Thread(target=watch, daemon=True, name="parent-watch").start()
+
+
+class _Progress:
+    """Worker 0's epoch lines to the driver's listener; training goes on if it is gone."""
+
+    def __init__(self, address: list | None) -> None:
+        self._sock = None
+        if address:
+            try:
+                self._sock = socket.create_connection((address[0], int(address[1])), timeout=10)
+            except OSError as exc:
+                log.warning("no progress to the driver (%s)", exc)
+
+    def send(self, message: dict[str, Any]) -> None:
+        if self._sock is None:
+            return
+        try:
+            self._sock.sendall((json.dumps(message) + "\n").encode("utf-8"))
+        except OSError as exc:
+            log.warning("progress connection lost (%s)", exc)
+            self._sock = None
+
+    def close(self) -> None:
+        if self._sock is not None:
+            with contextlib.suppress(OSError):
+                self._sock.close()
+
+
+class _TensorBoard:
+    """Per-epoch scalars written locally and copied to ``MODEL/logs/`` after each epoch."""
+
+    def __init__(self, target: str | None) -> None:
+        import tempfile
+
+        import tensorflow as tf
+
+        self._target = target
+        self._local = tempfile.mkdtemp(prefix="digits-tb-")
+        self._writer = tf.summary.create_file_writer(self._local) if target else None
+
+    def write(self, epoch: int, record: dict[str, float]) -> None:
+        if self._writer is None:
+            return
+        import tensorflow as tf
+        from pyarrow import fs
+
+        from pipeline.training.checkpoints import arrow_uri
+
+        with self._writer.as_default():
+            for key, value in record.items():
+                if key != "epoch" and math.isfinite(value):
+                    tf.summary.scalar(key, value, step=epoch)
+        self._writer.flush()
+        target_fs, target_path = fs.FileSystem.from_uri(arrow_uri(self._target))
+        target_fs.create_dir(target_path, recursive=True)
+        fs.copy_files(self._local, target_path, destination_filesystem=target_fs)
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+
+
+class _PeakMemory:
+    """Peak resident memory of this process, sampled in the background."""
+
+    def __init__(self) -> None:
+        import psutil
+
+        self._process = psutil.Process()
+        self._peak = self._process.memory_info().rss
+        self._running = True
+        self._thread = threading.Thread(target=self._sample, daemon=True, name="rss")
+        self._thread.start()
+
+    def _sample(self) -> None:
+        while self._running:
+            self._peak = max(self._peak, self._process.memory_info().rss)
+            time.sleep(0.05)
+
+    def stop(self) -> float:
+        self._running = False
+        self._peak = max(self._peak, self._process.memory_info().rss)
+        return self._peak / 2**20
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1]))
