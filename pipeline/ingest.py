@@ -58,6 +58,7 @@ def run_ingest(
         # Decoding is the costly part: keep the decoded rows for the two writes.
         validated = validated.persist(StorageLevel.MEMORY_AND_DISK)
 
+    storage.clear_stale_staging(output)
     staging = storage.staging_dir(output)
     try:
         with translate_read_errors(input_path):

@@ -106,6 +106,24 @@ class Storage:
             else (f".{name}.staging-{uuid.uuid4().hex[:12]}")
         )
 
+    def clear_stale_staging(self, final: str) -> list[str]:
+        """Delete staging directories that earlier, killed runs left beside `final`.
+
+        One job writes one output at a time: call this when starting to write `final`.
+        """
+        parent, _, name = final.rstrip("/").rpartition("/")
+        if not parent or not self.exists(parent):
+            return []
+        removed = []
+        for status in self._fs(parent).listStatus(self._path(parent)):
+            child = status.getPath()
+            if child.getName().startswith(f".{name}.staging-"):
+                self._fs(parent).delete(child, True)
+                removed.append(str(child.toString()))
+        if removed:
+            log.warning("removed %d staging directories of an interrupted run", len(removed))
+        return removed
+
     def publish(self, staging: str, final: str) -> None:
         """Move a finished `staging` directory to `final`, replacing what was there.
 

@@ -1,0 +1,101 @@
+"""Helpers for the fault-injection tests: run a job in a subprocess and hurt it on cue."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import psutil
+from pyspark.sql import DataFrame
+from pyspark.sql import functions as F
+
+REPO = Path(__file__).resolve().parent.parent
+SPARK_SUBMIT = str(Path(sys.executable).with_name("spark-submit"))
+LOCAL_CLUSTER = "local-cluster[2,1,1024]"  # two real executor JVMs with one core each
+
+
+def job_env(**extra: str) -> dict[str, str]:
+    env = dict(
+        os.environ,
+        PYSPARK_PYTHON=sys.executable,
+        TF_CPP_MIN_LOG_LEVEL="2",
+        SPARK_CONF_DIR=str(REPO / "conf"),
+    )
+    env.update(extra)
+    return env
+
+
+def submit(
+    job: str, *args: str, master: str = LOCAL_CLUSTER, conf=(), cwd=None
+) -> subprocess.Popen:
+    """Start ``spark-submit jobs/JOB`` in its own process group."""
+    command = [SPARK_SUBMIT, "--master", master]
+    for item in conf:
+        command += ["--conf", item]
+    command += [str(REPO / "jobs" / job), *args]
+    return subprocess.Popen(
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=job_env(),
+        cwd=cwd,
+        start_new_session=True,
+    )
+
+
+def executors(job: subprocess.Popen) -> list[psutil.Process]:
+    """The executor JVMs started by `job` (descendants of its process)."""
+    try:
+        children = psutil.Process(job.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+    found = []
+    for child in children:
+        try:
+            if "CoarseGrainedExecutorBackend" in " ".join(child.cmdline()):
+                found.append(child)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return found
+
+
+def wait_for(condition: Callable[[], bool], timeout: float, what: str, job=None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        if job is not None and job.poll() is not None:
+            raise RuntimeError(f"the job ended before {what}:\n{job.stdout.read()[-4000:]}")
+        time.sleep(0.2)
+    raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+def staging_dirs(output: Path) -> list[Path]:
+    return sorted(output.parent.glob(f".{output.name}.staging-*"))
+
+
+def kill_process_group(job: subprocess.Popen) -> None:
+    os.killpg(job.pid, signal.SIGKILL)
+    job.wait(timeout=60)
+
+
+def finish(job: subprocess.Popen, timeout: float = 600) -> tuple[int, str]:
+    out, _ = job.communicate(timeout=timeout)
+    return job.returncode, out
+
+
+def fingerprint(df: DataFrame, key: str = "id") -> dict[str, int]:
+    """Row count, distinct keys and an order-independent hash of every row's content."""
+    row_hash = F.xxhash64(*[F.col(c) for c in sorted(df.columns)]).cast("decimal(38,0)")
+    result = df.agg(
+        F.count(F.lit(1)).alias("rows"),
+        F.countDistinct(key).alias("keys"),
+        F.sum(row_hash).alias("hash"),
+    ).first()
+    return {"rows": int(result["rows"]), "keys": int(result["keys"]), "hash": int(result["hash"])}
