@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import logging
+import re
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -24,8 +25,11 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+from py4j.protocol import Py4JJavaError
 from pyspark import StorageLevel
-from pyspark.sql import DataFrame, Observation, SparkSession
+from pyspark.errors import PythonException
+from pyspark.sql import Column, DataFrame, Observation, SparkSession
+from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
 from pipeline import __version__
@@ -36,19 +40,22 @@ from pipeline.contract import (
     FEATURE_DIM,
     FEATURES,
     LABEL,
+    LABEL_ONEHOT,
     NUM_CLASSES,
     PREDICTION,
     PROBABILITIES,
+    REJECT_REASON,
+    SPLIT,
     Layout,
 )
-from pipeline.errors import DataQualityError, InputDataError
+from pipeline.errors import DataQualityError, InputDataError, ModelError
 from pipeline.evaluation import (
     Evaluation,
     evaluation_files,
     metric_columns,
     summarize,
 )
-from pipeline.features import accepted_columns, preprocess
+from pipeline.features import Preprocessed, accepted_columns, preprocess
 from pipeline.ingest import REPORT_FILE, read_features
 from pipeline.quarantine import REJECTED_DIR, Counts, write_with_quarantine
 from pipeline.sources import translate_read_errors
@@ -57,6 +64,9 @@ from pipeline.storage import SUCCESS_MARKER, Storage
 log = logging.getLogger(__name__)
 
 ARROW_BATCH_CONF = "spark.sql.execution.arrow.maxRecordsPerBatch"
+
+# Marks an executor's refusal of invalid features inside Spark's wrapped task error.
+_BAD_FEATURES = "invalid features:"
 
 # Keys of IngestSettings that say where this input keeps its pixels, label and ids,
 # rather than how pixels become features. A value changed from the default in the job's
@@ -109,24 +119,24 @@ def run_scoring(
     started = time.monotonic()
     storage = Storage(spark)
     output = storage.qualify(output_path)
-    metadata, model_bytes = read_model_dir(storage, model_dir)
+    metadata, model_bytes = read_verified_model(storage, model_dir)
     raw = read_features(spark, input_path)
-    settings = scoring_preprocessing(
-        metadata.preprocessing, config.ingest, is_ingest_output(storage, input_path)
-    )
-    prepared = preprocess(raw, settings, require_label=False)
-    has_label = prepared.layout.label_column is not None
+    ingest_report = ingest_output_report(storage, input_path)
+    if ingest_report is not None:
+        source = _ingested_source(raw, ingest_report)
+    else:
+        settings = scoring_preprocessing(metadata.preprocessing, config.ingest)
+        source = _raw_source(preprocess(raw, settings, require_label=False))
     log.info(
-        "input %s: %s layout, %s; model %s (sha256 %s...)",
+        "input %s: %s, %s; model %s (sha256 %s...)",
         input_path,
-        prepared.layout.layout.value,
-        "labelled" if has_label else "unlabelled",
+        source.layout,
+        "labelled" if source.has_label else "unlabelled",
         model_dir,
         metadata.model_sha256[:12],
     )
-
-    validated = prepared.df
-    if prepared.layout.layout is Layout.IMAGE:
+    validated = source.validated
+    if source.layout == Layout.IMAGE.value:
         validated = validated.persist(StorageLevel.MEMORY_AND_DISK)
 
     model = broadcast_model(spark, metadata, model_bytes)
@@ -135,20 +145,23 @@ def run_scoring(
     observation = Observation("evaluation")
 
     def to_output(good: DataFrame) -> DataFrame:
-        features = good.select(*accepted_columns(prepared, with_onehot=False))
-        scored = predict_digits(features, model, threads)
+        scored = predict_digits(good.select(*source.columns), model, threads)
         return scored.observe(
             observation,
-            *metric_columns(has_label, score.confidence_threshold, score.confidence_bins),
+            *metric_columns(source.has_label, score.confidence_threshold, score.confidence_bins),
         )
 
     staging = storage.staging_dir(output)
     try:
-        with translate_read_errors(input_path), arrow_batch_rows(spark, score.batch_size):
+        with (
+            translate_read_errors(input_path),
+            translate_task_errors(input_path),
+            arrow_batch_rows(spark, score.batch_size),
+        ):
             counts = write_with_quarantine(
                 validated,
                 to_output=to_output,
-                rejected_columns=prepared.raw_columns,
+                rejected_columns=source.raw_columns,
                 output_path=staging,
                 rejected_path=f"{staging}/{REJECTED_DIR}",
                 max_rows_per_file=score.max_rows_per_file,
@@ -156,7 +169,7 @@ def run_scoring(
         if counts.rows_in == 0:
             raise InputDataError(f"{input_path} holds no rows: nothing to score")
         evaluation = summarize(
-            observation.get, has_label, score.confidence_threshold, score.confidence_bins
+            observation.get, source.has_label, score.confidence_threshold, score.confidence_bins
         )
         if evaluation.rows != counts.rows_out:
             raise DataQualityError(
@@ -164,9 +177,7 @@ def run_scoring(
                 f"the input changed while it was read, rerun on stable input"
             )
         seconds = time.monotonic() - started
-        report = _report(
-            input_path, output, model_dir, metadata, settings, prepared, counts, config, seconds
-        )
+        report = _report(input_path, output, model_dir, metadata, source, counts, config, seconds)
         report["evaluation"] = evaluation.as_dict()
         failed = counts.rejected_fraction > score.max_reject_fraction
         if failed:
@@ -193,7 +204,7 @@ def run_scoring(
             f"in {output}; no predictions were published. Fix the input, or raise "
             f"score.max_reject_fraction to accept them"
         )
-    return ScoreResult(output, prepared.layout.layout.value, counts, evaluation, seconds, report)
+    return ScoreResult(output, source.layout, counts, evaluation, seconds, report)
 
 
 def predict_digits(features: DataFrame, model: BroadcastModel, threads: int = 1) -> DataFrame:
@@ -248,21 +259,42 @@ def arrow_batch_rows(spark: SparkSession, rows: int) -> Iterator[None]:
             spark.conf.set(ARROW_BATCH_CONF, previous)
 
 
-def is_ingest_output(storage: Storage, path: str) -> bool:
-    """True when `path` is a directory written by the ingest job (its report says so)."""
-    report = f"{path.rstrip('/')}/{REPORT_FILE}"
-    return storage.exists(report) and "preprocessing" in storage.read_json(report)
+def ingest_output_report(storage: Storage, path: str) -> dict | None:
+    """The ingest report of `path` (an ingest output, or one `split=...` partition of it)."""
+    path = path.rstrip("/")
+    parent, _, name = path.rpartition("/")
+    for directory in (path, parent) if name.startswith(f"{SPLIT}=") else (path,):
+        report_path = f"{directory}/{REPORT_FILE}"
+        if storage.exists(report_path):
+            report = storage.read_json(report_path)
+            if "preprocessing" in report and report.get("status") == "ok":
+                return report
+    return None
 
 
-def scoring_preprocessing(
-    trained: IngestSettings, current: IngestSettings, ingest_output: bool
-) -> IngestSettings:
-    """The preprocessing to score with: the model's own, adapted to where this input keeps things.
+def read_verified_model(storage: Storage, model_dir: str) -> tuple[Metadata, bytes]:
+    """`read_model_dir`, with a file failing the Hadoop checksum refused as a model error.
 
-    Keys that locate pixels, label and ids (`_INPUT_KEYS`) changed from their defaults in
-    the job's config win over the model's. An ingest output holds features already
-    scaled to [0, 1], so its `features` column is read at scale 1, whatever the raw
-    training data's scale was.
+    On a local or checksummed file system a file edited behind Hadoop's back fails its
+    ``.crc`` before our sha256 check even sees it.
+    """
+    try:
+        return read_model_dir(storage, model_dir)
+    except Py4JJavaError as exc:
+        found = re.search(r"ChecksumException: Checksum error: (\S+)", str(exc))
+        if found is None:
+            raise
+        raise ModelError(
+            f"{found.group(1)} does not match its checksum file: it was changed or truncated; "
+            f"refusing to load it"
+        ) from None
+
+
+def scoring_preprocessing(trained: IngestSettings, current: IngestSettings) -> IngestSettings:
+    """The preprocessing to score raw input with: the model's own, located in this input.
+
+    Keys that locate pixels, label and ids (`_INPUT_KEYS`) and that the job's config
+    changed from their defaults win over the model's recorded ones.
     """
     defaults = IngestSettings()
     update = {
@@ -270,9 +302,89 @@ def scoring_preprocessing(
         for key in _INPUT_KEYS
         if getattr(current, key) != getattr(defaults, key)
     }
-    if ingest_output:
-        update.update(layout="array", array_column=FEATURES, pixel_max=None, label_column=LABEL)
     return trained.model_copy(update=update)
+
+
+@dataclass(frozen=True)
+class _Source:
+    """Validated rows to score and how to turn a good row into the model's input."""
+
+    validated: DataFrame  # every input row, with `reject_reason`
+    columns: list[Column]  # ids, `features`, `label` of a good row
+    ids: tuple[str, ...]
+    has_label: bool
+    raw_columns: tuple[str, ...]  # what a rejected row keeps
+    layout: str
+    preprocessing: dict
+
+
+def _raw_source(prepared: Preprocessed) -> _Source:
+    """Raw input: the shared preprocessing validates and scales every row."""
+    return _Source(
+        validated=prepared.df,
+        columns=accepted_columns(prepared, with_onehot=False),
+        ids=prepared.layout.id_columns,
+        has_label=prepared.layout.label_column is not None,
+        raw_columns=prepared.raw_columns,
+        layout=prepared.layout.layout.value,
+        preprocessing=prepared_settings(prepared),
+    )
+
+
+def _ingested_source(raw: DataFrame, report: dict) -> _Source:
+    """An ingest output: rows the shared preprocessing already validated and scaled.
+
+    Running it again would give back the same features at the cost of two passes over
+    784 values a row in the JVM; the executors instead check every batch (lengths,
+    nulls, values in [0, 1]) and fail the job if this is not a genuine ingest output.
+    """
+    reserved = {FEATURES, LABEL, LABEL_ONEHOT, SPLIT}
+    ids = tuple(c for c in report.get("id_columns") or () if c in raw.columns)
+    passthrough = ids + ((SPLIT,) if SPLIT in raw.columns and SPLIT not in ids else ())
+    has_label = LABEL in raw.columns
+    columns = [F.col(c) for c in passthrough] + [F.col(FEATURES)]
+    if has_label:
+        columns.append(F.col(LABEL).cast("int").alias(LABEL))
+    unknown = [c for c in raw.columns if c not in reserved and c not in ids]
+    if unknown:
+        log.info("ingest output columns not passed through: %s", ", ".join(unknown))
+    return _Source(
+        validated=raw.withColumn(REJECT_REASON, F.lit(None).cast("string")),
+        columns=columns,
+        ids=passthrough,
+        has_label=has_label,
+        raw_columns=tuple(raw.columns),
+        layout="ingested",
+        preprocessing=report["preprocessing"],
+    )
+
+
+def prepared_settings(prepared: Preprocessed) -> dict:
+    """What the preprocessing decided for this input, for the report."""
+    layout = prepared.layout
+    return {
+        "layout": layout.layout.value,
+        "pixel_source": list(layout.pixel_source)[:1],
+        "pixel_max": layout.pixel_max,
+        "label_column": layout.label_column,
+        "id_columns": list(layout.id_columns),
+    }
+
+
+@contextmanager
+def translate_task_errors(input_path: str) -> Iterator[None]:
+    """Re-raise an executor's refusal of bad features as `InputDataError`."""
+    try:
+        yield
+    except PythonException as exc:
+        message = str(exc)
+        if _BAD_FEATURES in message:
+            detail = message.split(_BAD_FEATURES, 1)[1].splitlines()[0].strip()
+            raise InputDataError(
+                f"{input_path}: {detail}. It is marked as an ingest output but holds rows the "
+                f"ingest job would have rejected: rerun the ingest job on its raw data"
+            ) from None
+        raise
 
 
 # --- executor side ------------------------------------------------------------------------
@@ -308,19 +420,23 @@ def _score_batches(
 def features_matrix(column: pa.Array) -> np.ndarray:
     """An (n, FEATURE_DIM) float32 view of a list<float> Arrow column, copying nothing.
 
-    Refuses (rather than misaligns) a column whose rows are not all FEATURE_DIM long.
+    Refuses (rather than misaligns or scores) rows that are not FEATURE_DIM values in
+    [0, 1]: validated features always are.
     """
     n = len(column)
     if column.null_count:
-        raise InputDataError(f"{column.null_count} rows without features reached the model")
+        raise ValueError(f"{_BAD_FEATURES} {column.null_count} rows have no features")
     offsets = column.offsets.to_numpy()
     if n and not (np.diff(offsets) == FEATURE_DIM).all():
-        raise InputDataError(f"rows reached the model with other than {FEATURE_DIM} features")
+        raise ValueError(f"{_BAD_FEATURES} rows have other than {FEATURE_DIM} features")
     values = column.flatten()  # honours the array's slice offset, unlike `.values`
     if values.null_count:
-        raise InputDataError("null feature values reached the model")
+        raise ValueError(f"{_BAD_FEATURES} {values.null_count} feature values are null")
     flat = values.to_numpy(zero_copy_only=values.type == pa.float32())
-    return flat.astype(np.float32, copy=False).reshape(n, FEATURE_DIM)
+    x = flat.astype(np.float32, copy=False).reshape(n, FEATURE_DIM)
+    if n and not (x.min() >= 0.0 and x.max() <= 1.0):  # also false for NaN
+        raise ValueError(f"{_BAD_FEATURES} feature values outside [0, 1] or not finite")
+    return x
 
 
 def prediction_arrays(probabilities: np.ndarray) -> list[pa.Array]:
@@ -393,23 +509,21 @@ def _drop_accepted(storage: Storage, staging: str) -> None:
     storage.delete(f"{staging}/{SUCCESS_MARKER}")
 
 
-def _report(
-    input_path, output, model_dir, metadata: Metadata, settings, prepared, counts, config, seconds
-) -> dict:
+def _report(input_path, output, model_dir, metadata: Metadata, source, counts, config, seconds):
     return {
         "status": "ok",
         "input": input_path,
         "output": output,
         "model_dir": model_dir,
         "model_sha256": metadata.model_sha256,
-        "layout": prepared.layout.layout.value,
-        "label_column": prepared.layout.label_column,
-        "id_columns": list(prepared.layout.id_columns),
+        "layout": source.layout,
+        "label_column": LABEL if source.has_label else None,
+        "id_columns": list(source.ids),
         **counts.as_dict(),
         "rejected_fraction": round(counts.rejected_fraction, 6),
         "seconds": round(seconds, 3),
         "rows_per_second": round(counts.rows_in / seconds, 1) if seconds else None,
-        "preprocessing": settings.model_dump(mode="json"),
+        "preprocessing": source.preprocessing,
         "score": config.score.model_dump(mode="json"),
         "version": __version__,
     }

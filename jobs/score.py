@@ -1,0 +1,53 @@
+"""spark-submit jobs/score.py --input DATA --model-dir MODEL --output PRED: batch scoring."""
+
+from pipeline.cli import job_parser, load_job_config, run, table
+
+
+def main(args) -> int:
+    config = load_job_config(args, __file__)
+
+    from pipeline.evaluation import console_summary
+    from pipeline.scoring import run_scoring
+    from pipeline.session import build_session
+
+    spark = build_session(config.spark)
+    result = run_scoring(spark, config, args.input, args.model_dir, args.output)
+    counts = result.counts
+    rows = [
+        ["rows in", counts.rows_in],
+        ["rows scored", counts.rows_out],
+        ["rows rejected", counts.rows_rejected],
+    ]
+    rows += [[f"  {reason}", n] for reason, n in sorted(counts.rejected_by_reason.items())]
+    rows += [["seconds", round(result.seconds, 1)], ["rows/s", round(result.rows_per_second)]]
+    print(f"\nscore: {result.layout} input -> {result.output}")
+    print(table(rows, ["", "count"]))
+    print()
+    print(console_summary(result.evaluation))
+    plots = "_confusion_matrix.png, " if result.evaluation.has_labels else ""
+    print(f"\nreport: {result.output}/_report.json   plots: {plots}_confidence_histogram.png")
+    print(f"rejected rows: {result.output}/_rejected/")
+    if result.evaluation.accuracy is not None:
+        print(f"accuracy: {result.evaluation.accuracy:.4f}")
+    return 0
+
+
+def parser():
+    p = job_parser(
+        "Score digits with a trained model: ingested features or any raw layout the ingest "
+        "job accepts (preprocessed with the settings recorded in the model). Writes "
+        "predictions, probabilities and confidence to OUTPUT, rejected rows to "
+        "OUTPUT/_rejected, and the evaluation to OUTPUT/_report.json with its plots.",
+        epilog=(
+            "example:\n  spark-submit jobs/score.py --input out/features --model-dir out/model "
+            "--output out/predictions --set score.confidence_threshold=0.8"
+        ),
+    )
+    p.add_argument("--input", required=True, help="Parquet file or directory (any Spark URI)")
+    p.add_argument("--model-dir", required=True, help="model directory written by training")
+    p.add_argument("--output", required=True, help="output directory, replaced atomically")
+    return p
+
+
+if __name__ == "__main__":
+    run(main, parser())

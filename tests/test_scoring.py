@@ -1,0 +1,432 @@
+"""The scoring stage: predictions, layouts, reruns, model safety, quarantine, the job."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline.artifact import METADATA_FILE, MODEL_FILE
+from pipeline.config import Config
+from pipeline.contract import (
+    CONFIDENCE,
+    FEATURE_DIM,
+    LABEL,
+    NUM_CLASSES,
+    PREDICTION,
+    PROBABILITIES,
+    REJECT_REASON,
+    RejectReason,
+    pixel_columns,
+)
+from pipeline.errors import DataQualityError, InputDataError, ModelError
+from pipeline.quarantine import REJECTED_DIR
+
+HELD_OUT = slice(5000, 6000)  # trained_model_dir trains on the first 5,000 digits
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def raw_inputs(tmp_path_factory, sample_file, sample_pixels) -> dict[str, str]:
+    """The held-out digits with an `id` column, in each raw layout the ingest job reads."""
+    pixels, labels = sample_pixels
+    pixels, labels = pixels[HELD_OUT], labels[HELD_OUT]
+    ids = pa.array(np.arange(len(labels), dtype=np.int64) + 5000)
+    root = tmp_path_factory.mktemp("raw")
+    paths = {name: str(root / f"{name}.parquet") for name in ("image", "array", "columns")}
+
+    images = pq.read_table(sample_file).slice(HELD_OUT.start, len(labels))
+    pq.write_table(images.add_column(0, "id", ids), paths["image"])
+    flat = pa.array(pixels.reshape(-1).astype(np.int32))
+    offsets = pa.array(np.arange(0, (len(labels) + 1) * FEATURE_DIM, FEATURE_DIM, dtype=np.int32))
+    pq.write_table(
+        pa.table(
+            {
+                "id": ids,
+                "pixels": pa.ListArray.from_arrays(offsets, flat),
+                "label": pa.array(labels),
+            }
+        ),
+        paths["array"],
+    )
+    columns = {"id": ids, "label": pa.array(labels)}
+    columns.update(
+        {name: pa.array(pixels[:, i].astype(np.int16)) for i, name in enumerate(pixel_columns())}
+    )
+    pq.write_table(pa.table(columns), paths["columns"])
+    return paths
+
+
+@pytest.fixture(scope="module")
+def ingested_holdout(spark, tmp_path_factory, raw_inputs) -> str:
+    from pipeline.ingest import run_ingest
+
+    out = str(tmp_path_factory.mktemp("ingested-holdout") / "features")
+    run_ingest(spark, Config(), raw_inputs["array"], out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def scored(spark, tmp_path_factory, ingested_holdout, trained_model_dir):
+    from pipeline.scoring import run_scoring
+
+    out = str(tmp_path_factory.mktemp("scored") / "pred")
+    return run_scoring(spark, Config(), ingested_holdout, trained_model_dir, out)
+
+
+@pytest.fixture(scope="module")
+def keras_model(spark, trained_model_dir):
+    from pipeline.artifact import model_from_bytes, read_model_dir
+    from pipeline.storage import Storage
+
+    return model_from_bytes(*read_model_dir(Storage(spark), trained_model_dir))
+
+
+def _predictions(spark, path: str):
+    return spark.read.parquet(path).toPandas().sort_values("id").reset_index(drop=True)
+
+
+def _probabilities(frame) -> np.ndarray:
+    return np.stack(frame[PROBABILITIES].to_numpy())
+
+
+def test_predictions_equal_in_memory_predict(spark, scored, keras_model, sample_pixels):
+    pixels, labels = sample_pixels
+    expected = keras_model.predict(
+        (pixels[HELD_OUT].astype(np.float64) / 255.0).astype(np.float32), verbose=0
+    )
+    pred = _predictions(spark, scored.output)
+
+    assert list(pred["id"]) == list(range(5000, 6000))
+    np.testing.assert_allclose(_probabilities(pred), expected, atol=1e-5)
+    assert (pred[PREDICTION].to_numpy() == expected.argmax(axis=1)).all()
+    np.testing.assert_allclose(pred[CONFIDENCE].to_numpy(), expected.max(axis=1), atol=1e-5)
+    assert (pred[LABEL].to_numpy() == labels[HELD_OUT]).all()
+    assert scored.counts.rows_in == scored.counts.rows_out == 1000
+    assert scored.evaluation.accuracy > 0.7  # a briefly trained model, on held-out digits
+
+
+def test_output_schema_is_the_contract(spark, scored):
+    schema = {f.name: f.dataType.simpleString() for f in spark.read.parquet(scored.output).schema}
+    assert schema == {
+        "id": "bigint",
+        PREDICTION: "int",
+        PROBABILITIES: "array<float>",
+        CONFIDENCE: "float",
+        LABEL: "int",
+    }
+    probabilities = _probabilities(_predictions(spark, scored.output))
+    assert probabilities.shape == (1000, NUM_CLASSES)
+    np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, atol=1e-5)
+
+
+@pytest.mark.parametrize("layout", ["image", "array", "columns"])
+def test_raw_layouts_give_the_ingested_predictions(
+    spark, tmp_path, scored, raw_inputs, trained_model_dir, layout
+):
+    from pipeline.scoring import run_scoring
+
+    result = run_scoring(
+        spark, Config(), raw_inputs[layout], trained_model_dir, str(tmp_path / "pred")
+    )
+    ingested = _predictions(spark, scored.output)
+    raw = _predictions(spark, result.output)
+
+    assert result.layout == layout
+    assert list(raw["id"]) == list(ingested["id"])
+    assert (raw[PREDICTION] == ingested[PREDICTION]).all()
+    assert (raw[LABEL] == ingested[LABEL]).all()
+    np.testing.assert_allclose(_probabilities(raw), _probabilities(ingested), atol=1e-6)
+    assert result.evaluation.accuracy == scored.evaluation.accuracy
+
+
+def test_rerun_replaces_pred_with_identical_content(
+    spark, tmp_path, ingested_holdout, trained_model_dir
+):
+    from pipeline.scoring import run_scoring
+
+    out = tmp_path / "pred"
+    run_scoring(spark, Config(), ingested_holdout, trained_model_dir, str(out))
+    first = _predictions(spark, str(out))
+    first_files = sorted(p.name for p in out.glob("*.parquet"))
+    run_scoring(spark, Config(), ingested_holdout, trained_model_dir, str(out))
+    second = _predictions(spark, str(out))
+
+    assert len(second) == 1000  # replaced, not appended
+    assert first.drop(columns=[PROBABILITIES]).equals(second.drop(columns=[PROBABILITIES]))
+    assert np.array_equal(_probabilities(first), _probabilities(second))
+    assert len(list(out.glob("*.parquet"))) == len(first_files)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pred"]  # no staging left behind
+    assert json.loads((out / "_report.json").read_text())["status"] == "ok"
+
+
+def _copy_model(model_dir: str, tmp_path: Path, keep_crc: bool = False) -> Path:
+    """A copy to damage; without Hadoop's .crc files unless asked (HDFS and S3 have none)."""
+    copy = tmp_path / "model"
+    shutil.copytree(model_dir, copy, ignore=None if keep_crc else shutil.ignore_patterns("*.crc"))
+    return copy
+
+
+def test_mismatched_model_is_refused(spark, tmp_path, ingested_holdout, trained_model_dir):
+    from pipeline.scoring import run_scoring
+
+    model = _copy_model(trained_model_dir, tmp_path)
+    metadata = json.loads((model / METADATA_FILE).read_text())
+    metadata["feature_dim"] = 100
+    (model / METADATA_FILE).write_text(json.dumps(metadata))
+
+    with pytest.raises(ModelError, match=r"takes 100 features.*the data has 784 features"):
+        run_scoring(spark, Config(), ingested_holdout, str(model), str(tmp_path / "pred"))
+    assert not (tmp_path / "pred").exists()
+
+
+@pytest.mark.parametrize("damage", ["tampered", "truncated"])
+def test_damaged_model_file_is_refused(
+    spark, tmp_path, ingested_holdout, trained_model_dir, damage
+):
+    from pipeline.scoring import run_scoring
+
+    model = _copy_model(trained_model_dir, tmp_path)
+    data = bytearray((model / MODEL_FILE).read_bytes())
+    if damage == "tampered":
+        data[len(data) // 2] ^= 0xFF
+    else:
+        del data[len(data) // 2 :]
+    (model / MODEL_FILE).write_bytes(bytes(data))
+
+    with pytest.raises(ModelError, match=rf"{MODEL_FILE} does not match its metadata"):
+        run_scoring(spark, Config(), ingested_holdout, str(model), str(tmp_path / "pred"))
+    assert not (tmp_path / "pred").exists()
+
+
+def test_model_file_failing_its_checksum_file_is_refused(
+    spark, tmp_path, ingested_holdout, trained_model_dir
+):
+    from pipeline.scoring import run_scoring
+
+    model = _copy_model(trained_model_dir, tmp_path, keep_crc=True)
+    data = bytearray((model / MODEL_FILE).read_bytes())
+    data[100] ^= 0xFF
+    (model / MODEL_FILE).write_bytes(bytes(data))
+
+    with pytest.raises(ModelError, match=rf"{MODEL_FILE} does not match its checksum file"):
+        run_scoring(spark, Config(), ingested_holdout, str(model), str(tmp_path / "pred"))
+
+
+@pytest.fixture(scope="module")
+def raw_with_bad_rows(tmp_path_factory, sample_pixels) -> str:
+    """200 good held-out digits in the array layout, then four bad rows of four kinds."""
+    pixels, labels = sample_pixels
+    rows = [(5000 + i, pixels[5000 + i].tolist(), int(labels[5000 + i])) for i in range(200)]
+    good = pixels[5000].tolist()
+    rows += [
+        (9001, good[:-1], 3),  # wrong_length
+        (9002, [*good[:-1], 300], 3),  # pixel_out_of_range
+        (9003, None, 3),  # pixels_null
+        (9004, good, 12),  # label_out_of_range
+    ]
+    table = pa.table(
+        {
+            "id": pa.array([r[0] for r in rows], pa.int64()),
+            "pixels": pa.array([r[1] for r in rows], pa.list_(pa.int32())),
+            "label": pa.array([r[2] for r in rows], pa.int32()),
+        }
+    )
+    path = str(tmp_path_factory.mktemp("bad") / "raw.parquet")
+    pq.write_table(table, path)
+    return path
+
+
+def test_rejected_rows_are_counted_and_kept(spark, tmp_path, raw_with_bad_rows, trained_model_dir):
+    from pipeline.scoring import run_scoring
+
+    config = Config().with_overrides({"score": {"max_reject_fraction": 0.05}})
+    out = tmp_path / "pred"
+    result = run_scoring(spark, config, raw_with_bad_rows, trained_model_dir, str(out))
+
+    expected = {
+        RejectReason.WRONG_LENGTH.value: 1,
+        RejectReason.PIXEL_OUT_OF_RANGE.value: 1,
+        RejectReason.PIXELS_NULL.value: 1,
+        RejectReason.LABEL_OUT_OF_RANGE.value: 1,
+    }
+    assert (result.counts.rows_in, result.counts.rows_out, result.counts.rows_rejected) == (
+        204,
+        200,
+        4,
+    )
+    assert result.counts.rejected_by_reason == expected
+    assert spark.read.parquet(str(out)).count() == 200
+    rejected = spark.read.parquet(str(out / REJECTED_DIR)).toPandas().sort_values("id")
+    assert list(rejected["id"]) == [9001, 9002, 9003, 9004]
+    assert set(rejected.columns) == {"id", "pixels", "label", REJECT_REASON}
+    report = json.loads((out / "_report.json").read_text())
+    assert report["rows_rejected"] == 4
+    assert report["rejected_by_reason"] == expected
+    assert report["evaluation"]["rows_scored"] == 200
+
+
+def test_too_many_rejected_rows_publish_no_predictions(
+    spark, tmp_path, raw_with_bad_rows, trained_model_dir
+):
+    from pipeline.scoring import run_scoring
+
+    config = Config().with_overrides({"score": {"max_reject_fraction": 0.01}})
+    out = tmp_path / "pred"
+    with pytest.raises(DataQualityError, match="4 of 204 rows rejected"):
+        run_scoring(spark, config, raw_with_bad_rows, trained_model_dir, str(out))
+
+    assert json.loads((out / "_report.json").read_text())["status"] == "failed"
+    assert not list(out.glob("*.parquet"))
+    assert spark.read.parquet(str(out / REJECTED_DIR)).count() == 4
+
+
+def test_invalid_rows_in_an_ingest_output_are_refused(
+    spark, tmp_path, ingested_holdout, trained_model_dir
+):
+    """An ingest output is not preprocessed again, so the executors check every batch."""
+    from pipeline.scoring import run_scoring
+
+    fake = tmp_path / "features"
+    fake.mkdir()
+    features = [[0.5] * FEATURE_DIM, [0.5] * (FEATURE_DIM - 1) + [2.0]]
+    pq.write_table(
+        pa.table({"features": pa.array(features, pa.list_(pa.float32())), "label": [1, 2]}),
+        fake / "part-0.parquet",
+    )
+    (fake / "_SUCCESS").write_text("")
+    report = json.loads((Path(ingested_holdout) / "_report.json").read_text())
+    (fake / "_report.json").write_text(json.dumps(report))
+
+    with pytest.raises(InputDataError, match=r"outside \[0, 1\].*rerun the ingest job"):
+        run_scoring(spark, Config(), str(fake), trained_model_dir, str(tmp_path / "pred"))
+    assert not (tmp_path / "pred").exists()
+
+
+def test_model_is_built_once_per_worker(monkeypatch):
+    """Batches after the first reuse the worker's cached model."""
+    from pipeline import scoring
+
+    builds = []
+
+    def fake_build(metadata_json, model_bytes, threads):
+        builds.append(threads)
+        return lambda x: np.full((len(x), NUM_CLASSES), 1.0 / NUM_CLASSES, np.float32)
+
+    class Broadcast:
+        value = ("{}", b"")
+
+    monkeypatch.setattr(scoring, "build_predictor", fake_build)
+    monkeypatch.setattr(scoring, "_PREDICTORS", {})
+    column = pa.array([[0.25] * FEATURE_DIM] * 3, pa.list_(pa.float32()))
+    batch = pa.RecordBatch.from_arrays([pa.array([1, 2, 3]), column], names=["id", "features"])
+
+    outputs = []
+    for _ in range(2):  # two tasks in the same worker
+        outputs += list(
+            scoring._score_batches(
+                iter([batch, batch]),
+                broadcast=Broadcast(),
+                key="k",
+                threads=2,
+                ids=("id",),
+                label=None,
+            )
+        )
+
+    assert builds == [2]
+    assert len(outputs) == 4
+    assert outputs[0].column_names == ["id", PREDICTION, PROBABILITIES, CONFIDENCE]
+    assert outputs[0].column(PREDICTION).type == pa.int32()
+    assert outputs[0].column(CONFIDENCE).to_pylist() == pytest.approx([0.1] * 3)
+
+
+def test_features_matrix_is_a_view_of_the_arrow_values():
+    from pipeline.scoring import features_matrix
+
+    values = np.random.default_rng(0).random(4 * FEATURE_DIM, dtype=np.float32)
+    column = pa.ListArray.from_arrays(
+        pa.array(np.arange(0, 5 * FEATURE_DIM, FEATURE_DIM, dtype=np.int32)), pa.array(values)
+    )
+    sliced = column.slice(1, 2)
+    x = features_matrix(sliced)
+
+    assert x.shape == (2, FEATURE_DIM)
+    assert np.array_equal(x, values[FEATURE_DIM : 3 * FEATURE_DIM].reshape(2, FEATURE_DIM))
+    assert np.shares_memory(x, np.frombuffer(column.values.buffers()[1], np.float32))
+
+
+@pytest.mark.slow
+def test_spark_submit_score_and_evaluate(tmp_path, ingested_holdout, trained_model_dir):
+    out = tmp_path / "pred"
+    env = {**os.environ, "PYSPARK_PYTHON": sys.executable}
+    submit = str(Path(sys.executable).parent / "spark-submit")
+    base = [submit, "--master", "local[2]", "--conf", "spark.ui.enabled=false"]
+    score = subprocess.run(
+        [
+            *base,
+            str(ROOT / "jobs" / "score.py"),
+            "--input",
+            ingested_holdout,
+            "--model-dir",
+            trained_model_dir,
+            "--output",
+            str(out),
+            "--set",
+            "spark.show_progress=false",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+        check=False,
+    )
+    assert score.returncode == 0, score.stderr[-3000:]
+    report = json.loads((out / "_report.json").read_text())
+    assert f"accuracy: {report['evaluation']['accuracy']:.4f}" in score.stdout
+    assert (out / "_confusion_matrix.png").read_bytes()[:4] == b"\x89PNG"
+
+    evaluate = subprocess.run(
+        [
+            *base,
+            str(ROOT / "jobs" / "evaluate.py"),
+            "--predictions",
+            str(out),
+            "--set",
+            "score.confidence_threshold=0.99",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+        check=False,
+    )
+    assert evaluate.returncode == 0, evaluate.stderr[-3000:]
+    again = json.loads((out / "_report.json").read_text())["evaluation"]
+    assert again["accuracy"] == report["evaluation"]["accuracy"]
+    assert again["confidence_threshold"] == 0.99
+    assert again["rows_below_threshold"] >= report["evaluation"]["rows_below_threshold"]
+
+    missing = subprocess.run(
+        [
+            *base,
+            str(ROOT / "jobs" / "score.py"),
+            *("--input", ingested_holdout, "--model-dir", str(tmp_path / "nope")),
+            *("--output", str(tmp_path / "p2")),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+        check=False,
+    )
+    assert missing.returncode == ModelError.exit_code, missing.stderr[-2000:]
+    assert "no metadata.json" in missing.stdout + missing.stderr  # spark-submit merges them
