@@ -95,6 +95,70 @@ def check_checksum(metadata: Metadata, model_bytes: bytes, where: str) -> None:
         )
 
 
+# What a model archive may name: the layers `build_model` uses and Keras's own
+# initializers, regularizers, losses, metrics and optimizer. Anything else (a Lambda
+# layer, a function from another module, a custom object) is refused unread.
+_ALLOWED_OBJECTS = {
+    ("keras", "DTypePolicy"),
+    ("keras.src.models.functional", "Functional"),
+    ("keras.layers", "InputLayer"),
+    ("keras.layers", "Dense"),
+    ("keras.layers", "Dropout"),
+    ("keras.regularizers", "L2"),
+    ("keras.optimizers", "SGD"),
+    ("keras.optimizers.schedules", "InverseTimeDecay"),
+}
+_ALLOWED_MODULES = {"keras.initializers", "keras.losses", "keras.metrics"}
+_ARCHIVE_FILES = {"metadata.json", "config.json", "model.weights.h5"}
+_MAX_CONFIG_BYTES = 1 << 20
+
+
+def check_archive(model_bytes: bytes, where: str) -> None:
+    """Refuse a ``.keras`` archive that names anything `build_model` would not build.
+
+    Only reads the archive's JSON; nothing in it is imported or run.
+    """
+    import io
+    import zipfile
+
+    try:
+        archive = zipfile.ZipFile(io.BytesIO(model_bytes))
+        names = set(archive.namelist())
+        if not names <= _ARCHIVE_FILES or "model.weights.h5" not in names:
+            raise ModelError(
+                f"{where}/{MODEL_FILE} holds unexpected files {sorted(names - _ARCHIVE_FILES)} "
+                f"or lacks model.weights.h5; refusing it"
+            )
+        info = archive.getinfo("config.json") if "config.json" in names else None
+        if info is None or info.file_size > _MAX_CONFIG_BYTES:
+            raise ModelError(f"{where}/{MODEL_FILE} has no readable config.json; refusing it")
+        config = json.loads(archive.read("config.json"))
+    except (zipfile.BadZipFile, json.JSONDecodeError, UnicodeDecodeError, KeyError) as exc:
+        raise ModelError(f"{where}/{MODEL_FILE} is not a valid Keras archive: {exc}") from None
+    for module, class_name, registered in _named_objects(config):
+        allowed = (module, class_name) in _ALLOWED_OBJECTS or (
+            module in _ALLOWED_MODULES and str(class_name).isidentifier()
+        )
+        if not allowed or registered not in (None, class_name):
+            raise ModelError(
+                f"{where}/{MODEL_FILE} names {module}.{class_name}"
+                f"{f' (registered as {registered})' if registered else ''}, which this "
+                f"pipeline never builds: refusing to load it (only Dense/Dropout MLPs are allowed)"
+            )
+
+
+def _named_objects(node):
+    """(module, class_name, registered_name) of every serialised object in a Keras config."""
+    if isinstance(node, dict):
+        if "module" in node or node.get("class_name") in ("Lambda", "__lambda__"):
+            yield node.get("module"), node.get("class_name"), node.get("registered_name")
+        for value in node.values():
+            yield from _named_objects(value)
+    elif isinstance(node, list):
+        for value in node:
+            yield from _named_objects(value)
+
+
 def read_model_dir(storage, model_dir: str) -> tuple[Metadata, bytes]:
     """Metadata and verified model bytes of `model_dir` (any URI), read on the driver.
 
@@ -112,6 +176,7 @@ def read_model_dir(storage, model_dir: str) -> tuple[Metadata, bytes]:
         raise ModelError(f"{model_path} is missing")
     model_bytes = storage.read_bytes(model_path)
     check_checksum(metadata, model_bytes, model_dir)
+    check_archive(model_bytes, model_dir)
     return metadata, model_bytes
 
 
@@ -126,6 +191,7 @@ def model_from_bytes(metadata: Metadata, model_bytes: bytes):
     from pipeline.model import build_model
 
     check_checksum(metadata, model_bytes, "(broadcast model)")
+    check_archive(model_bytes, "(broadcast model)")
     model = build_model(metadata.train)
     with tempfile.TemporaryDirectory(prefix="digits-model-") as tmp:
         path = os.path.join(tmp, MODEL_FILE)

@@ -29,7 +29,9 @@ class Storage:
         return self._jvm.org.apache.hadoop.fs.Path(path)
 
     def _fs(self, path: str):
-        return self._path(path).getFileSystem(self._hadoop_conf)
+        fs = self._path(path).getFileSystem(self._hadoop_conf)
+        fs.setWriteChecksum(False)  # no .crc side files beside the local files we write
+        return fs
 
     def qualify(self, path: str) -> str:
         """The absolute, scheme-qualified form of `path` (``/x`` -> ``file:/x``)."""
