@@ -18,6 +18,7 @@ import io
 import json
 import re
 import uuid
+import zipfile
 from typing import Any
 
 import numpy as np
@@ -51,7 +52,7 @@ def decode(data: bytes, where: str) -> tuple[dict[str, Any], dict[str, np.ndarra
         with np.load(io.BytesIO(data), allow_pickle=False) as npz:
             arrays = {key: npz[key] for key in npz.files}
         state = json.loads(arrays.pop(_STATE_KEY).tobytes().decode("utf-8"))
-    except (OSError, ValueError, KeyError) as exc:
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as exc:
         raise TrainingError(
             f"checkpoint {where} is unreadable ({exc}); delete it or rerun with --fresh"
         ) from None

@@ -32,7 +32,6 @@ class Trainer:
     """A model, its optimizer and the compiled functions that train and evaluate it."""
 
     def __init__(self, settings: TrainSettings, workers: int, strategy=None) -> None:
-        import keras
 
         self.settings = settings
         self.workers = workers
@@ -44,7 +43,6 @@ class Trainer:
             self.model = build_model(settings)
             self.optimizer = build_optimizer(settings)
             self.optimizer.build(self.model.trainable_variables)
-        self._loss = keras.losses.CategoricalCrossentropy()
         self._device = strategy.extended.worker_devices[0] if strategy is not None else None
         self._train_steps = tf.function(self._train_steps_fn)
         self._evaluate_batch = tf.function(
@@ -56,10 +54,14 @@ class Trainer:
 
     # -- the step ---------------------------------------------------------------------
     def _step(self, x, y):
+        import keras
+
         variables = self.model.trainable_variables
         with tf.GradientTape() as tape:
             probabilities = self.model(x, training=True)
-            loss = self._loss(y, probabilities)
+            # The functional loss: Keras' Loss objects divide by the replica count themselves
+            # inside a strategy; the scaling here is explicit instead.
+            loss = tf.reduce_mean(keras.losses.categorical_crossentropy(y, probabilities))
             if self.model.losses:
                 loss = loss + tf.add_n(self.model.losses)
             scaled = loss / self.workers if self.mode == "exact" else loss

@@ -1,0 +1,218 @@
+"""The training stage on Spark in local mode: exactness, uneven data, faults, resume, slots."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+
+import numpy as np
+import pytest
+
+from pipeline.artifact import model_from_bytes, read_model_dir
+from pipeline.config import Config, TrainSettings
+from pipeline.contract import FEATURES, LABEL_ONEHOT, NUM_CLASSES
+from pipeline.errors import ConfigError, EnvironmentProblem
+from pipeline.storage import Storage
+from pipeline.training import fit_partitions, run_training
+from pipeline.training.data import VALIDATION_FLAG
+
+BATCH = 32
+
+
+def _rows(pixels: np.ndarray, labels: np.ndarray) -> list[tuple]:
+    x = (pixels / 255.0).astype(np.float32)
+    y = np.eye(NUM_CLASSES, dtype=np.float32)[labels]
+    return [(xi.tolist(), yi.tolist(), False) for xi, yi in zip(x, y, strict=True)]
+
+
+def _frame(spark, partitions: list[list[tuple]]):
+    """A DataFrame whose partitions are exactly `partitions`, rows in order."""
+    rdd = spark.sparkContext.parallelize(partitions, len(partitions)).flatMap(lambda part: part)
+    sizes = rdd.glom().map(len).collect()
+    assert sizes == [len(p) for p in partitions], "parallelize did not keep the slices"
+    return spark.createDataFrame(
+        rdd,
+        f"{FEATURES} array<float>, {LABEL_ONEHOT} array<float>, {VALIDATION_FLAG} boolean",
+    )
+
+
+def _weights(settings: TrainSettings, model_bytes: bytes) -> list[np.ndarray]:
+    from pipeline.artifact import Metadata, sha256_bytes
+    from pipeline.config import IngestSettings
+
+    metadata = Metadata(
+        feature_dim=784,
+        classes=NUM_CLASSES,
+        model_sha256=sha256_bytes(model_bytes),
+        preprocessing=IngestSettings(),
+        train=settings,
+        workers=settings.workers,
+        epochs_completed=0,
+        seed=settings.seed,
+    )
+    return model_from_bytes(metadata, model_bytes).get_weights()
+
+
+@pytest.fixture(scope="module")
+def blocks(sample_pixels):
+    """512 digits as two halves A and B of 8 batches of 32 each."""
+    pixels, labels = sample_pixels
+    rows = _rows(pixels[:512], labels[:512])
+    return rows[:256], rows[256:]
+
+
+@pytest.mark.slow
+def test_two_workers_equal_one_worker_at_twice_the_batch(spark, tmp_path, blocks):
+    """Exactness of the all-reduce: after every step all workers hold the same weights, and
+    workers 0 and 1 at batch 32 take the step one worker takes at batch 64 on A_i + B_i."""
+    a, b = blocks
+    common = {"epochs": 2, "shuffle_buffer": 0, "steps_per_call": 3, "seed": 5}
+    two = TrainSettings(**common, workers=2, batch_size=BATCH)
+    one = TrainSettings(**common, workers=1, batch_size=2 * BATCH)
+    interleaved = [
+        row for i in range(0, len(a), BATCH) for row in (*a[i : i + BATCH], *b[i : i + BATCH])
+    ]
+
+    fit_two = fit_partitions(spark, _frame(spark, [a, b]), two, checkpoint_dir=str(tmp_path / "c2"))
+    fit_one = fit_partitions(
+        spark, _frame(spark, [interleaved]), one, checkpoint_dir=str(tmp_path / "c1")
+    )
+
+    digests = {w["weights_digest"] for w in fit_two.workers}
+    assert len(fit_two.workers) == 2 and len(digests) == 1  # bit-identical on both workers
+    assert [w["samples"] for w in fit_two.workers] == [2 * 256, 2 * 256]
+    w2, w1 = _weights(two, fit_two.model_bytes), _weights(one, fit_one.model_bytes)
+    initial = _weights(one, _initial_model_bytes(one))
+    for after_two, after_one, before in zip(w2, w1, initial, strict=True):
+        assert not np.allclose(after_one, before)  # training moved the weights
+        np.testing.assert_allclose(after_two, after_one, rtol=0, atol=1e-6)
+    for r2, r1 in zip(fit_two.history, fit_one.history, strict=True):
+        assert r2["loss"] == pytest.approx(r1["loss"], rel=1e-4)
+        assert r2["accuracy"] == pytest.approx(r1["accuracy"])
+
+
+def _initial_model_bytes(settings: TrainSettings) -> bytes:
+    from pipeline.artifact import model_to_bytes
+    from pipeline.model import build_model
+
+    return model_to_bytes(build_model(settings))
+
+
+@pytest.mark.slow
+def test_uneven_partitions_finish_with_the_same_steps_everywhere(spark, tmp_path, sample_pixels):
+    pixels, labels = sample_pixels
+    rows = _rows(pixels[:1000], labels[:1000])
+    settings = TrainSettings(workers=2, epochs=2, sync="local_sgd", average_every=10)
+    fit = fit_partitions(
+        spark, _frame(spark, [rows[:850], rows[850:]]), settings, checkpoint_dir=str(tmp_path)
+    )
+    assert [w["train_rows"] for w in fit.workers] == [850, 150]
+    steps = -(-1000 // (2 * BATCH))  # ceil(1000 / 64) = 16 steps per epoch on both
+    assert [w["samples"] for w in fit.workers] == [2 * steps * BATCH] * 2
+    assert len({w["weights_digest"] for w in fit.workers}) == 1  # averaged at the epoch end
+    assert fit.epochs_completed == 2
+    assert fit.history[-1]["loss"] < fit.history[0]["loss"]
+
+
+def test_too_few_slots_fail_fast_naming_the_slots_and_the_setting(spark, tmp_path, ingested_sample):
+    started = time.monotonic()
+    with pytest.raises(EnvironmentProblem) as caught:
+        run_training(spark, Config(), ingested_sample, str(tmp_path / "model"), workers=3)
+    assert time.monotonic() - started < 10
+    message = str(caught.value)
+    assert "--workers 3 needs 3 free task slots" in message
+    assert "has 2 (master local[" in message
+    assert "train.workers" in message and "local[3]" in message
+    assert not (tmp_path / "model").exists()
+
+
+@pytest.mark.slow
+def test_killed_worker_is_retried_and_resumes_from_its_checkpoint(
+    spark, tmp_path, ingested_sample, caplog
+):
+    model_dir = tmp_path / "model"
+    config = Config().with_overrides({"train": {"epochs": 3, "workers": 2}})
+    with caplog.at_level(logging.INFO, logger="pipeline.training"):
+        result = run_training(spark, config, ingested_sample, str(model_dir), _fail_at_epoch=1)
+    assert (model_dir / "checkpoints" / "_fault-injected").exists()  # the fault did happen
+    assert result.fit.resumed_from == [1]
+    assert "resuming from the checkpoint of epoch 1" in caplog.text
+    assert [h["epoch"] for h in result.history] == [1.0, 2.0, 3.0]
+    assert result.metadata.epochs_completed == 3
+    assert len({w["weights_digest"] for w in result.fit.workers}) == 1
+    # the published directory is complete and verifies
+    metadata, _ = read_model_dir(Storage(spark), str(model_dir))
+    assert metadata.workers == 2 and metadata.history[-1]["accuracy"] > 0.8
+
+
+@pytest.mark.slow
+def test_rerun_resumes_fresh_starts_over_and_epochs_never_go_back(spark, tmp_path, ingested_sample):
+    model_dir = str(tmp_path / "model")
+
+    def train(epochs, fresh=False):
+        config = Config().with_overrides({"train": {"epochs": epochs, "steps_per_call": 50}})
+        return run_training(spark, config, ingested_sample, model_dir, fresh=fresh)
+
+    first = train(2)
+    assert first.fit.resumed_from == [] and first.metadata.epochs_completed == 2
+    longer = train(3)  # the same command with more epochs picks up where it stopped
+    assert longer.fit.resumed_from == [2]
+    assert [h["epoch"] for h in longer.history] == [1.0, 2.0, 3.0]
+    assert longer.history[:2] == first.history
+    shorter = train(2)  # asking for fewer epochs never rolls the model back
+    assert shorter.metadata.epochs_completed == 3
+    assert shorter.metadata.model_sha256 == longer.metadata.model_sha256
+    fresh = train(1, fresh=True)
+    assert fresh.fit.resumed_from == [] and fresh.metadata.epochs_completed == 1
+    assert fresh.history[0] == first.history[0]  # same seed, same first epoch
+
+
+@pytest.mark.slow
+def test_resuming_with_another_model_is_refused(spark, tmp_path, ingested_sample):
+    model_dir = str(tmp_path / "model")
+    run_training(
+        spark, Config().with_overrides({"train": {"epochs": 1}}), ingested_sample, model_dir
+    )
+    other = Config().with_overrides({"train": {"epochs": 2, "hidden_units": [16]}})
+    with pytest.raises(ConfigError, match=r"train.hidden_units.*--fresh"):
+        run_training(spark, other, ingested_sample, model_dir)
+
+
+@pytest.mark.slow
+def test_validation_early_stopping_and_the_artifact(spark, tmp_path, ingested_sample):
+    model_dir = tmp_path / "model"
+    config = Config().with_overrides(
+        {
+            "train": {
+                "epochs": 4,
+                "validation_fraction": 0.2,
+                "learning_rate": 0.5,  # diverges after a few epochs: early stopping must act
+                "early_stopping": {"enabled": True, "monitor": "val_accuracy", "patience": 1},
+                "tensorboard": True,
+            }
+        }
+    )
+    result = run_training(spark, config, ingested_sample, str(model_dir))
+    history = result.history
+    assert all("val_loss" in h and "val_accuracy" in h for h in history)
+    worker = result.fit.workers[0]
+    assert 0.15 * 6000 < worker["validation_rows"] < 0.25 * 6000
+    assert worker["train_rows"] + worker["validation_rows"] == 6000
+
+    metadata = json.loads((model_dir / "metadata.json").read_text())
+    assert metadata["feature_dim"] == 784 and metadata["classes"] == NUM_CLASSES
+    assert metadata["data"]["rows"] == 6000 and metadata["data"]["files"]
+    assert len(metadata["data"]["sha256"]) == 64
+    assert metadata["versions"]["tensorflow"] and metadata["versions"]["spark"]
+    assert metadata["preprocessing"]["layout"] == "auto"
+    assert metadata["samples_per_second"] > 0
+    assert (model_dir / "history.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert any((model_dir / "logs").iterdir())
+    if worker["stopped_early"]:
+        assert len(history) < 4
+    loaded_metadata, model_bytes = read_model_dir(Storage(spark), str(model_dir))
+    model = model_from_bytes(loaded_metadata, model_bytes)
+    assert len(model.get_weights()) == 4
+    assert os.path.exists(model_dir / "checkpoints")

@@ -1,0 +1,157 @@
+"""Pieces of the training stage that need no Spark job: batching, shuffling, checkpoints."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from pipeline.contract import FEATURE_DIM, FEATURES, LABEL_ONEHOT, NUM_CLASSES
+from pipeline.errors import InputDataError, TrainingError
+from pipeline.training import format_epoch
+from pipeline.training.checkpoints import CheckpointDir, arrow_uri, decode, encode
+from pipeline.training.data import (
+    TRAIN_FILE,
+    VALIDATION_FILE,
+    VALIDATION_FLAG,
+    LocalData,
+    batch_blocks,
+    epoch_seed,
+    row_stream,
+    spool_partition,
+)
+
+
+def _record_batch(ids: np.ndarray, validation: np.ndarray) -> pa.RecordBatch:
+    """Rows whose features are all equal to their id, so order can be read back."""
+    x = np.repeat(ids.astype(np.float32)[:, None], FEATURE_DIM, axis=1)
+    y = np.eye(NUM_CLASSES, dtype=np.float32)[ids % NUM_CLASSES]
+    lists = [
+        pa.FixedSizeListArray.from_arrays(pa.array(a.ravel()), a.shape[1]).cast(
+            pa.list_(pa.float32())
+        )
+        for a in (x, y)
+    ]
+    return pa.record_batch(
+        [*lists, pa.array(validation)], names=[FEATURES, LABEL_ONEHOT, VALIDATION_FLAG]
+    )
+
+
+@pytest.fixture
+def spooled(tmp_path):
+    ids = np.arange(1000)
+    batches = [
+        _record_batch(ids[i : i + 300], ids[i : i + 300] % 10 == 0) for i in range(0, 1000, 300)
+    ]
+    counts = spool_partition(iter(batches), str(tmp_path))
+    return tmp_path, counts
+
+
+def test_spool_splits_training_and_validation_rows(spooled):
+    directory, counts = spooled
+    assert (counts.train_rows, counts.validation_rows) == (900, 100)
+    train = LocalData(str(directory / TRAIN_FILE), budget_bytes=1 << 30)
+    validation = LocalData(str(directory / VALIDATION_FILE), budget_bytes=1 << 30)
+    assert (train.rows, validation.rows) == (900, 100)
+    ids = np.concatenate([x[:, 0] for x, _ in validation.chunks()])
+    assert set(ids.astype(int) % 10) == {0}
+
+
+def test_small_budget_streams_from_disk_with_the_same_rows(spooled):
+    directory, _ = spooled
+    memory = LocalData(str(directory / TRAIN_FILE), budget_bytes=1 << 30)
+    disk = LocalData(str(directory / TRAIN_FILE), budget_bytes=1024)
+    assert memory.in_memory and not disk.in_memory
+    for (a, ay), (b, by) in zip(memory.chunks(), disk.chunks(), strict=True):
+        np.testing.assert_array_equal(a, b)
+        np.testing.assert_array_equal(ay, by)
+
+
+def test_epoch_batches_cover_the_data_and_depend_only_on_seed_worker_epoch(spooled):
+    directory, _ = spooled
+    data = LocalData(str(directory / TRAIN_FILE), budget_bytes=1 << 30)
+
+    def epoch_ids(epoch, budget_data=data):
+        blocks = batch_blocks(
+            row_stream(budget_data, epoch_seed(7, 0, epoch), 10_000), 28, 32, block_batches=5
+        )
+        return np.concatenate([x[:, :, 0].ravel() for x, _ in blocks]).astype(int)
+
+    first = epoch_ids(1)
+    assert len(first) == 28 * 32
+    assert len(set(first)) == 28 * 32  # one pass without repeats while rows last
+    assert not np.array_equal(first, np.sort(first))  # shuffled
+    np.testing.assert_array_equal(first, epoch_ids(1))  # the data position is (seed, epoch)
+    assert not np.array_equal(first, epoch_ids(2))
+    disk = LocalData(str(directory / TRAIN_FILE), budget_bytes=0)
+    np.testing.assert_array_equal(first, epoch_ids(1, disk))
+
+
+def test_without_shuffle_batches_keep_order_and_wrap_around(spooled):
+    directory, _ = spooled
+    data = LocalData(str(directory / TRAIN_FILE), budget_bytes=1 << 30)
+    blocks = list(batch_blocks(row_stream(data, epoch_seed(1, 0, 1), 0), 30, 32, block_batches=7))
+    assert [len(x) for x, _ in blocks] == [7, 7, 7, 7, 2]
+    ids = np.concatenate([x[:, :, 0].ravel() for x, _ in blocks]).astype(int)
+    expected = np.array([i for i in range(1000) if i % 10])
+    np.testing.assert_array_equal(ids[:900], expected)
+    np.testing.assert_array_equal(ids[900:], expected[:60])  # the next pass fills the epoch
+
+
+def test_a_worker_without_rows_is_an_input_error(tmp_path):
+    spool_partition(iter([]), str(tmp_path))
+    data = LocalData(str(tmp_path / TRAIN_FILE), budget_bytes=1 << 30)
+    with pytest.raises(InputDataError, match="no training rows"):
+        next(row_stream(data, epoch_seed(1, 0, 1), 0))
+
+
+def test_checkpoints_round_trip_and_keep_the_newest(tmp_path):
+    store = CheckpointDir(str(tmp_path / "checkpoints"))
+    assert store.latest() is None
+    for epoch in (1, 2, 3):
+        store.write(epoch, {"epoch": epoch, "history": []}, {"w000": np.full(3, epoch)})
+    assert store.epochs() == [2, 3]
+    state, arrays = store.read(3)
+    assert state["epoch"] == 3
+    np.testing.assert_array_equal(arrays["w000"], [3, 3, 3])
+    assert not [p for p in (tmp_path / "checkpoints").iterdir() if p.name.startswith(".tmp")]
+    assert store.claim_once("marker") and not store.claim_once("marker")
+
+
+def test_a_damaged_checkpoint_says_to_start_fresh():
+    data = encode({"epoch": 1}, {"w000": np.zeros(2)})
+    with pytest.raises(TrainingError, match="--fresh"):
+        decode(data[: len(data) // 2], "epoch-0001.npz")
+
+
+@pytest.mark.parametrize(
+    ("uri", "expected"),
+    [
+        ("file:/tmp/m", "file:///tmp/m"),
+        ("file:///tmp/m", "file:///tmp/m"),
+        ("/tmp/m", "file:///tmp/m"),
+        ("s3a://bucket/m", "s3://bucket/m"),
+        ("hdfs://nn:8020/m", "hdfs://nn:8020/m"),
+    ],
+)
+def test_hadoop_uris_become_pyarrow_uris(uri, expected):
+    assert arrow_uri(uri) == expected
+
+
+def test_epoch_line_has_metrics_throughput_and_time_left():
+    line = format_epoch(
+        {
+            "epoch": 2.0,
+            "epochs": 10,
+            "loss": 0.31234,
+            "accuracy": 0.9,
+            "val_loss": 0.4,
+            "val_accuracy": 0.88,
+            "samples_per_second": 123456.7,
+            "eta_s": 95,
+        }
+    )
+    assert line == (
+        "epoch 2/10  loss 0.3123  accuracy 0.9000  val_loss 0.4000  val_accuracy 0.8800  "
+        "123,457 samples/s  1m35s left"
+    )
