@@ -160,13 +160,14 @@ def test_rerun_resumes_fresh_starts_over_and_epochs_never_go_back(spark, tmp_pat
     longer = train(3)  # the same command with more epochs picks up where it stopped
     assert longer.fit.resumed_from == [2]
     assert [h["epoch"] for h in longer.history] == [1.0, 2.0, 3.0]
-    assert longer.history[:2] == first.history
+    assert longer.history[:2] == first.history  # carried in the checkpoint
     shorter = train(2)  # asking for fewer epochs never rolls the model back
     assert shorter.metadata.epochs_completed == 3
-    assert shorter.metadata.model_sha256 == longer.metadata.model_sha256
+    assert shorter.fit.workers[0]["weights_digest"] == longer.fit.workers[0]["weights_digest"]
     fresh = train(1, fresh=True)
     assert fresh.fit.resumed_from == [] and fresh.metadata.epochs_completed == 1
-    assert fresh.history[0] == first.history[0]  # same seed, same first epoch
+    same_seed = ("loss", "accuracy")  # same seed, same first epoch
+    assert [fresh.history[0][k] for k in same_seed] == [first.history[0][k] for k in same_seed]
 
 
 @pytest.mark.slow
@@ -186,10 +187,9 @@ def test_validation_early_stopping_and_the_artifact(spark, tmp_path, ingested_sa
     config = Config().with_overrides(
         {
             "train": {
-                "epochs": 4,
+                "epochs": 3,
                 "validation_fraction": 0.2,
-                "learning_rate": 0.5,  # diverges after a few epochs: early stopping must act
-                "early_stopping": {"enabled": True, "monitor": "val_accuracy", "patience": 1},
+                "early_stopping": {"enabled": True, "monitor": "val_loss", "patience": 1},
                 "tensorboard": True,
             }
         }
@@ -210,8 +210,9 @@ def test_validation_early_stopping_and_the_artifact(spark, tmp_path, ingested_sa
     assert metadata["samples_per_second"] > 0
     assert (model_dir / "history.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert any((model_dir / "logs").iterdir())
-    if worker["stopped_early"]:
-        assert len(history) < 4
+    val_losses = [h["val_loss"] for h in history]
+    assert worker["best_epoch"] == 1 + val_losses.index(min(val_losses))
+    assert worker["stopped_early"] == (len(history) < 3)
     loaded_metadata, model_bytes = read_model_dir(Storage(spark), str(model_dir))
     model = model_from_bytes(loaded_metadata, model_bytes)
     assert len(model.get_weights()) == 4

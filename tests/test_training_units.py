@@ -6,6 +6,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
+from pipeline.config import EarlyStoppingSettings
 from pipeline.contract import FEATURE_DIM, FEATURES, LABEL_ONEHOT, NUM_CLASSES
 from pipeline.errors import InputDataError, TrainingError
 from pipeline.training import format_epoch
@@ -20,6 +21,7 @@ from pipeline.training.data import (
     row_stream,
     spool_partition,
 )
+from pipeline.training.stopping import EarlyStopping
 
 
 def _record_batch(ids: np.ndarray, validation: np.ndarray) -> pa.RecordBatch:
@@ -155,3 +157,22 @@ def test_epoch_line_has_metrics_throughput_and_time_left():
         "epoch 2/10  loss 0.3123  accuracy 0.9000  val_loss 0.4000  val_accuracy 0.8800  "
         "123,457 samples/s  1m35s left"
     )
+
+
+def test_early_stopping_waits_patience_epochs_and_survives_a_checkpoint():
+    settings = EarlyStoppingSettings(enabled=True, monitor="val_loss", patience=2)
+    stopper = EarlyStopping.from_settings(settings)
+    assert stopper.update(1, {"val_loss": 0.5}) == (True, False)
+    assert stopper.update(2, {"val_loss": 0.6}) == (False, False)
+    resumed = EarlyStopping.from_settings(settings, stopper.state())  # as after a restart
+    assert resumed.update(3, {"val_loss": 0.55}) == (False, True)
+    assert resumed.best_epoch == 1
+
+
+def test_early_stopping_on_accuracy_wants_it_higher():
+    stopper = EarlyStopping.from_settings(
+        EarlyStoppingSettings(enabled=True, monitor="val_accuracy", patience=1)
+    )
+    assert stopper.update(1, {"val_accuracy": 0.8})[0]
+    assert stopper.update(2, {"val_accuracy": 0.9})[0]
+    assert stopper.update(3, {"val_accuracy": 0.85}) == (False, True)

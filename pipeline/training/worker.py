@@ -71,6 +71,7 @@ def _train(spec: dict[str, Any], peak: _PeakMemory) -> dict[str, Any]:
     from pipeline.training.checkpoints import CheckpointDir
     from pipeline.training.data import LocalData, epoch_dataset, evaluation_batches
     from pipeline.training.loop import Trainer
+    from pipeline.training.stopping import EarlyStopping
 
     settings = TrainSettings.model_validate(spec["train"])
     workers, rank = int(spec["workers"]), int(spec["rank"])
@@ -102,7 +103,6 @@ def _train(spec: dict[str, Any], peak: _PeakMemory) -> dict[str, Any]:
     progress = _Progress(spec.get("progress")) if chief else _Progress(None)
 
     history: list[dict[str, float]] = []
-    best: dict[str, Any] = {"value": None, "epoch": None, "wait": 0}
     best_weights = None
     start_epoch = 0
     resume = spec.get("resume_epoch")
@@ -111,13 +111,14 @@ def _train(spec: dict[str, Any], peak: _PeakMemory) -> dict[str, Any]:
         trainer.set_weights(_arrays(arrays, "w"))
         trainer.set_optimizer_state(_arrays(arrays, "o"))
         best_weights = _arrays(arrays, "b") or None
-        history, best, start_epoch = state["history"], state["best"], state["epoch"]
+        history, start_epoch = state["history"], state["epoch"]
         log.info("resumed from the checkpoint of epoch %d", start_epoch)
         progress.send({"event": "resume", "epoch": start_epoch})
 
     steps = int(spec["steps_per_epoch"])
     batch = settings.batch_size
     stopping = settings.early_stopping
+    stopper = EarlyStopping.from_settings(stopping, state.get("best") if resume else None)
     stopped_early = state_stopped = bool(resume) and bool(state.get("stopped_early"))
     train_seconds = 0.0
     samples = 0
@@ -156,16 +157,9 @@ def _train(spec: dict[str, Any], peak: _PeakMemory) -> dict[str, Any]:
         history.append(record)
 
         if stopping.enabled and has_validation:
-            value = record[stopping.monitor]
-            better = best["value"] is None or (
-                value < best["value"] if stopping.monitor == "val_loss" else value > best["value"]
-            )
-            if better:
-                best = {"value": value, "epoch": epoch, "wait": 0}
-                best_weights = trainer.weights() if stopping.restore_best_weights else None
-            else:
-                best["wait"] += 1
-                stopped_early = best["wait"] >= stopping.patience
+            improved, stopped_early = stopper.update(epoch, record)
+            if improved and stopping.restore_best_weights:
+                best_weights = trainer.weights()
 
         if stopped_early and best_weights is not None:
             trainer.set_weights(best_weights)
@@ -176,7 +170,7 @@ def _train(spec: dict[str, Any], peak: _PeakMemory) -> dict[str, Any]:
             state = {
                 "epoch": epoch,
                 "history": history,
-                "best": best,
+                "best": stopper.state(),
                 "stopped_early": stopped_early,
                 "seed": settings.seed,
                 "fingerprint": spec["fingerprint"],
@@ -192,7 +186,7 @@ def _train(spec: dict[str, Any], peak: _PeakMemory) -> dict[str, Any]:
         if spec.get("fail_at_epoch") == epoch:
             _inject_fault(trainer, checkpoints, rank, workers)
         if stopped_early:
-            log.info("early stopping after epoch %d (best epoch %s)", epoch, best["epoch"])
+            log.info("early stopping after epoch %d (best epoch %s)", epoch, stopper.best_epoch)
             break
 
     result: dict[str, Any] = {
@@ -205,6 +199,7 @@ def _train(spec: dict[str, Any], peak: _PeakMemory) -> dict[str, Any]:
         "train_seconds": train_seconds,
         "resumed_from": start_epoch,
         "stopped_early": stopped_early,
+        "best_epoch": stopper.best_epoch,
         "weights_digest": _digest(trainer.weights()),
     }
     if chief:
@@ -305,13 +300,20 @@ class _TensorBoard:
             return
         import tensorflow as tf
         from pyarrow import fs
+        from tensorflow.core.framework import summary_pb2
 
         from pipeline.training.checkpoints import arrow_uri
 
+        # tf.summary.scalar needs the tensorboard package; this is the same event it writes.
+        metadata = summary_pb2.SummaryMetadata(
+            plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name="scalars")
+        ).SerializeToString()
         with self._writer.as_default():
             for key, value in record.items():
-                if key != "epoch" and math.isfinite(value):
-                    tf.summary.scalar(key, value, step=epoch)
+                if key not in ("epoch", "epochs") and math.isfinite(value):
+                    tf.summary.write(
+                        f"epoch_{key}", tf.constant(value, tf.float32), epoch, metadata=metadata
+                    )
         self._writer.flush()
         target_fs, target_path = fs.FileSystem.from_uri(arrow_uri(self._target))
         target_fs.create_dir(target_path, recursive=True)
