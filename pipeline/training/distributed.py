@@ -204,6 +204,10 @@ def _run_worker(spec, context, rank: int, workers: int, batches, workdir: str) -
     env.update(
         TF_CPP_MIN_LOG_LEVEL="2",
         TF_ENABLE_ONEDNN_OPTS="0",
+        # Record batches are tens of MB: always mmap them, so freed ones go back to the OS
+        # instead of growing the heap (glibc raises its mmap threshold after each free).
+        MALLOC_MMAP_THRESHOLD_="1048576",
+        MALLOC_ARENA_MAX="2",
         PYTHONPATH=os.pathsep.join(filter(None, [_package_root(), env.get("PYTHONPATH")])),
     )
     env.pop("TF_CONFIG", None)
