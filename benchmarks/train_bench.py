@@ -15,7 +15,8 @@ Measured, on the same rows and machine:
   in-memory budget so the larger partition streams from local disk (target: < 20 % growth).
 
 Samples per second are training samples over training seconds (compilation included, as
-for the reference); ``steady_*`` figures use the median epoch after the first. Other Spark jobs on the machine make the figures noisy. `run()`
+for the reference); ``steady_*`` figures use the median epoch after the first. Other
+Spark jobs on the machine make the figures noisy. `run()`
 returns the figures as a dict for ``benchmarks/run.py``.
 """
 
