@@ -31,6 +31,7 @@ from pipeline.errors import InputDataError
 VALIDATION_FLAG = "is_validation"
 
 TRAIN_FILE = "train.arrow"
+SPOOL_BATCH_ROWS = 2048
 VALIDATION_FILE = "validation.arrow"
 
 _SPOOL_SCHEMA = pa.schema(
@@ -60,14 +61,16 @@ def spool_partition(batches: Iterable[pa.RecordBatch], directory: str) -> SpoolC
                 VALIDATION_FILE: batch.filter(flag),
             }
             for name, part in parts.items():
-                if part.num_rows:
+                # Small record batches bound what a worker streaming from disk holds at once.
+                for offset in range(0, part.num_rows, SPOOL_BATCH_ROWS):
+                    piece = part.slice(offset, SPOOL_BATCH_ROWS)
                     writers[name].write_batch(
                         pa.record_batch(
-                            [part.column(FEATURES), part.column(LABEL_ONEHOT)],
+                            [piece.column(FEATURES), piece.column(LABEL_ONEHOT)],
                             schema=_SPOOL_SCHEMA,
                         )
                     )
-                    counts[name] += part.num_rows
+                counts[name] += part.num_rows
     finally:
         for writer in writers.values():
             writer.close()
