@@ -13,6 +13,8 @@ PYTEST_ARGS ?=
 export PYSPARK_PYTHON := $(abspath $(PY))
 export SPARK_CONF_DIR := $(abspath conf)
 export TF_CPP_MIN_LOG_LEVEL ?= 2
+# Local mode needs no network address: stay on loopback.
+export SPARK_LOCAL_IP ?= 127.0.0.1
 SUBMIT := $(VENV)/bin/spark-submit --master "local[*]"
 
 .PHONY: run test test-fast bench lint format conf clean check-python check-java
@@ -36,10 +38,16 @@ check-java: $(VENV)/.installed
 
 ## run: the whole pipeline on the embedded 6,000-digit sample, in Spark local mode
 run: $(VENV)/.installed check-java
-	$(SUBMIT) jobs/ingest.py --input "$$($(PY) -c 'from pipeline.sample import sample_path; print(sample_path())')" \
-	  --output $(OUT)/features --set ingest.split.enabled=true
+	$(SUBMIT) jobs/ingest.py --input "$$($(PY) -m pipeline.sample)" --output $(OUT)/features \
+	  --set ingest.split.enabled=true
+	$(SUBMIT) jobs/train.py --input $(OUT)/features/split=train --model-dir $(OUT)/model --fresh \
+	  --set train.validation_path=$(OUT)/features/split=validation
+	$(SUBMIT) jobs/score.py --input $(OUT)/features/split=test --model-dir $(OUT)/model \
+	  --output $(OUT)/predictions
 	@echo
-	@echo "outputs: $(OUT)/features (features, _rejected/, _report.json)"
+	@echo "features:    $(OUT)/features     (_report.json, _rejected/)"
+	@echo "model:       $(OUT)/model        (model.keras, metadata.json, history.png)"
+	@echo "predictions: $(OUT)/predictions  (_report.json, _confusion_matrix.png, _confidence_histogram.png)"
 
 ## test: the test suite (the slow subprocess and multi-process tests included)
 test: $(VENV)/.installed-dev check-java

@@ -10,3 +10,7 @@ SAMPLE_NAME = "mnist-6k.parquet"
 def sample_path() -> str:
     """Local path of the sample Parquet file (Hugging Face `image` + `label` layout)."""
     return str(resources.files("pipeline").joinpath("data", SAMPLE_NAME))
+
+
+if __name__ == "__main__":  # `python -m pipeline.sample` prints the path, for scripts
+    print(sample_path())

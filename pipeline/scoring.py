@@ -469,10 +469,10 @@ def build_predictor(
 
     The checksum is verified again here: the bytes crossed the network.
     """
-    _limit_tf_threads(threads)
-    import tensorflow as tf
-
     from pipeline.artifact import model_from_bytes, parse_metadata
+    from pipeline.tf_runtime import tensorflow
+
+    tf = tensorflow(threads)
 
     metadata = parse_metadata(metadata_json, "broadcast model metadata")
     model = model_from_bytes(metadata, model_bytes)
@@ -488,16 +488,6 @@ def build_predictor(
         "model %s built in this worker (%d TensorFlow threads)", metadata.model_sha256[:12], threads
     )
     return predict
-
-
-def _limit_tf_threads(threads: int) -> None:
-    import tensorflow as tf
-
-    try:
-        tf.config.threading.set_intra_op_parallelism_threads(threads)
-        tf.config.threading.set_inter_op_parallelism_threads(threads)
-    except RuntimeError:  # TensorFlow already running in this worker: its pools are fixed
-        log.debug("TensorFlow threads already configured in this worker")
 
 
 # --- driver side helpers ------------------------------------------------------------------

@@ -27,6 +27,8 @@ _DEFAULT_CONF = {
     "spark.sql.shuffle.partitions": "8",
     "spark.sql.adaptive.enabled": "true",
     "spark.sql.parquet.compression.codec": "snappy",
+    # Plans over the 784 pixel columns of the Kaggle layout are long; do not warn about it.
+    "spark.sql.debug.maxToStringFields": "1000",
     # Tasks that hold a Python worker with TensorFlow: one at a time per core.
     "spark.python.worker.reuse": "true",
 }
