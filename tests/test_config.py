@@ -91,3 +91,9 @@ def test_a_conf_file_that_is_not_a_mapping_is_refused(tmp_path):
     bad.write_text("- just\n- a list\n")
     with pytest.raises(ConfigError, match="expected a mapping"):
         load_config(files=[bad])
+
+
+def test_the_cluster_example_is_a_valid_config():
+    config = load_config(files=[REPO / "conf" / "cluster.example.yaml"])
+    assert config.spark.conf["spark.authenticate"] == "true"
+    assert config.spark.conf["spark.network.crypto.enabled"] == "true"
