@@ -16,9 +16,9 @@ from pipeline.training.data import (
     VALIDATION_FILE,
     VALIDATION_FLAG,
     LocalData,
-    batch_blocks,
     epoch_seed,
-    row_stream,
+    epoch_segments,
+    epoch_windows,
     spool_partition,
 )
 from pipeline.training.stopping import EarlyStopping
@@ -64,47 +64,70 @@ def test_small_budget_streams_from_disk_with_the_same_rows(spooled):
     memory = LocalData(str(directory / TRAIN_FILE), budget_bytes=1 << 30)
     disk = LocalData(str(directory / TRAIN_FILE), budget_bytes=1024)
     assert memory.in_memory and not disk.in_memory
+    assert memory.rows == disk.rows == 900 and sum(memory.sizes) == 900
     for (a, ay), (b, by) in zip(memory.chunks(), disk.chunks(), strict=True):
         np.testing.assert_array_equal(a, b)
         np.testing.assert_array_equal(ay, by)
 
 
+def _epoch_ids(data: LocalData, epoch: int, steps: int, shuffle_buffer: int, seed: int = 7):
+    """The row ids (features equal the id) of an epoch's batches, as the trainer gathers them:
+    from the whole partition in file order when resident, else from each segment's blocks."""
+    resident = np.concatenate([x[:, 0] for x, _ in data.chunks()]) if data.in_memory else None
+    batches = []
+    for segment in epoch_segments(
+        data, epoch=epoch, worker=0, seed=seed, steps=steps, batch_size=32,
+        shuffle_buffer=shuffle_buffer,
+    ):  # fmt: skip
+        store = (
+            resident if segment.rows is None else np.concatenate([x[:, 0] for x, _ in segment.rows])
+        )
+        batches.append(store[segment.batches])
+    return np.concatenate(batches).astype(int)
+
+
 def test_epoch_batches_cover_the_data_and_depend_only_on_seed_worker_epoch(spooled):
     directory, _ = spooled
     data = LocalData(str(directory / TRAIN_FILE), budget_bytes=1 << 30)
-
-    def epoch_ids(epoch, budget_data=data):
-        blocks = batch_blocks(
-            row_stream(budget_data, epoch_seed(7, 0, epoch), 10_000), 28, 32, block_batches=5
-        )
-        return np.concatenate([x[:, :, 0].ravel() for x, _ in blocks]).astype(int)
-
-    first = epoch_ids(1)
-    assert len(first) == 28 * 32
-    assert len(set(first)) == 28 * 32  # one pass without repeats while rows last
-    assert not np.array_equal(first, np.sort(first))  # shuffled
-    np.testing.assert_array_equal(first, epoch_ids(1))  # the data position is (seed, epoch)
-    assert not np.array_equal(first, epoch_ids(2))
+    first = _epoch_ids(data, 1, 28, 10_000)
+    assert first.shape == (28, 32)
+    assert len(set(first.ravel())) == 28 * 32  # one pass without repeats while rows last
+    assert not np.array_equal(first.ravel(), np.sort(first.ravel()))  # shuffled
+    np.testing.assert_array_equal(first, _epoch_ids(data, 1, 28, 10_000))  # (seed, epoch)
+    assert not np.array_equal(first, _epoch_ids(data, 2, 28, 10_000))
     disk = LocalData(str(directory / TRAIN_FILE), budget_bytes=0)
-    np.testing.assert_array_equal(first, epoch_ids(1, disk))
+    np.testing.assert_array_equal(first, _epoch_ids(disk, 1, 28, 10_000))
+
+
+def test_streamed_windows_give_the_resident_order_across_window_boundaries(spooled):
+    """Windows of ~300 rows, batches straddling them, and more steps than rows (a wrap)."""
+    directory, _ = spooled
+    memory = LocalData(str(directory / TRAIN_FILE), budget_bytes=1 << 30)
+    disk = LocalData(str(directory / TRAIN_FILE), budget_bytes=0)
+    resident = _epoch_ids(memory, 3, 40, 300)
+    streamed = _epoch_ids(disk, 3, 40, 300)
+    np.testing.assert_array_equal(resident, streamed)
+    assert len(set(resident.ravel()[:900])) == 900  # a whole pass before any row repeats
+    windows = epoch_windows(memory.sizes, epoch_seed(7, 0, 3), 300)
+    sizes = [len(next(windows)[1]) for _ in range(3)]
+    assert all(size >= 300 for size in sizes[:2])
 
 
 def test_without_shuffle_batches_keep_order_and_wrap_around(spooled):
     directory, _ = spooled
-    data = LocalData(str(directory / TRAIN_FILE), budget_bytes=1 << 30)
-    blocks = list(batch_blocks(row_stream(data, epoch_seed(1, 0, 1), 0), 30, 32, block_batches=7))
-    assert [len(x) for x, _ in blocks] == [7, 7, 7, 7, 2]
-    ids = np.concatenate([x[:, :, 0].ravel() for x, _ in blocks]).astype(int)
-    expected = np.array([i for i in range(1000) if i % 10])
-    np.testing.assert_array_equal(ids[:900], expected)
-    np.testing.assert_array_equal(ids[900:], expected[:60])  # the next pass fills the epoch
+    for budget in (1 << 30, 0):
+        data = LocalData(str(directory / TRAIN_FILE), budget_bytes=budget)
+        ids = _epoch_ids(data, 1, 30, 0).ravel()
+        expected = np.array([i for i in range(1000) if i % 10])
+        np.testing.assert_array_equal(ids[:900], expected)
+        np.testing.assert_array_equal(ids[900:], expected[:60])  # the next pass fills the epoch
 
 
 def test_a_worker_without_rows_is_an_input_error(tmp_path):
     spool_partition(iter([]), str(tmp_path))
     data = LocalData(str(tmp_path / TRAIN_FILE), budget_bytes=1 << 30)
     with pytest.raises(InputDataError, match="no training rows"):
-        next(row_stream(data, epoch_seed(1, 0, 1), 0))
+        next(epoch_windows(data.sizes, epoch_seed(1, 0, 1), 0))
 
 
 def test_checkpoints_round_trip_and_keep_the_newest(tmp_path):

@@ -1,17 +1,21 @@
-"""Where a batch enters TensorFlow: a worker's partition, from Arrow record batches to tf.data.
+"""Where a batch enters TensorFlow: a worker's partition, from Arrow record batches to tensors.
 
 A barrier task receives its Spark partition as a stream of Arrow record batches and
 spools them, batch by batch, into local Arrow IPC files (`spool_partition`): the task
-never holds more than one record batch. The worker's TensorFlow process then opens the
-files with `LocalData`, which keeps the partition in memory when it fits the memory
-budget (epochs 2..n read no disk) and otherwise streams it back from the local file one
-record batch at a time, so a worker's memory stays bounded whatever the data's size.
+never holds more than one record batch. The worker's TensorFlow process opens the files
+with `LocalData` and copies the rows into a tensor store, one record batch at a time:
+the whole partition once, when it fits the memory budget (epochs 2..n read no disk), or
+else one shuffle window after another, streamed back from the local file, so a worker's
+memory stays bounded whatever the data's size.
 
-`epoch_dataset` turns one epoch of a worker's rows into a ``tf.data.Dataset`` of
-batches: record batches in a seeded random order, rows shuffled within a window of
-``shuffle_buffer`` rows, exactly ``steps`` batches (wrapping around when the worker has
-fewer rows than its share). The order is a function of (seed, worker, epoch) alone, which
-is what a checkpoint records as the data position.
+No batch is assembled in Python: `epoch_segments` plans an epoch as row positions only.
+Each `Segment` names the rows to place in the store (none when the whole partition is
+resident) and a ``(steps, batch_size)`` matrix of row positions; the training loop
+gathers every batch from the store inside its compiled function. The order (record
+batches in a seeded random order, rows shuffled within windows of at least
+``shuffle_buffer`` rows, exactly ``steps`` batches, wrapping around when the worker has
+fewer rows than its share) is a function of (seed, worker, epoch) alone, the same in
+memory and from disk: it is what a checkpoint records as the data position.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ VALIDATION_FILE = "validation.arrow"
 _SPOOL_SCHEMA = pa.schema(
     [pa.field(FEATURES, pa.list_(pa.float32())), pa.field(LABEL_ONEHOT, pa.list_(pa.float32()))]
 )
+_ROW_BYTES = 4 * (FEATURE_DIM + NUM_CLASSES)
 
 
 @dataclass(frozen=True)
@@ -98,26 +103,23 @@ def _matrix(column: pa.Array, width: int, name: str) -> np.ndarray:
 
 
 class LocalData:
-    """A worker's rows from one spooled file: in memory when within budget, else on disk."""
+    """A worker's rows in one spooled file, read one record batch (chunk) at a time.
+
+    `in_memory` says whether the rows fit `budget_bytes` (as float32 tensors): then the
+    trainer keeps them all resident; otherwise it streams them back window by window.
+    """
 
     def __init__(self, path: str, budget_bytes: int) -> None:
         self.path = path
         self.size_bytes = os.path.getsize(path) if os.path.exists(path) else 0
         self._reader = pa.ipc.open_file(pa.OSFile(path)) if self.size_bytes else None
         self.num_chunks = self._reader.num_record_batches if self._reader else 0
-        self.in_memory = self.size_bytes <= budget_bytes
-        self._chunks: list[tuple[np.ndarray, np.ndarray]] | None = None
-        if self.in_memory and self._reader is not None:
-            self._chunks = [to_numpy(self._reader.get_batch(i)) for i in range(self.num_chunks)]
-        self.rows = (
-            sum(len(x) for x, _ in self._chunks)
-            if self._chunks is not None
-            else sum(self._reader.get_batch(i).num_rows for i in range(self.num_chunks))
-        )
+        self.sizes = [self._reader.get_batch(i).num_rows for i in range(self.num_chunks)]
+        self.offsets = np.concatenate([[0], np.cumsum(self.sizes, dtype=np.int64)])
+        self.rows = int(self.offsets[-1])
+        self.in_memory = self.rows * _ROW_BYTES <= budget_bytes
 
     def chunk(self, i: int) -> tuple[np.ndarray, np.ndarray]:
-        if self._chunks is not None:
-            return self._chunks[i]
         return to_numpy(self._reader.get_batch(i))
 
     def chunks(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
@@ -129,62 +131,57 @@ def epoch_seed(seed: int, worker: int, epoch: int) -> np.random.Generator:
     return np.random.default_rng([seed, worker, epoch])
 
 
-def row_stream(
-    data: LocalData, rng: np.random.Generator, shuffle_buffer: int
-) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """Endless blocks of rows: passes over the data, shuffled within windows of rows."""
-    if data.rows == 0:
+def epoch_windows(
+    sizes: list[int], rng: np.random.Generator, shuffle_buffer: int
+) -> Iterator[tuple[list[int], np.ndarray]]:
+    """Endless shuffle windows: (chunk indices, the window's rows in training order).
+
+    Rows are positions in the concatenation of the window's chunks, in the listed order.
+    Passes over the data follow each other; each pass takes the chunks in a random order,
+    grouped into windows of at least `shuffle_buffer` rows, each window shuffled.
+    """
+    if not sum(sizes):
         raise InputDataError("this worker received no training rows")
     while True:
         if not shuffle_buffer:
-            yield from data.chunks()
+            for i, size in enumerate(sizes):
+                if size:
+                    yield [i], np.arange(size)
             continue
-        window: list[tuple[np.ndarray, np.ndarray]] = []
+        window: list[int] = []
         rows = 0
-        for i in rng.permutation(data.num_chunks):
-            window.append(data.chunk(int(i)))
-            rows += len(window[-1][0])
+        for i in rng.permutation(len(sizes)):
+            window.append(int(i))
+            rows += sizes[i]
             if rows >= shuffle_buffer:
-                yield _shuffled(window, rng)
+                yield window, rng.permutation(rows)
                 window, rows = [], 0
-        if window:
-            yield _shuffled(window, rng)
+        if rows:
+            yield window, rng.permutation(rows)
 
 
-def _shuffled(window, rng) -> tuple[np.ndarray, np.ndarray]:
-    x = np.concatenate([c[0] for c in window]) if len(window) > 1 else window[0][0]
-    y = np.concatenate([c[1] for c in window]) if len(window) > 1 else window[0][1]
-    order = rng.permutation(len(x))
-    return x[order], y[order]
+@dataclass(frozen=True)
+class Segment:
+    """Batches drawn from the worker's tensor store.
+
+    `rows` are (features, labels) blocks to place one after another at the start of the
+    store before the batches run; None means that the store already holds the whole
+    partition in file order. `batches` holds, for each step, its rows' store positions.
+    """
+
+    rows: list[tuple[np.ndarray, np.ndarray]] | None
+    batches: np.ndarray  # (steps, batch_size) int32
 
 
-def batch_blocks(
-    rows: Iterator[tuple[np.ndarray, np.ndarray]], steps: int, batch_size: int, block_batches: int
-) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """Exactly `steps` batches from `rows`, as arrays of shape (k, batch_size, ...)."""
-    remaining = steps * batch_size
-    pending_x: list[np.ndarray] = []
-    pending_y: list[np.ndarray] = []
-    pending = 0
-    while remaining:
-        want = min(block_batches * batch_size, remaining)
-        while pending < want:
-            x, y = next(rows)
-            pending_x.append(x)
-            pending_y.append(y)
-            pending += len(x)
-        x = np.concatenate(pending_x) if len(pending_x) > 1 else pending_x[0]
-        y = np.concatenate(pending_y) if len(pending_y) > 1 else pending_y[0]
-        yield (
-            x[:want].reshape(-1, batch_size, FEATURE_DIM),
-            y[:want].reshape(-1, batch_size, NUM_CLASSES),
-        )
-        pending_x, pending_y = [x[want:]], [y[want:]]
-        pending -= want
-        remaining -= want
+def store_rows(data: LocalData, shuffle_buffer: int, batch_size: int) -> int:
+    """How many rows the tensor store needs for `data` (all of them when resident)."""
+    if data.in_memory:
+        return data.rows
+    window = shuffle_buffer + max(data.sizes, default=0) if shuffle_buffer else max(data.sizes)
+    return min(data.rows, window) + batch_size
 
 
-def epoch_dataset(
+def epoch_segments(
     data: LocalData,
     *,
     epoch: int,
@@ -193,35 +190,46 @@ def epoch_dataset(
     steps: int,
     batch_size: int,
     shuffle_buffer: int,
-    block_batches: int = 100,
-):
-    """The worker's `steps` training batches of `epoch`, as a prefetching tf.data pipeline."""
-    import tensorflow as tf
+) -> Iterator[Segment]:
+    """The worker's `steps` training batches of `epoch`, as store segments."""
+    windows = epoch_windows(data.sizes, epoch_seed(seed, worker, epoch), shuffle_buffer)
+    total = steps * batch_size
+    if data.in_memory:
+        order = np.empty(total, np.int64)
+        filled = 0
+        while filled < total:
+            chunks, positions = next(windows)
+            ids = np.concatenate([np.arange(data.offsets[c], data.offsets[c + 1]) for c in chunks])
+            take = min(len(positions), total - filled)
+            order[filled : filled + take] = ids[positions[:take]]
+            filled += take
+        yield Segment(None, order.astype(np.int32).reshape(steps, batch_size))
+        return
+    # Streaming: a window's chunks are read from disk; a batch that straddles two windows
+    # carries its first rows (fewer than a batch) over, as the next segment's first block.
+    carry = (np.empty((0, FEATURE_DIM), np.float32), np.empty((0, NUM_CLASSES), np.float32))
+    remaining = total
+    while remaining:
+        chunks, positions = next(windows)
+        blocks = [carry, *(data.chunk(c) for c in chunks)]
+        starts = np.cumsum([0] + [len(b[0]) for b in blocks])
+        take = min(len(positions), remaining)
+        order = np.concatenate([np.arange(starts[1]), starts[1] + positions[:take]])
+        full = len(order) // batch_size * batch_size
+        carry = _pick(blocks, starts, order[full:])
+        remaining -= take
+        if full:
+            yield Segment(blocks, order[:full].astype(np.int32).reshape(-1, batch_size))
+        blocks = None  # let the window go before the next one is read
 
-    def blocks():
-        rng = epoch_seed(seed, worker, epoch)
-        yield from batch_blocks(
-            row_stream(data, rng, shuffle_buffer), steps, batch_size, block_batches
-        )
 
-    dataset = tf.data.Dataset.from_generator(
-        blocks,
-        output_signature=(
-            tf.TensorSpec((None, batch_size, FEATURE_DIM), tf.float32),
-            tf.TensorSpec((None, batch_size, NUM_CLASSES), tf.float32),
-        ),
-    )
-    return dataset.unbatch().prefetch(2 * block_batches)
-
-
-def evaluation_batches(data: LocalData):
-    """The rows of `data` once, in order, one record batch (up to ~10,000 rows) at a time."""
-    import tensorflow as tf
-
-    return tf.data.Dataset.from_generator(
-        data.chunks,
-        output_signature=(
-            tf.TensorSpec((None, FEATURE_DIM), tf.float32),
-            tf.TensorSpec((None, NUM_CLASSES), tf.float32),
-        ),
-    ).prefetch(1)
+def _pick(blocks, starts: np.ndarray, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The rows at `positions` of the concatenated `blocks`, in that order (a few rows)."""
+    which = np.searchsorted(starts, positions, side="right") - 1
+    rows = [
+        (blocks[b][0][p - starts[b]], blocks[b][1][p - starts[b]])
+        for b, p in zip(which, positions, strict=True)
+    ]
+    if not rows:
+        return blocks[0][0][:0], blocks[0][1][:0]
+    return np.stack([r[0] for r in rows]), np.stack([r[1] for r in rows])

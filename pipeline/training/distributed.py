@@ -28,6 +28,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -156,7 +157,9 @@ def _run_worker(spec, context, rank: int, workers: int, batches, workdir: str) -
     from pipeline.training.checkpoints import CheckpointDir
     from pipeline.training.data import TRAIN_FILE, VALIDATION_FILE, spool_partition
 
+    started = time.monotonic()
     counts = spool_partition(batches, workdir)
+    spooled = time.monotonic()
     host = _executor_host(context, rank, workers)
     reserved = _reserve_port(host) if workers > 1 else None
     resume = CheckpointDir(spec["checkpoint_dir"]).latest() if rank == 0 else None
@@ -228,7 +231,9 @@ def _run_worker(spec, context, rank: int, workers: int, batches, workdir: str) -
             env=env,
             cwd=workdir,
         )
+        process_started = time.monotonic()
         code = process.wait()
+    process_seconds = time.monotonic() - process_started
     if code != 0:
         raise TrainingError(
             f"training worker {rank} of {workers} exited with code {code}; its log ends:\n"
@@ -237,6 +242,12 @@ def _run_worker(spec, context, rank: int, workers: int, batches, workdir: str) -
     with open(os.path.join(workdir, "result.json"), encoding="utf-8") as f:
         info = json.load(f)
     info["log_tail"] = _tail(log_path, 600) if rank == 0 else ""
+    info["phases"] = {
+        "spool": spooled - started,
+        "until_process": process_started - spooled,
+        "process": process_seconds,
+        **info.get("phases", {}),
+    }
     model = None
     if rank == 0:
         with open(os.path.join(workdir, "model.keras"), "rb") as f:

@@ -12,9 +12,12 @@ gradient, optimizer update):
   the end of every epoch one all-reduce averages the weights and momentum.
 
 ``model.fit`` is not used: under the strategy it fails in Keras 3, and its per-step
-overhead dominates this small model. `Trainer.train` runs ``steps_per_call`` steps per
-``tf.function`` call, pulling batches from a ``tf.data`` iterator inside the loop.
-Imported only in the worker's TensorFlow process.
+overhead dominates this small model. The worker's rows live in a tensor store (two
+non-trainable variables: the whole partition when it fits the memory budget, else one
+shuffle window at a time); `Trainer.train` runs ``steps_per_call`` steps per
+``tf.function`` call, each step gathering its batch from the store by row positions
+planned in NumPy (`pipeline.training.data.epoch_segments`). No tf.data pipeline and no
+Python per batch. Imported only in the worker's TensorFlow process.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import numpy as np
 import tensorflow as tf
 
 from pipeline.config import TrainSettings
+from pipeline.contract import FEATURE_DIM, NUM_CLASSES
 from pipeline.model import build_model, build_optimizer
 
 
@@ -44,9 +48,17 @@ class Trainer:
             self.optimizer = build_optimizer(settings)
             self.optimizer.build(self.model.trainable_variables)
         self._device = strategy.extended.worker_devices[0] if strategy is not None else None
-        self._train_steps = tf.function(self._train_steps_fn)
+        self._store_x = self._store_y = None
+        self._train_steps = tf.function(
+            self._train_steps_fn,
+            input_signature=[tf.TensorSpec((None, settings.batch_size), tf.int32)],
+        )
         self._evaluate_batch = tf.function(
-            self._evaluate_batch_fn, reduce_retracing=True, jit_compile=False
+            self._evaluate_batch_fn,
+            input_signature=[
+                tf.TensorSpec((None, FEATURE_DIM), tf.float32),
+                tf.TensorSpec((None, NUM_CLASSES), tf.float32),
+            ],
         )
         if strategy is not None:
             self._allreduce = tf.function(self._allreduce_fn)
@@ -70,11 +82,12 @@ class Trainer:
         batch = tf.cast(tf.shape(x)[0], tf.float32)
         return loss * batch, _correct(y, probabilities)
 
-    def _train_steps_fn(self, iterator, steps):
+    def _train_steps_fn(self, batches):
         loss_sum = tf.constant(0.0)
         correct = tf.constant(0.0)
-        for _ in tf.range(steps):
-            x, y = next(iterator)
+        for i in tf.range(tf.shape(batches)[0]):
+            x = tf.gather(self._store_x, batches[i])
+            y = tf.gather(self._store_y, batches[i])
             if self.mode == "exact":
                 step_loss, step_correct = self.strategy.run(self._step, args=(x, y))
                 step_loss = self.strategy.experimental_local_results(step_loss)[0]
@@ -85,23 +98,54 @@ class Trainer:
             correct += step_correct
         return loss_sum, correct
 
-    def train(self, dataset, steps: int) -> tuple[float, float]:
-        """Run `steps` steps over `dataset`; (sum of per-sample loss, correct predictions)."""
-        iterator = iter(dataset)
+    # -- the tensor store -------------------------------------------------------------
+    def make_store(self, rows: int) -> None:
+        """Room for `rows` rows; call once, before training."""
+        with tf.device(self._device or "/cpu:0"):
+            self._store_x = tf.Variable(
+                tf.zeros((rows, FEATURE_DIM), tf.float32), trainable=False, name="store_x"
+            )
+            self._store_y = tf.Variable(
+                tf.zeros((rows, NUM_CLASSES), tf.float32), trainable=False, name="store_y"
+            )
+
+    def fill_store(self, blocks) -> None:
+        """Place (features, labels) blocks one after another from the store's first row."""
+        at = 0
+        for x, y in blocks:
+            n = len(x)
+            if n:
+                self._store_x[at : at + n].assign(x)
+                self._store_y[at : at + n].assign(y)
+                at += n
+
+    def train(self, segments, steps: int) -> tuple[float, float]:
+        """Run the `steps` steps of `segments`; (sum of per-sample loss, correct predictions)."""
         per_call = self.settings.steps_per_call
         sync_every = self.settings.average_every if self.mode == "local_sgd" else steps
         loss_sum = correct = 0.0
         done = since_sync = 0
-        while done < steps:
-            n = min(per_call, steps - done, sync_every - since_sync)
-            step_loss, step_correct = self._train_steps(iterator, tf.constant(n, tf.int32))
-            loss_sum += float(step_loss)
-            correct += float(step_correct)
-            done += n
-            since_sync += n
-            if self.mode == "local_sgd" and (since_sync == sync_every or done == steps):
-                self._average()
-                since_sync = 0
+        for segment in segments:
+            if segment.rows is not None:
+                self.fill_store(segment.rows)
+            batches = segment.batches
+            segment = None  # the window's arrays are in the store now: let them go
+            at = 0
+            while at < len(batches):
+                n = min(per_call, len(batches) - at, sync_every - since_sync)
+                step_loss, step_correct = self._train_steps(tf.constant(batches[at : at + n]))
+                loss_sum += float(step_loss)
+                correct += float(step_correct)
+                at += n
+                done += n
+                since_sync += n
+                if self.mode == "local_sgd" and (since_sync == sync_every or done == steps):
+                    self._average()
+                    since_sync = 0
+        if done != steps:
+            from pipeline.errors import TrainingError
+
+            raise TrainingError(f"the epoch planned {done} steps, expected {steps}")
         self.steps_done += steps
         return loss_sum, correct
 
@@ -156,11 +200,11 @@ class Trainer:
         loss = tf.reduce_sum(keras.losses.categorical_crossentropy(y, probabilities))
         return loss, _correct(y, probabilities)
 
-    def evaluate(self, dataset) -> tuple[float, float, int]:
-        """(sum of per-sample loss, correct, rows) over `dataset` on this worker."""
+    def evaluate(self, blocks) -> tuple[float, float, int]:
+        """(sum of per-sample loss, correct, rows) over (features, labels) `blocks`."""
         loss_sum = correct = 0.0
         rows = 0
-        for x, y in dataset:
+        for x, y in blocks:
             batch_loss, batch_correct = self._evaluate_batch(x, y)
             loss_sum += float(batch_loss)
             correct += float(batch_correct)
