@@ -68,13 +68,23 @@ def run(
         timings: dict[str, list[float]] = {"read_write": [], "ingest": []}
         if baseline:
             timings["pyarrow"] = []
+        cpu: dict[str, list[float]] = {name: [] for name in timings}
         with tempfile.TemporaryDirectory(dir=data_dir, prefix="bench-out-") as scratch:
             for repeat in range(repeats):
                 for name in timings:
                     out = os.path.join(scratch, f"{name}-{repeat}")
-                    seconds = _time(_MEASURES[name], spark, config, raw, out, layout)
+                    seconds, cpu_seconds = _time(_MEASURES[name], spark, config, raw, out, layout)
                     timings[name].append(seconds)
-                    log.info("%s %s repeat %d: %.2f s", layout, name, repeat + 1, seconds)
+                    cpu[name].append(cpu_seconds)
+                    log.info(
+                        "%s %s repeat %d: %.2f s (%.1f CPU s, load %.1f)",
+                        layout,
+                        name,
+                        repeat + 1,
+                        seconds,
+                        cpu_seconds,
+                        os.getloadavg()[0],
+                    )
                     shutil.rmtree(out, ignore_errors=True)
         figures = {name: _stats(values) for name, values in timings.items()}
         paired = [i / rw for i, rw in zip(timings["ingest"], timings["read_write"], strict=True)]
@@ -90,6 +100,10 @@ def run(
             ),
             "ratio_ingest_to_read_write_paired": _stats(paired),
             "target_ratio": TARGET_RATIO,
+            "cpu_seconds": {name: _stats(values) for name, values in cpu.items()},
+            "ratio_ingest_to_read_write_cpu": round(
+                statistics.median(cpu["ingest"]) / statistics.median(cpu["read_write"]), 3
+            ),
         }
         if baseline:
             entry["ratio_ingest_to_pyarrow"] = round(
@@ -137,10 +151,32 @@ def _raw_data(spark, config, data_dir: Path, rows, layout, seed, regenerate) -> 
     return str(path)
 
 
-def _time(measure: Callable, *args) -> float:
+def _time(measure: Callable, *args) -> tuple[float, float]:
+    """(wall-clock seconds, CPU seconds of this process and its children) of one measure.
+
+    CPU seconds include Spark's JVM and its Python workers (children of this process in
+    local mode); they are far less sensitive than wall-clock time to other work on the
+    machine, so both are reported.
+    """
+    cpu_before = _cpu_seconds()
     started = time.perf_counter()
     measure(*args)
-    return time.perf_counter() - started
+    wall = time.perf_counter() - started
+    return wall, _cpu_seconds() - cpu_before
+
+
+def _cpu_seconds() -> float:
+    import psutil
+
+    me = psutil.Process()
+    total = 0.0
+    for process in [me, *me.children(recursive=True)]:
+        try:
+            times = process.cpu_times()
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+        total += times.user + times.system
+    return total
 
 
 def _stats(values: Sequence[float]) -> dict[str, Any]:
@@ -317,13 +353,17 @@ def format_table(result: dict[str, Any]) -> str:
                     entry["rows_per_second"][name],
                 ]
             )
-    lines = [table(rows, ["layout", "measure", "median s", "min s", "max s", "rows/s"]), ""]
+    for row in rows:
+        row.append(result["layouts"][row[0]]["cpu_seconds"][row[1]]["median"])
+    headers = ["layout", "measure", "median s", "min s", "max s", "rows/s", "CPU s"]
+    lines = [table(rows, headers), ""]
     for layout, entry in result["layouts"].items():
         paired = entry["ratio_ingest_to_read_write_paired"]
         lines.append(
             f"{layout}: ingest / read_write = {entry['ratio_ingest_to_read_write']:.2f} "
             f"(paired per repeat: median {paired['median']:.2f}, min {paired['min']:.2f}, "
-            f"max {paired['max']:.2f}; target <= {TARGET_RATIO})"
+            f"max {paired['max']:.2f}; target <= {TARGET_RATIO}; "
+            f"in CPU seconds {entry['ratio_ingest_to_read_write_cpu']:.2f})"
             + (
                 f"; ingest / pyarrow = {entry['ratio_ingest_to_pyarrow']:.2f}"
                 if "ratio_ingest_to_pyarrow" in entry
