@@ -99,3 +99,12 @@ def fingerprint(df: DataFrame, key: str = "id") -> dict[str, int]:
         F.sum(row_hash).alias("hash"),
     ).first()
     return {"rows": int(result["rows"]), "keys": int(result["keys"]), "hash": int(result["hash"])}
+
+
+def max_array_difference(left: DataFrame, right: DataFrame, key: str, column: str) -> float:
+    """The largest element-wise difference of an array column between two runs, joined on `key`."""
+    joined = left.select(key, F.col(column).alias("a")).join(
+        right.select(key, F.col(column).alias("b")), key
+    )
+    diff = F.array_max(F.zip_with("a", "b", lambda x, y: F.abs(x - y)))
+    return float(joined.agg(F.max(diff)).first()[0])

@@ -6,7 +6,9 @@ processes while they work; each checks the output against a clean run's.
 
 from __future__ import annotations
 
+import json
 import time
+from pathlib import Path
 
 import pytest
 
@@ -32,10 +34,25 @@ def raw_array(spark, tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="module")
-def clean_ingest(spark, raw_array, tmp_path_factory) -> dict:
+def features(spark, raw_array, tmp_path_factory) -> str:
+    """The clean run's ingest output."""
     out = tmp_path_factory.mktemp("clean") / "features"
     run_ingest(spark, Config(), raw_array, str(out))
-    return faults.fingerprint(spark.read.parquet(str(out)))
+    return str(out)
+
+
+@pytest.fixture(scope="module")
+def clean_ingest(spark, features) -> dict:
+    return faults.fingerprint(spark.read.parquet(features))
+
+
+def _kill_one_executor_once(job, output: Path, ready=None) -> None:
+    """Wait for both executors and for `ready` (default: the write started), then kill one."""
+    faults.wait_for(lambda: len(faults.executors(job)) == 2, 120, "two executors", job)
+    faults.wait_for(ready or (lambda: faults.staging_dirs(output)), 300, "the work to start", job)
+    victims = faults.executors(job)
+    assert job.poll() is None, "the job finished before the fault could be injected"
+    victims[0].kill()
 
 
 def test_executor_killed_during_ingest_changes_nothing(spark, raw_array, clean_ingest, tmp_path):
@@ -50,12 +67,7 @@ def test_executor_killed_during_ingest_changes_nothing(spark, raw_array, clean_i
         "ingest.max_rows_per_file=5000",
     )
     try:
-        faults.wait_for(lambda: len(faults.executors(job)) == 2, 120, "two executors", job)
-        faults.wait_for(lambda: faults.staging_dirs(out), 120, "the write to start", job)
-        time.sleep(1.0)
-        victims = faults.executors(job)
-        assert job.poll() is None, "the job finished before the fault could be injected"
-        victims[0].kill()
+        _kill_one_executor_once(job, out)
         code, log = faults.finish(job)
     finally:
         if job.poll() is None:
@@ -93,3 +105,68 @@ def test_driver_killed_during_write_leaves_nothing_that_looks_complete(
     assert code == 0, log[-4000:]
     assert faults.fingerprint(spark.read.parquet(str(out))) == clean_ingest
     assert faults.staging_dirs(out) == []  # the rerun removed the dead run's staging directory
+
+
+def test_executor_killed_during_scoring_changes_no_prediction(
+    spark, features, trained_model_dir, tmp_path
+):
+    from pipeline.scoring import run_scoring
+
+    clean = tmp_path / "clean"
+    run_scoring(spark, Config(), features, trained_model_dir, str(clean))
+    out = tmp_path / "predictions"
+    job = faults.submit(
+        "score.py",
+        "--input",
+        features,
+        "--model-dir",
+        trained_model_dir,
+        "--output",
+        str(out),
+        "--set",
+        "score.batch_size=2048",
+    )
+    try:
+        _kill_one_executor_once(job, out)
+        code, log = faults.finish(job)
+    finally:
+        if job.poll() is None:
+            faults.kill_process_group(job)
+    assert code == 0, log[-4000:]
+    assert "Lost executor" in log, log[-4000:]
+    exact = ["id", "label", "prediction"]
+    faulty_df, clean_df = spark.read.parquet(str(out)), spark.read.parquet(str(clean))
+    assert faults.fingerprint(faulty_df.select(*exact)) == faults.fingerprint(
+        clean_df.select(*exact)
+    )
+    assert faulty_df.count() == ROWS  # one row per input row
+    assert faults.max_array_difference(faulty_df, clean_df, "id", "probabilities") < 1e-6
+
+
+def test_training_worker_killed_mid_run_resumes_from_its_checkpoint(spark, features, tmp_path):
+    from pipeline.training import run_training
+
+    settings = ["train.epochs=3", "train.validation_fraction=0.1", "train.sync=exact"]
+    overrides = {"train": {"epochs": 3, "validation_fraction": 0.1}}
+    clean = run_training(
+        spark, Config().with_overrides(overrides), features, str(tmp_path / "clean"), workers=2
+    )
+    model_dir = tmp_path / "model"
+    args = ["--input", features, "--model-dir", str(model_dir), "--workers", "2"]
+    for item in settings:
+        args += ["--set", item]
+    job = faults.submit("train.py", *args)
+    first_checkpoint = model_dir / "checkpoints" / "epoch-0001.npz"
+    try:
+        _kill_one_executor_once(job, model_dir, ready=first_checkpoint.exists)
+        code, log = faults.finish(job)
+    finally:
+        if job.poll() is None:
+            faults.kill_process_group(job)
+    assert code == 0, log[-4000:]
+    assert "resuming from the checkpoint of epoch" in log, log[-4000:]
+    metadata = json.loads((model_dir / "metadata.json").read_text())
+    assert metadata["epochs_completed"] == 3
+    faulty_accuracy = metadata["history"][-1]["val_accuracy"]
+    clean_accuracy = clean.metadata.history[-1]["val_accuracy"]
+    assert abs(faulty_accuracy - clean_accuracy) <= 0.005, (faulty_accuracy, clean_accuracy)
