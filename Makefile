@@ -5,6 +5,7 @@ PY := $(VENV)/bin/python
 OUT ?= out
 # Arguments for `make bench`: rows per stage and repetitions of each measurement.
 ROWS ?= 1000000
+TRAIN_ROWS ?= 300000
 REPEATS ?= 3
 PYTEST_ARGS ?=
 
@@ -56,6 +57,11 @@ test: $(VENV)/.installed-dev check-java
 ## test-fast: the tests without the slow ones
 test-fast: $(VENV)/.installed-dev
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+## bench: every stage against its baselines in one run (ROWS, REPEATS); writes benchmarks/results/
+bench: $(VENV)/.installed-dev check-java
+	$(PY) benchmarks/run.py --rows $(ROWS) --train-rows $(TRAIN_ROWS) --repeats $(REPEATS)
+	@echo "results: benchmarks/results/latest.md, benchmarks/results/latest.json"
 
 lint: $(VENV)/.installed-dev
 	$(VENV)/bin/ruff check pipeline jobs tests benchmarks
