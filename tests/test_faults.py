@@ -46,13 +46,22 @@ def clean_ingest(spark, features) -> dict:
     return faults.fingerprint(spark.read.parquet(features))
 
 
-def _kill_one_executor_once(job, output: Path, ready=None) -> None:
-    """Wait for both executors and for `ready` (default: the write started), then kill one."""
-    faults.wait_for(lambda: len(faults.executors(job)) == 2, 120, "two executors", job)
-    faults.wait_for(ready or (lambda: faults.staging_dirs(output)), 300, "the work to start", job)
-    victims = faults.executors(job)
-    assert job.poll() is None, "the job finished before the fault could be injected"
-    victims[0].kill()
+def _run_killing_one_executor(job, output: Path, ready=None) -> str:
+    """Wait for both executors and for `ready` (default: the write started), kill one
+    executor, check that the job still succeeds, and return its log."""
+    try:
+        faults.wait_for(lambda: len(faults.executors(job)) == 2, 120, "two executors", job)
+        faults.wait_for(ready or (lambda: faults.staging_dirs(output)), 300, "the work", job)
+        victims = faults.executors(job)
+        assert job.poll() is None, "the job finished before the fault could be injected"
+        victims[0].kill()
+        code, log = faults.finish(job)
+    finally:
+        if job.poll() is None:
+            faults.kill_process_group(job)
+    assert code == 0, log[-4000:]
+    assert "Lost executor" in log, log[-4000:]  # the fault really hit the job
+    return log
 
 
 def test_executor_killed_during_ingest_changes_nothing(spark, raw_array, clean_ingest, tmp_path):
@@ -66,14 +75,7 @@ def test_executor_killed_during_ingest_changes_nothing(spark, raw_array, clean_i
         "--set",
         "ingest.max_rows_per_file=5000",
     )
-    try:
-        _kill_one_executor_once(job, out)
-        code, log = faults.finish(job)
-    finally:
-        if job.poll() is None:
-            faults.kill_process_group(job)
-    assert code == 0, log[-4000:]
-    assert "Lost executor" in log, log[-4000:]  # the fault really hit the job
+    _run_killing_one_executor(job, out)
     assert faults.fingerprint(spark.read.parquet(str(out))) == clean_ingest
     assert clean_ingest["rows"] == clean_ingest["keys"] == ROWS  # one row per input row
     leftovers = [p for p in out.rglob("*") if "_temporary" in p.parts or p.name.startswith(".")]
@@ -126,14 +128,7 @@ def test_executor_killed_during_scoring_changes_no_prediction(
         "--set",
         "score.batch_size=2048",
     )
-    try:
-        _kill_one_executor_once(job, out)
-        code, log = faults.finish(job)
-    finally:
-        if job.poll() is None:
-            faults.kill_process_group(job)
-    assert code == 0, log[-4000:]
-    assert "Lost executor" in log, log[-4000:]
+    _run_killing_one_executor(job, out)
     exact = ["id", "label", "prediction"]
     faulty_df, clean_df = spark.read.parquet(str(out)), spark.read.parquet(str(clean))
     assert faults.fingerprint(faulty_df.select(*exact)) == faults.fingerprint(
@@ -157,13 +152,7 @@ def test_training_worker_killed_mid_run_resumes_from_its_checkpoint(spark, featu
         args += ["--set", item]
     job = faults.submit("train.py", *args)
     first_checkpoint = model_dir / "checkpoints" / "epoch-0001.npz"
-    try:
-        _kill_one_executor_once(job, model_dir, ready=first_checkpoint.exists)
-        code, log = faults.finish(job)
-    finally:
-        if job.poll() is None:
-            faults.kill_process_group(job)
-    assert code == 0, log[-4000:]
+    log = _run_killing_one_executor(job, model_dir, ready=first_checkpoint.exists)
     assert "resuming from the checkpoint of epoch" in log, log[-4000:]
     metadata = json.loads((model_dir / "metadata.json").read_text())
     assert metadata["epochs_completed"] == 3
