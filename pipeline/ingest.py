@@ -129,18 +129,29 @@ def split_column(prepared: Preprocessed, split: SplitSettings) -> Column:
 
 def read_features(spark: SparkSession, path: str) -> DataFrame:
     """An ingest output (or any Parquet with the features contract), refusing incomplete ones."""
-    storage = Storage(spark)
-    report_path = f"{path.rstrip('/')}/{REPORT_FILE}"
-    if storage.exists(report_path):
-        report = storage.read_json(report_path)
-        if report.get("status") != "ok" or not storage.exists(
-            f"{path.rstrip('/')}/{SUCCESS_MARKER}"
-        ):
-            raise InputDataError(
-                f"{path} is not a complete ingest output (status {report.get('status')!r}); "
-                f"rerun the ingest job for it"
-            )
+    ingest_report(Storage(spark), path)
     return read_parquet(spark, path)
+
+
+def ingest_report(storage: Storage, path: str) -> dict | None:
+    """The report of the ingest output at `path`, or of the one whose ``split=…`` folder it is.
+
+    None for Parquet that no ingest run wrote. Raises `InputDataError` for an ingest
+    output that failed or was interrupted.
+    """
+    path = path.rstrip("/")
+    parent, _, name = path.rpartition("/")
+    for directory in (path, parent) if name.startswith(f"{SPLIT}=") and parent else (path,):
+        if not storage.exists(f"{directory}/{REPORT_FILE}"):
+            continue
+        report = storage.read_json(f"{directory}/{REPORT_FILE}")
+        if report.get("status") != "ok" or not storage.exists(f"{directory}/{SUCCESS_MARKER}"):
+            raise InputDataError(
+                f"{directory} is not a complete ingest output (status "
+                f"{report.get('status')!r}); rerun the ingest job for it"
+            )
+        return report
+    return None
 
 
 def _drop_accepted(storage: Storage, staging: str) -> None:
