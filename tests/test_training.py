@@ -13,7 +13,7 @@ import pytest
 from pipeline.artifact import model_from_bytes, read_model_dir
 from pipeline.config import Config, TrainSettings
 from pipeline.contract import FEATURES, LABEL_ONEHOT, NUM_CLASSES
-from pipeline.errors import ConfigError, EnvironmentProblem
+from pipeline.errors import ConfigError, EnvironmentProblem, TrainingError
 from pipeline.storage import Storage
 from pipeline.training import fit_partitions, run_training
 from pipeline.training.data import VALIDATION_FLAG
@@ -217,3 +217,75 @@ def test_validation_early_stopping_and_the_artifact(spark, tmp_path, ingested_sa
     model = model_from_bytes(loaded_metadata, model_bytes)
     assert len(model.get_weights()) == 4
     assert os.path.exists(model_dir / "checkpoints")
+
+
+def _tiny_two_worker_frame(spark, sample_pixels, rows: int = 256):
+    pixels, labels = sample_pixels
+    data = _rows(pixels[:rows], labels[:rows])
+    return _frame(spark, [data[: rows // 2], data[rows // 2 :]])
+
+
+@pytest.mark.slow
+def test_grpc_servers_use_the_reserved_ports_of_their_executors(spark, tmp_path, sample_pixels):
+    settings = TrainSettings(workers=2, epochs=1, sync="local_sgd")
+    fit = fit_partitions(
+        spark, _tiny_two_worker_frame(spark, sample_pixels), settings, checkpoint_dir=str(tmp_path)
+    )
+    addresses = [w["address"] for w in fit.workers]
+    assert len(set(addresses)) == 2
+    for worker in fit.workers:
+        host, port = worker["address"].rsplit(":", 1)
+        listen_ports = {a.rsplit(":", 1)[1] for a in worker["grpc_listen"]}
+        assert listen_ports == {port}  # one server, on the port in TF_CONFIG
+        # TensorFlow 2.21 binds its gRPC server to every interface ("0.0.0.0:" + port is
+        # hard-coded in GrpcServer::Init); the cluster spec names the executor's address.
+        assert {a.rsplit(":", 1)[0] for a in worker["grpc_listen"]} <= {host, "::", "0.0.0.0"}
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(
+    strict=True,
+    reason="TensorFlow's GrpcServer listens on 0.0.0.0:<port> whatever the cluster spec says",
+)
+def test_grpc_servers_listen_on_the_executor_address_only(spark, tmp_path, sample_pixels):
+    settings = TrainSettings(workers=2, epochs=1, sync="local_sgd")
+    fit = fit_partitions(
+        spark, _tiny_two_worker_frame(spark, sample_pixels), settings, checkpoint_dir=str(tmp_path)
+    )
+    for worker in fit.workers:
+        host = worker["address"].rsplit(":", 1)[0]
+        assert {a.rsplit(":", 1)[0] for a in worker["grpc_listen"]} == {host}
+
+
+@pytest.mark.slow
+def test_a_stalled_worker_fails_the_job_within_the_collective_timeout(
+    spark, tmp_path, ingested_sample
+):
+    timeout = 5.0
+    config = Config().with_overrides(
+        {
+            "train": {
+                "epochs": 3,
+                "workers": 2,
+                "sync": "local_sgd",
+                "collective_timeout_s": timeout,
+            }
+        }
+    )
+    epoch_ends: list[float] = []
+    with pytest.raises(TrainingError) as caught:
+        run_training(
+            spark,
+            config,
+            ingested_sample,
+            str(tmp_path / "model"),
+            on_epoch=lambda record: epoch_ends.append(time.monotonic()),
+            _stall_at_epoch=1,
+        )
+    failed = time.monotonic()
+    assert len(epoch_ends) == 1  # epoch 1 finished, then worker 1 stopped answering
+    assert failed - epoch_ends[0] < timeout + 20  # the bound, plus stopping the stage
+    message = str(caught.value)
+    assert "train.collective_timeout_s = 5 s" in message and "stalled" in message
+    assert not (tmp_path / "model" / "model.keras").exists()
+    assert (tmp_path / "model" / "checkpoints" / "epoch-0001.npz").exists()

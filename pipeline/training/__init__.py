@@ -103,13 +103,15 @@ def run_training(
     fresh: bool = False,
     on_epoch: Callable[[dict[str, Any]], None] | None = None,
     _fail_at_epoch: int | None = None,
+    _stall_at_epoch: int | None = None,
 ) -> TrainResult:
     """Train on the features at `input_path` and publish the model directory `model_dir`.
 
     Resumes from ``MODEL/checkpoints/`` unless `fresh`. `workers` overrides
     ``train.workers``. `on_epoch` receives worker 0's per-epoch record while training
-    runs (default: one log line). `_fail_at_epoch` is for tests: the last worker's Spark
-    task is killed once, after that epoch's checkpoint.
+    runs (default: one log line). `_fail_at_epoch` and `_stall_at_epoch` are for tests:
+    the last worker's Spark task is killed once, after that epoch's checkpoint, or that
+    worker stops answering after the epoch (the others time out on their next collective).
     """
     started = time.monotonic()
     settings = config.train
@@ -152,6 +154,7 @@ def run_training(
         tensorboard_dir=f"{model_dir}/logs" if settings.tensorboard else None,
         on_epoch=on_epoch,
         _fail_at_epoch=_fail_at_epoch,
+        _stall_at_epoch=_stall_at_epoch,
     )
     metadata = Metadata(
         feature_dim=FEATURE_DIM,
@@ -233,6 +236,7 @@ def fit_partitions(
     tensorboard_dir: str | None = None,
     on_epoch: Callable[[dict[str, Any]], None] | None = None,
     _fail_at_epoch: int | None = None,
+    _stall_at_epoch: int | None = None,
 ) -> FitResult:
     """Train on `data` (from `prepare_training_data`) with ``settings.workers`` workers.
 
@@ -246,14 +250,29 @@ def fit_partitions(
     if data.rdd.getNumPartitions() != workers:
         data = data.repartition(workers)
     resumed: list[int] = []
+    fatal: list[str] = []
     console = on_epoch or _log_epoch
+    sc = spark.sparkContext
+    group = f"train-{uuid.uuid4().hex[:8]}"
 
     def on_message(message: dict[str, Any]) -> None:
-        if message.get("event") == "resume":
+        event = message.get("event")
+        if event == "resume":
             resumed.append(int(message["epoch"]))
             log.info("resuming from the checkpoint of epoch %d", message["epoch"])
-        elif message.get("event") == "epoch":
+        elif event == "epoch":
             console(message)
+        elif event == "cluster":
+            log.info(
+                "TensorFlow cluster %s; worker 0's gRPC server listens on %s",
+                ", ".join(message["workers"]),
+                ", ".join(message["listen"]) or "?",
+            )
+        elif event == "fatal":
+            # A retry would stall the same way: stop the stage now rather than let Spark
+            # rerun it spark.stage.maxConsecutiveAttempts times.
+            fatal.append(str(message.get("message")))
+            sc.cancelJobGroup(group)
 
     spec_base = {
         "train": settings.model_dump(mode="json"),
@@ -262,11 +281,10 @@ def fit_partitions(
         "fingerprint": fingerprint,
         "tensorboard_dir": tensorboard_dir,
         "fail_at_epoch": _fail_at_epoch,
+        "stall_at_epoch": _stall_at_epoch,
         "settings_key": _resume_key(settings),
     }
     host = spark.sparkContext.getConf().get("spark.driver.host", "127.0.0.1")
-    sc = spark.sparkContext
-    group = f"train-{uuid.uuid4().hex[:8]}"
     with ProgressListener(host, on_message) as listener:
         spec = {**spec_base, "progress": list(listener.address)}
         sc.setJobGroup(group, f"train {workers} worker(s), {settings.epochs} epochs")
@@ -280,6 +298,8 @@ def fit_partitions(
         except PipelineError:
             raise
         except Exception as exc:  # Py4JJavaError and friends: the stage failed for good
+            if fatal:
+                raise TrainingError(f"training failed: {fatal[0]}") from None
             message = failure_message(exc)
             if "InputDataError" in str(exc):
                 raise InputDataError(message) from None

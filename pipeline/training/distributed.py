@@ -39,6 +39,9 @@ from pipeline.errors import EnvironmentProblem, InputDataError, TrainingError
 log = logging.getLogger(__name__)
 
 RESULT_SCHEMA = "rank int, model binary, info string"
+# Exit codes of the worker process (pipeline.training.worker) that the task explains.
+BIND_FAILED_EXIT = 75  # its gRPC port was taken
+COLLECTIVE_TIMEOUT_EXIT = 76  # a collective timed out: a peer stalled or vanished
 _RESULT_ARROW_SCHEMA = pa.schema(
     [pa.field("rank", pa.int32()), pa.field("model", pa.binary()), pa.field("info", pa.string())]
 )
@@ -197,8 +200,6 @@ def _run_worker(spec, context, rank: int, workers: int, batches, workdir: str) -
         "steps_per_epoch": math.ceil(total_train / (workers * batch)),
         "resume_epoch": everyone[0]["resume_epoch"],
     }
-    if rank != 0:
-        child_spec["progress"] = None
     spec_path = os.path.join(workdir, "spec.json")
     with open(spec_path, "w", encoding="utf-8") as f:
         json.dump(child_spec, f)
@@ -221,19 +222,41 @@ def _run_worker(spec, context, rank: int, workers: int, batches, workdir: str) -
                 "task": {"type": "worker", "index": rank},
             }
         )
-        reserved.close()  # as late as possible: the worker binds this port right away
+        # The reservation (SO_REUSEPORT, bound, never listening) is held until the worker
+        # exits, and TensorFlow's server may share the port with it: no other process can
+        # take the port between the reservation and the server's start.
+        env["TF_GRPC_REUSE_PORT"] = "1"
     log_path = os.path.join(workdir, "worker.log")
-    with open(log_path, "wb") as log_file:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "pipeline.training.worker", spec_path],
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-            env=env,
-            cwd=workdir,
-        )
-        process_started = time.monotonic()
-        code = process.wait()
+    try:
+        with open(log_path, "wb") as log_file:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "pipeline.training.worker", spec_path],
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                env=env,
+                cwd=workdir,
+            )
+            process_started = time.monotonic()
+            code = process.wait()
+    finally:
+        if reserved is not None:
+            reserved.close()
     process_seconds = time.monotonic() - process_started
+    if code == BIND_FAILED_EXIT:
+        raise TrainingError(
+            f"training worker {rank} of {workers} could not start TensorFlow's gRPC server on "
+            f"{mine['address']} (port taken); Spark retries the stage with new ports"
+        )
+    if code == COLLECTIVE_TIMEOUT_EXIT or (
+        code != 0 and "Collective has timed out" in _tail(log_path, 20_000)
+    ):
+        # TensorFlow may crash outright once a collective has aborted, so the task, not
+        # the worker process, tells the driver, which then stops the stage at once.
+        message = collective_timeout_message(
+            rank, workers, float(spec["train"]["collective_timeout_s"])
+        )
+        _notify_driver(spec.get("progress"), {"event": "fatal", "message": message})
+        raise TrainingError(message)
     if code != 0:
         raise TrainingError(
             f"training worker {rank} of {workers} exited with code {code}; its log ends:\n"
@@ -242,6 +265,7 @@ def _run_worker(spec, context, rank: int, workers: int, batches, workdir: str) -
     with open(os.path.join(workdir, "result.json"), encoding="utf-8") as f:
         info = json.load(f)
     info["log_tail"] = _tail(log_path, 600) if rank == 0 else ""
+    info["address"] = mine["address"]  # this worker's entry in TF_CONFIG
     info["phases"] = {
         "spool": spooled - started,
         "until_process": process_started - spooled,
@@ -262,6 +286,25 @@ def _run_worker(spec, context, rank: int, workers: int, batches, workdir: str) -
     )
 
 
+def collective_timeout_message(rank: int, workers: int, timeout_s: float) -> str:
+    return (
+        f"worker {rank} of {workers}: a collective found no answer from the other workers "
+        f"within train.collective_timeout_s = {timeout_s:g} s (a worker stalled or was lost); "
+        f"the job stops instead of waiting. Raise train.collective_timeout_s if the workers "
+        f"are merely slow"
+    )
+
+
+def _notify_driver(address: list | None, message: dict[str, Any]) -> None:
+    if not address:
+        return
+    try:
+        with socket.create_connection((address[0], int(address[1])), timeout=10) as sock:
+            sock.sendall((json.dumps(message) + "\n").encode("utf-8"))
+    except OSError as exc:
+        log.warning("could not reach the driver's progress listener: %s", exc)
+
+
 def _executor_host(context, rank: int, workers: int) -> str:
     if workers > 1:
         address = context.getTaskInfos()[rank].address
@@ -270,11 +313,16 @@ def _executor_host(context, rank: int, workers: int) -> str:
 
 
 def _reserve_port(host: str, attempts: int = 5) -> socket.socket:
-    """A socket bound to a free port on `host`, held until the worker process starts."""
+    """A socket bound to a free port on `host`, held while the worker process runs.
+
+    It never listens, so every connection to the port reaches TensorFlow's server, which
+    shares the port through ``SO_REUSEPORT`` (``TF_GRPC_REUSE_PORT=1``).
+    """
     last: OSError | None = None
     for _ in range(attempts):
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             sock.bind((host, 0))
             return sock
         except OSError as exc:

@@ -29,10 +29,18 @@ from typing import Any
 
 log = logging.getLogger("pipeline.training.worker")
 
-BIND_FAILED_EXIT = 75  # the gRPC port was taken between reservation and start-up
+
+class _BindFailed(Exception):
+    """TensorFlow's gRPC server could not take its port."""
+
+
+class _CollectiveTimeout(Exception):
+    """A collective did not complete within train.collective_timeout_s."""
 
 
 def main(spec_path: str) -> int:
+    from pipeline.training.distributed import BIND_FAILED_EXIT, COLLECTIVE_TIMEOUT_EXIT
+
     logging.basicConfig(
         level=logging.INFO,
         format="%(asctime)s %(levelname)s worker: %(message)s",
@@ -43,16 +51,31 @@ def main(spec_path: str) -> int:
     _die_with_parent(spec["parent_pid"])
     peak = _PeakMemory()
     try:
-        result = _train(spec, peak)
-    except OSError as exc:
-        if "address already in use" in str(exc).lower():
-            log.error("gRPC port taken: %s", exc)
-            return BIND_FAILED_EXIT
-        raise
+        try:
+            result = _train(spec, peak)
+        except Exception as exc:
+            if _timed_out(exc):
+                raise _CollectiveTimeout(str(exc).splitlines()[0]) from None
+            raise
+    except _BindFailed as exc:
+        log.error("gRPC port taken: %s", exc)
+        return _exit_now(BIND_FAILED_EXIT)
+    except _CollectiveTimeout as exc:
+        # Not worth a retry of the stage; the Spark task tells the driver.
+        log.error("a collective timed out: %s", exc)
+        return _exit_now(COLLECTIVE_TIMEOUT_EXIT)
     result["peak_rss_mb"] = peak.stop()
     with open(os.path.join(spec["workdir"], "result.json"), "w", encoding="utf-8") as f:
         json.dump(result, f)
     return 0
+
+
+def _exit_now(code: int) -> int:
+    """Exit without waiting on TensorFlow's threads (a failed collective may hold them)."""
+    logging.shutdown()
+    sys.stderr.flush()
+    os._exit(code)
+    return code  # not reached
 
 
 def _train(spec: dict[str, Any], peak: _PeakMemory) -> dict[str, Any]:
@@ -81,12 +104,20 @@ def _train(spec: dict[str, Any], peak: _PeakMemory) -> dict[str, Any]:
     workers, rank = int(spec["workers"]), int(spec["rank"])
     chief = rank == 0
     strategy = None
+    listening: list[str] = []
     if workers > 1:
-        strategy = tf.distribute.MultiWorkerMirroredStrategy(
-            communication_options=tf.distribute.experimental.CommunicationOptions(
-                timeout_seconds=settings.collective_timeout_s
+        try:
+            strategy = tf.distribute.MultiWorkerMirroredStrategy(
+                communication_options=tf.distribute.experimental.CommunicationOptions(
+                    timeout_seconds=settings.collective_timeout_s
+                )
             )
-        )
+        except tf.errors.OpError as exc:
+            if "could not start grpc server" in str(exc).lower():
+                raise _BindFailed(str(exc)) from None
+            raise
+        listening = _listening()
+        log.info("gRPC server of worker %d listens on %s", rank, ", ".join(listening))
     keras.utils.set_random_seed(settings.seed)
     phases["cluster"] = time.monotonic() - phase_started
     phase_started = time.monotonic()
@@ -111,6 +142,9 @@ def _train(spec: dict[str, Any], peak: _PeakMemory) -> dict[str, Any]:
     phases["load"] = time.monotonic() - phase_started
     checkpoints = CheckpointDir(spec["checkpoint_dir"])
     progress = _Progress(spec.get("progress")) if chief else _Progress(None)
+    if strategy is not None:
+        cluster = json.loads(os.environ["TF_CONFIG"])["cluster"]["worker"]
+        progress.send({"event": "cluster", "workers": cluster, "listen": listening})
 
     history: list[dict[str, float]] = []
     best_weights = None
@@ -196,6 +230,8 @@ def _train(spec: dict[str, Any], peak: _PeakMemory) -> dict[str, Any]:
             progress.send({"event": "epoch", **record, "epochs": settings.epochs, "eta_s": left})
             if tensorboard is not None:
                 tensorboard.write(epoch, record)
+        if spec.get("stall_at_epoch") == epoch and rank == workers - 1:
+            _stall()
         if spec.get("fail_at_epoch") == epoch:
             _inject_fault(trainer, checkpoints, rank, workers)
         if stopped_early:
@@ -217,6 +253,7 @@ def _train(spec: dict[str, Any], peak: _PeakMemory) -> dict[str, Any]:
         "weights_digest": _digest(trainer.weights()),
         "epoch_seconds": epoch_seconds,
         "phases": phases,
+        "grpc_listen": listening,
     }
     if chief:
         result["history"] = history
@@ -238,6 +275,33 @@ def _inject_fault(trainer, checkpoints, rank: int, workers: int) -> None:
         log.error("fault injection: killing this worker's Spark task")
         os.kill(os.getppid(), signal.SIGKILL)
         os._exit(1)
+
+
+def _timed_out(exc: BaseException) -> bool:
+    tf = sys.modules.get("tensorflow")
+    if tf is None:
+        return False
+    return isinstance(exc, tf.errors.DeadlineExceededError) or (
+        isinstance(exc, tf.errors.OpError) and "timed out" in str(exc).lower()
+    )
+
+
+def _stall() -> None:
+    """Test only: this worker stops answering (alive, never reaching another collective)."""
+    log.error("fault injection: this worker stalls")
+    while True:
+        time.sleep(60)
+
+
+def _listening() -> list[str]:
+    """The addresses this process listens on (TensorFlow's gRPC server)."""
+    import psutil
+
+    return sorted(
+        f"{c.laddr.ip}:{c.laddr.port}"
+        for c in psutil.Process().net_connections(kind="inet")
+        if c.status == psutil.CONN_LISTEN
+    )
 
 
 def _named(prefix: str, arrays) -> dict[str, Any]:
