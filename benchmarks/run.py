@@ -35,7 +35,7 @@ from typing import Any
 log = logging.getLogger("benchmarks")
 
 HERE = Path(__file__).resolve().parent
-STAGES = ("ingest", "train", "score")
+STAGES = ("ingest", "train", "score", "memory")
 PACKAGES = ("pyspark", "tensorflow", "keras", "pandas", "pyarrow", "numpy", "pillow")
 
 
