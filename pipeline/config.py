@@ -14,18 +14,29 @@ the key and what is allowed, before any Spark work starts.
 from __future__ import annotations
 
 import copy
+import importlib.util
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from pipeline.contract import PIXEL_COLUMN_PREFIX
 from pipeline.errors import ConfigError
 
 BASE_FILE = "base.yaml"
 LOCAL_FILE = "local.yaml"
+# Mappings that a later layer replaces whole instead of merging key by key.
+_REPLACED = ("conf", "space")
 
 
 class _Section(BaseModel):
@@ -155,6 +166,10 @@ class ScoreSettings(_Section):
     )
     max_reject_fraction: float = Field(0.05, ge=0, le=1)
     max_rows_per_file: int = Field(500_000, ge=1)
+    ingested_reader: Literal["files", "spark"] = Field(
+        "files",
+        description="ingest outputs: executors read the Parquet files (files) or Spark does",
+    )
 
 
 class GenerateSettings(_Section):
@@ -181,6 +196,97 @@ class GenerateSettings(_Section):
         return self
 
 
+# Train settings a search may not vary: each trial is one worker judged on a validation
+# split that the tune section itself sets.
+_UNTUNABLE = {"workers", "validation_fraction", "validation_path", "early_stopping"}
+
+
+def _default_space() -> dict[str, list[Any]]:
+    return {
+        "hidden_units": [[32], [64], [128], [64, 32]],
+        "activation": ["relu", "tanh"],
+        "learning_rate": [0.01, 0.05],
+        "dropout": [0.0, 0.2],
+    }
+
+
+class TuneSettings(_Section):
+    """Structure search (jobs/tune.py): trials of train settings, one Spark task each."""
+
+    strategy: Literal["grid", "random"] = Field(
+        "random", description="grid: every combination; random: `trials` distinct samples"
+    )
+    trials: int = Field(8, ge=1, description="budget of the random strategy")
+    seed: int = Field(0, description="seed of the random sampling")
+    parallelism: int | None = Field(
+        None, ge=1, description="trials at once; default: the free task slots, capped by trials"
+    )
+    include_reference: bool = Field(
+        True, description="trial 0 is the train section unchanged (the reference model)"
+    )
+    epochs: int = Field(10, ge=1, description="per trial, unless the space varies epochs")
+    validation_fraction: float = Field(0.2, gt=0, lt=1)
+    early_stopping: EarlyStoppingSettings = EarlyStoppingSettings(enabled=True)
+    space: dict[str, list[Any]] = Field(
+        default_factory=_default_space,
+        description="train setting -> candidate values",
+    )
+
+    @field_validator("space")
+    @classmethod
+    def _space_holds_train_settings(cls, space: dict[str, list[Any]]) -> dict[str, list[Any]]:
+        """Candidates validated (and coerced) one by one, duplicates dropped, order kept."""
+        checked: dict[str, list[Any]] = {}
+        for key, candidates in space.items():
+            if key not in TrainSettings.model_fields or key in _UNTUNABLE:
+                allowed = sorted(set(TrainSettings.model_fields) - _UNTUNABLE)
+                raise ValueError(
+                    f"tune.space.{key} is not a train setting a search can vary; "
+                    f"allowed: {', '.join(allowed)}"
+                )
+            if not candidates:
+                raise ValueError(f"tune.space.{key} lists no candidate values")
+            info = TrainSettings.model_fields[key]
+            annotation = (
+                Annotated[(info.annotation, *info.metadata)] if info.metadata else info.annotation
+            )
+            adapter = TypeAdapter(annotation)
+            values: list[Any] = []
+            for candidate in candidates:
+                try:
+                    value = adapter.validate_python(candidate)
+                except ValidationError as exc:
+                    reason = exc.errors()[0]["msg"]
+                    raise ValueError(
+                        f"tune.space.{key}: candidate {candidate!r} is not a valid "
+                        f"train.{key}: {reason}"
+                    ) from None
+                if value not in values:
+                    values.append(value)
+            checked[key] = values
+        return checked
+
+
+class TrackingSettings(_Section):
+    """Experiment tracking in MLflow (optional: pip install 'digits-pipeline[tracking]')."""
+
+    enabled: bool = False
+    uri: str = Field(
+        "file:./mlruns", description="MLflow tracking URI; a relative file: URI is made absolute"
+    )
+    experiment: str = Field("digits-pipeline", min_length=1)
+
+    @field_validator("enabled")
+    @classmethod
+    def _mlflow_installed(cls, enabled: bool) -> bool:
+        if enabled and importlib.util.find_spec("mlflow") is None:
+            raise ValueError(
+                "tracking is enabled but MLflow is not installed: "
+                "pip install 'digits-pipeline[tracking]', or set tracking.enabled=false"
+            )
+        return enabled
+
+
 class Config(_Section):
     """The whole configuration shared by every job."""
 
@@ -189,6 +295,8 @@ class Config(_Section):
     train: TrainSettings = TrainSettings()
     score: ScoreSettings = ScoreSettings()
     generate: GenerateSettings = GenerateSettings()
+    tune: TuneSettings = TuneSettings()
+    tracking: TrackingSettings = TrackingSettings()
 
     def with_overrides(self, overrides: Mapping[str, Any]) -> Config:
         """A copy with nested overrides applied and validated again."""
@@ -252,7 +360,8 @@ def _read_yaml(path: Path) -> dict[str, Any]:
 def _deep_merge(base: Mapping[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
     merged = copy.deepcopy(dict(base))
     for key, value in update.items():
-        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping) and key != "conf":
+        nested = isinstance(value, Mapping) and isinstance(merged.get(key), Mapping)
+        if nested and key not in _REPLACED:
             merged[key] = _deep_merge(merged[key], value)
         else:
             merged[key] = copy.deepcopy(value)

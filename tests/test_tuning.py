@@ -1,0 +1,210 @@
+"""Structure search: space expansion and validation (pure), and a small search end to end."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import yaml
+
+from pipeline.config import Config, TrainSettings, TuneSettings, load_config
+from pipeline.errors import ConfigError
+from pipeline.tuning import (
+    BEST_FILE,
+    PLOT_FILE,
+    RESULTS_MD,
+    RESULTS_PARQUET,
+    TRIALS_DIR,
+    grid,
+    judged_epoch,
+    plan_trials,
+    run_tuning,
+    sample,
+)
+
+SPACE = {"hidden_units": [[32], [64], [64, 32]], "learning_rate": [0.01, 0.05], "dropout": [0.0]}
+
+
+# -- the space ------------------------------------------------------------------------------
+def test_grid_is_the_full_product_in_order():
+    combos = grid(SPACE)
+    assert len(combos) == 3 * 2 * 1
+    assert combos[0] == {"hidden_units": [32], "learning_rate": 0.01, "dropout": 0.0}
+    assert combos[-1] == {"hidden_units": [64, 32], "learning_rate": 0.05, "dropout": 0.0}
+    assert len({repr(c) for c in combos}) == len(combos)
+
+
+def test_sample_is_seeded_and_without_replacement():
+    first = sample(SPACE, 4, seed=1)
+    assert first == sample(SPACE, 4, seed=1)
+    assert len({repr(c) for c in first}) == 4
+    assert all(c in grid(SPACE) for c in first)
+    # asking for more than the space holds gives the whole space once, in some order
+    everything = sample(SPACE, 100, seed=3)
+    assert sorted(map(repr, everything)) == sorted(map(repr, grid(SPACE)))
+    assert any(sample(SPACE, 6, seed=s) != sample(SPACE, 6, seed=1) for s in range(2, 6))
+
+
+def test_sample_of_a_huge_space_stays_distinct():
+    space = {"batch_size": list(range(1, 1001)), "epochs": list(range(1, 1001))}
+    drawn = sample(space, 50, seed=0)
+    assert len({(c["batch_size"], c["epochs"]) for c in drawn}) == 50
+
+
+def test_default_space_includes_the_reference_and_stays_small():
+    tune = TuneSettings()
+    reference = TrainSettings()
+    for key, candidates in tune.space.items():
+        assert getattr(reference, key) in candidates, key
+    trials = plan_trials(reference, tune)
+    assert len(trials) == tune.trials <= 10
+    assert trials[0].reference and trials[0].params == {}
+    assert trials[0].settings.hidden_units == [32] and trials[0].settings.activation == "relu"
+
+
+def test_trials_are_one_worker_with_validation_and_early_stopping():
+    tune = TuneSettings(space=SPACE, strategy="grid", epochs=3)
+    train = TrainSettings(workers=4, validation_path="elsewhere")
+    trials = plan_trials(train, tune)
+    for trial in trials:
+        s = trial.settings
+        assert (s.workers, s.epochs, s.validation_path) == (1, 3, None)
+        assert s.validation_fraction == tune.validation_fraction
+        assert s.early_stopping.enabled
+    # the reference ([32], lr 0.01, dropout 0) is in the grid: it is not trained twice
+    assert len(trials) == 6
+    assert len({t.settings.model_dump_json() for t in trials}) == len(trials)
+    assert [t.number for t in trials] == list(range(len(trials)))
+
+
+def test_combinations_train_settings_reject_together_are_skipped():
+    space = {"hidden_units": [[32], [64, 32]], "activation": ["relu", ["relu", "tanh"]]}
+    trials = plan_trials(TrainSettings(), TuneSettings(space=space, strategy="grid"))
+    shapes = {(tuple(t.settings.hidden_units), str(t.settings.activation)) for t in trials}
+    assert ((32,), "['relu', 'tanh']") not in shapes
+    assert ((64, 32), "['relu', 'tanh']") in shapes
+
+
+def test_random_budget_counts_the_reference():
+    trials = plan_trials(TrainSettings(), TuneSettings(space=SPACE, trials=4, seed=7))
+    assert len(trials) == 4 and trials[0].reference
+    assert not any(t.reference for t in trials[1:])
+
+
+@pytest.mark.parametrize(
+    ("override", "names"),
+    [
+        ("tune.space={hidden_unitz: [[32]]}", ["tune.space.hidden_unitz", "hidden_units"]),
+        ("tune.space={workers: [1, 2]}", ["tune.space.workers"]),
+        ("tune.space={learning_rate: [0.01, -1]}", ["tune.space.learning_rate", "-1"]),
+        ("tune.space={activation: [relu, swoosh]}", ["tune.space.activation", "swoosh"]),
+        ("tune.space={hidden_units: [[]]}", ["tune.space.hidden_units"]),
+        ("tune.space={dropout: []}", ["tune.space.dropout", "no candidate"]),
+        ("tune.strategy=bayes", ["tune.strategy"]),
+    ],
+)
+def test_invalid_spaces_fail_at_load_naming_the_key(override, names):
+    with pytest.raises(ConfigError) as info:
+        load_config(overrides=[override])
+    for name in names:
+        assert name in str(info.value)
+
+
+def test_space_candidates_are_coerced_and_deduplicated():
+    config = load_config(overrides=["tune.space={learning_rate: ['0.05', 0.05, 0.1]}"])
+    assert config.tune.space == {"learning_rate": [0.05, 0.1]}
+
+
+def test_a_later_layer_replaces_the_space_whole(tmp_path):
+    conf = tmp_path / "search.yaml"
+    conf.write_text("tune:\n  space:\n    batch_size: [32, 64]\n")
+    assert load_config(files=[conf]).tune.space == {"batch_size": [32, 64]}
+
+
+def test_judged_epoch_follows_the_restored_weights():
+    settings = TrainSettings(validation_fraction=0.2, early_stopping={"enabled": True})
+    losses = [0.5, 0.3, 0.35, 0.4]  # best at epoch 2, stopped after epoch 4 (patience 2)
+    history = [{"epoch": i + 1, "val_loss": v, "val_accuracy": 1 - v} for i, v in enumerate(losses)]
+    assert judged_epoch(history, settings)["epoch"] == 2
+    still_improving = [dict(h, val_loss=1.0 / h["epoch"]) for h in history]
+    assert judged_epoch(still_improving, settings)["epoch"] == 4
+    no_restore = TrainSettings(
+        validation_fraction=0.2,
+        early_stopping={"enabled": True, "restore_best_weights": False},
+    )
+    assert judged_epoch(history, no_restore)["epoch"] == 4
+    assert judged_epoch([], settings) is None
+
+
+# -- end to end -----------------------------------------------------------------------------
+@pytest.mark.slow
+def test_small_search_writes_table_plot_and_best_conf(spark, ingested_sample, tmp_path):
+    config = Config().with_overrides(
+        {
+            "tune": {
+                "strategy": "grid",
+                "epochs": 2,
+                "parallelism": 2,
+                "space": {"hidden_units": [[32], [64]], "learning_rate": [0.05]},
+            }
+        }
+    )
+    output = str(tmp_path / "tune")
+    # trial 1 reads features that do not exist: it fails inside run_training
+    result = run_tuning(spark, config, ingested_sample, output, _broken_trials={1})
+
+    assert [r.trial.number for r in result.results][-1] == 1
+    assert len(result.results) == 3
+    failed = result.failed
+    assert [r.trial.number for r in failed] == [1]
+    assert failed[0].error and failed[0].error_type
+    ok = [r for r in result.results if r.ok]
+    assert len(ok) == 2
+    for r in ok:
+        assert 0.5 < r.val_accuracy <= 1 and math.isfinite(r.val_loss)
+        assert 1 <= r.epoch <= r.epochs_run <= 2
+        assert (tmp_path / "tune" / TRIALS_DIR / f"{r.trial.number:03d}" / "model.keras").is_file()
+    assert ok[0].val_accuracy >= ok[1].val_accuracy
+    best = result.best
+    assert best is ok[0]
+
+    table = spark.read.parquet(f"{output}/{RESULTS_PARQUET}").orderBy("rank").collect()
+    assert [row["trial"] for row in table] == [r.trial.number for r in result.results]
+    assert table[0]["val_accuracy"] == pytest.approx(best.val_accuracy)
+    assert table[-1]["status"] == "failed" and table[-1]["error"] == failed[0].error
+    assert table[-1]["error_type"] == failed[0].error_type
+    assert {row["hidden_units"][0] for row in table} == {32, 64}
+
+    markdown = (tmp_path / "tune" / RESULTS_MD).read_text()
+    rows = [line for line in markdown.splitlines() if line.startswith("| ")][1:]
+    assert len(rows) == 3
+    assert rows[0].startswith(f"| 1 | {best.trial.number:03d}")
+    assert f"{best.val_accuracy:.4f}" in rows[0]
+    assert "failed" in rows[-1] and failed[0].error_type in rows[-1]
+
+    png = (tmp_path / "tune" / PLOT_FILE).read_bytes()
+    assert png.startswith(b"\x89PNG") and len(png) > 2000
+
+    best_file = tmp_path / "tune" / BEST_FILE
+    assert set(yaml.safe_load(best_file.read_text())) == {"train"}
+    assert load_config(files=[best_file]).train == best.trial.settings
+    # the job's layering: the project's conf/ under it changes nothing
+    from pathlib import Path
+
+    conf_dir = Path(__file__).resolve().parent.parent / "conf"
+    assert load_config(conf_dir, [best_file]).train == best.trial.settings
+    assert not list(tmp_path.glob(".tune.staging-*"))
+
+
+@pytest.mark.slow
+def test_search_fails_only_when_every_trial_failed(spark, ingested_sample, tmp_path):
+    from pipeline.errors import TrainingError
+
+    config = Config().with_overrides(
+        {"tune": {"strategy": "grid", "epochs": 1, "space": {"hidden_units": [[32]]}}}
+    )
+    output = tmp_path / "tune"
+    with pytest.raises(TrainingError, match="all 1 trials failed"):
+        run_tuning(spark, config, ingested_sample, str(output), _broken_trials={0})
+    # the table of errors is still published, with no best configuration
+    assert (output / RESULTS_MD).is_file() and not (output / BEST_FILE).exists()
