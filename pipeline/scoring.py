@@ -6,9 +6,21 @@ failed validation with their reason; ``PRED/_report.json`` the counts and the
 evaluation (see `pipeline.evaluation`) and the plots beside it. The directory appears
 at once, when complete, replacing any previous one.
 
-Where a batch enters TensorFlow: `_score_batches`, which runs in the Python workers.
-The model is rebuilt from the broadcast, checksum-verified bytes once per worker and
-cached; TensorFlow is imported there and nowhere on the driver.
+Where a batch enters TensorFlow: `_score_batches` (rows that came through Spark) and
+`_score_files` (row groups of an ingest output read by the executors themselves), both
+in the Python workers. The model is rebuilt from the broadcast, checksum-verified bytes
+once per worker and cached; TensorFlow is imported there and nowhere on the driver.
+
+Two routes reach the model:
+
+- raw input, or ``score.ingested_reader: spark``: Spark reads and (for raw input)
+  preprocesses the rows, and `predict_digits` hands them to Python over Arrow. Moving
+  784 floats a row out of the JVM is the cost of this route.
+- an ingest output (the default, ``score.ingested_reader: files``): the driver lists the
+  Parquet files and their row groups (footers only), and each task reads its row groups
+  with pyarrow straight into the model, so the features never pass through the JVM.
+  Only the small prediction rows go back to Spark for the write and the evaluation.
+  A task is a pure function of its work items, so Spark's retries are safe.
 """
 
 from __future__ import annotations
@@ -16,21 +28,27 @@ from __future__ import annotations
 import functools
 import hashlib
 import logging
+import math
 import re
 import time
-from collections.abc import Callable, Iterator
+import urllib.parse
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 from py4j.protocol import Py4JJavaError
 from pyspark import StorageLevel
 from pyspark.errors import PythonException
 from pyspark.sql import Column, DataFrame, Observation, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
+from pyspark.sql.pandas.types import to_arrow_schema
 
 from pipeline import __version__
 from pipeline.artifact import Metadata, read_model_dir
@@ -51,8 +69,12 @@ from pipeline.contract import (
 from pipeline.errors import DataQualityError, InputDataError, ModelError
 from pipeline.evaluation import (
     Evaluation,
+    MetricSums,
+    batch_metric_sums,
     evaluation_files,
     metric_columns,
+    metric_names,
+    metric_values,
     summarize,
 )
 from pipeline.features import Preprocessed, accepted_columns, preprocess
@@ -67,6 +89,8 @@ ARROW_BATCH_CONF = "spark.sql.execution.arrow.maxRecordsPerBatch"
 
 # Marks an executor's refusal of invalid features inside Spark's wrapped task error.
 _BAD_FEATURES = "invalid features:"
+# Marks an executor's finding that an input file changed after the job planned its reads.
+_CHANGED = "input changed:"
 
 # Keys of IngestSettings that say where this input keeps its pixels, label and ids,
 # rather than how pixels become features. A value changed from the default in the job's
@@ -120,36 +144,71 @@ def run_scoring(
     storage = Storage(spark)
     output = storage.qualify(output_path)
     metadata, model_bytes = read_verified_model(storage, model_dir)
+    score = config.score
     raw = read_features(spark, input_path)
     ingest_report = ingest_output_report(storage, input_path)
+    plan = None
     if ingest_report is not None:
         source = _ingested_source(raw, ingest_report)
+        if score.ingested_reader == "files":
+            with translate_read_errors(input_path):
+                plan = plan_row_groups(
+                    storage, input_path, raw.select(*source.columns), score.max_rows_per_file
+                )
     else:
         settings = scoring_preprocessing(metadata.preprocessing, config.ingest)
         source = _raw_source(preprocess(raw, settings, require_label=False))
     log.info(
-        "input %s: %s, %s; model %s (sha256 %s...)",
+        "input %s: %s, %s; model %s (sha256 %s...); %s",
         input_path,
         source.layout,
         "labelled" if source.has_label else "unlabelled",
         model_dir,
         metadata.model_sha256[:12],
+        f"{plan.rows} rows in {len(plan.items)} row groups of {plan.files} files read by the "
+        f"executors in {len(plan.tasks)} tasks"
+        if plan is not None
+        else "rows read by Spark",
     )
-    validated = source.validated
-    if source.layout == Layout.IMAGE.value:
-        validated = validated.persist(StorageLevel.MEMORY_AND_DISK)
-
     model = broadcast_model(spark, metadata, model_bytes)
     threads = task_cpus(spark)
-    score = config.score
     observation = Observation("evaluation")
+    metrics = metric_columns(source.has_label, score.confidence_threshold, score.confidence_bins)
 
-    def to_output(good: DataFrame) -> DataFrame:
-        scored = predict_digits(good.select(*source.columns), model, threads)
-        return scored.observe(
-            observation,
-            *metric_columns(source.has_label, score.confidence_threshold, score.confidence_bins),
+    if plan is None:
+        validated = source.validated
+        if source.layout == Layout.IMAGE.value:
+            validated = validated.persist(StorageLevel.MEMORY_AND_DISK)
+        rejected_columns = source.raw_columns
+
+        def to_output(good: DataFrame) -> DataFrame:
+            scored = predict_digits(good.select(*source.columns), model, threads)
+            return scored.observe(observation, *metrics)
+
+        def metric_results() -> dict:
+            return observation.get
+
+    else:
+        # Rows of an ingest output are never rejected (the executors refuse a bad batch
+        # instead), so the quarantine contract holds with the scored rows themselves.
+        names = metric_names(source.has_label, score.confidence_bins)
+        sums = spark.sparkContext.accumulator(np.zeros(len(names)), MetricSums())
+        scored = score_row_groups(
+            spark,
+            plan,
+            model,
+            threads,
+            score.batch_size,
+            (sums, score.confidence_threshold, score.confidence_bins),
         )
+        validated = scored.withColumn(REJECT_REASON, F.lit(None).cast("string"))
+        rejected_columns = tuple(c for c in scored.columns if c in (*source.ids, LABEL))
+
+        def to_output(good: DataFrame) -> DataFrame:
+            return good.drop(REJECT_REASON)
+
+        def metric_results() -> dict:
+            return metric_values(sums.value, source.has_label, score.confidence_bins)
 
     staging = storage.staging_dir(output)
     try:
@@ -161,15 +220,20 @@ def run_scoring(
             counts = write_with_quarantine(
                 validated,
                 to_output=to_output,
-                rejected_columns=source.raw_columns,
+                rejected_columns=rejected_columns,
                 output_path=staging,
                 rejected_path=f"{staging}/{REJECTED_DIR}",
                 max_rows_per_file=score.max_rows_per_file,
             )
         if counts.rows_in == 0:
             raise InputDataError(f"{input_path} holds no rows: nothing to score")
+        if plan is not None and counts.rows_in != plan.rows:
+            raise DataQualityError(
+                f"the file footers of {input_path} list {plan.rows} rows but {counts.rows_in} "
+                f"were scored; the input changed while it was read, rerun on stable input"
+            )
         evaluation = summarize(
-            observation.get, source.has_label, score.confidence_threshold, score.confidence_bins
+            metric_results(), source.has_label, score.confidence_threshold, score.confidence_bins
         )
         if evaluation.rows != counts.rows_out:
             raise DataQualityError(
@@ -215,7 +279,25 @@ def predict_digits(features: DataFrame, model: BroadcastModel, threads: int = 1)
     in the executors, one call per Arrow batch (``spark.sql.execution.arrow.maxRecordsPerBatch``
     rows), with TensorFlow limited to `threads` threads per task.
     """
-    fields = {f.name: f for f in features.schema.fields}
+    schema, ids, label = prediction_schema(features.schema)
+    score = functools.partial(
+        _score_batches,
+        broadcast=model.handle,
+        key=model.key,
+        threads=int(threads),
+        ids=ids,
+        label=label,
+    )
+    return features.mapInArrow(score, schema)
+
+
+def prediction_schema(features: T.StructType) -> tuple[T.StructType, tuple[str, ...], str | None]:
+    """The output schema for rows of `features`, its pass-through ids and its label column.
+
+    Ids first, in the input's order, then `prediction`, `probabilities`, `confidence`,
+    and `label` last when there is one.
+    """
+    fields = {f.name: f for f in features.fields}
     if FEATURES not in fields:
         raise InputDataError(f"no '{FEATURES}' column to score; columns: {list(fields)}")
     ids = [f for name, f in fields.items() if name not in (FEATURES, LABEL)]
@@ -229,15 +311,122 @@ def predict_digits(features: DataFrame, model: BroadcastModel, threads: int = 1)
             *label,
         ]
     )
+    return schema, tuple(f.name for f in ids), (LABEL if label else None)
+
+
+@dataclass(frozen=True)
+class RowGroupPlan:
+    """The work of scoring an ingest output from its files: row groups grouped into tasks.
+
+    Made on the driver from the Parquet footers alone; no data is read. Every value is
+    plain (strings, ints, Arrow types), so the plan can be shipped to the executors.
+    """
+
+    filesystem: str  # "file", or the URI the executors build their pyarrow filesystem from
+    items: tuple[tuple[str, int, int, int, str | None], ...]  # path, group, rows, size, split
+    tasks: tuple[tuple[int, ...], ...]  # indices into `items`, contiguous, one tuple per task
+    schema: T.StructType  # the predictions' Spark schema (as `predict_digits` would give)
+    arrow_types: tuple[tuple[str, pa.DataType], ...]  # pass-through columns read from files
+    split_from_path: bool  # `split` comes from ``split=...`` directories, not the files
+    label: str | None
+    rows: int
+    files: int
+
+
+def plan_row_groups(
+    storage: Storage, input_path: str, features: DataFrame, max_rows_per_task: int = 500_000
+) -> RowGroupPlan | None:
+    """Plan to score the ingest output at `input_path` by reading its files in the executors.
+
+    `features` is the input as Spark reads it, with the columns to score (ids, `split`,
+    `features`, `label`): its schema fixes the output. Returns None, with a log line, when
+    pyarrow cannot reach the storage or the directory has partition columns other than
+    `split`: Spark then reads the rows itself.
+    """
+    schema, ids, label = prediction_schema(features.schema)
+    root = storage.qualify(input_path).rstrip("/")
+    located = _arrow_location(root)
+    if located is None:
+        return None
+    filesystem, _ = located
+    files = storage.list_files(input_path)
+    partitions = [_partition_values(root, path) for path, _ in files]
+    keys = {key for values in partitions for key in values}
+    if keys - {SPLIT} or (keys and features.schema[SPLIT].dataType != T.StringType()):
+        log.info("%s is partitioned by %s: rows are read by Spark", input_path, sorted(keys))
+        return None
+    split_from_path = SPLIT in keys
+    fs = _filesystem(filesystem)
+    paths = [_arrow_location(path)[1] for path, _ in files]
+    with ThreadPoolExecutor(max_workers=max(1, min(16, len(paths)))) as pool:
+        footers = list(pool.map(functools.partial(_footer, fs), paths, [p for p, _ in files]))
+
+    needed = [FEATURES, *(c for c in ids if not (c == SPLIT and split_from_path))]
+    needed += [label] if label else []
+    items = []
+    for (uri, size), path, footer, values in zip(files, paths, footers, partitions, strict=True):
+        names = set(footer.schema.to_arrow_schema().names)
+        missing = [c for c in needed if c not in names]
+        if missing:
+            raise InputDataError(
+                f"{uri} has no {', '.join(missing)} column: every file of an ingest output "
+                f"holds {', '.join(needed)}; rerun the ingest job"
+            )
+        for group in range(footer.num_row_groups):
+            rows = footer.row_group(group).num_rows
+            if rows:
+                items.append((path, group, rows, size, values.get(SPLIT)))
+    arrow = to_arrow_schema(schema)
+    return RowGroupPlan(
+        filesystem=filesystem,
+        items=tuple(items),
+        tasks=_group_tasks(
+            [rows for _, _, rows, _, _ in items],
+            cluster_parallelism(features),
+            max_rows_per_task,
+        ),
+        schema=schema,
+        arrow_types=tuple(
+            (name, arrow.field(name).type) for name in (*ids, *([label] if label else []))
+        ),
+        split_from_path=split_from_path,
+        label=label,
+        rows=sum(rows for _, _, rows, _, _ in items),
+        files=len(files),
+    )
+
+
+def cluster_parallelism(df: DataFrame) -> int:
+    """Tasks the cluster runs at once (``spark.default.parallelism``)."""
+    return max(1, int(df.sparkSession.sparkContext.defaultParallelism))
+
+
+def score_row_groups(
+    spark: SparkSession,
+    plan: RowGroupPlan,
+    model: BroadcastModel,
+    threads: int,
+    batch_rows: int,
+    metrics: tuple[Any, float, int] | None = None,
+) -> DataFrame:
+    """The predictions for every row of `plan`, each task reading its own row groups.
+
+    The tasks are the rows of a tiny range, one per partition, so task i scores exactly
+    ``plan.tasks[i]``: a rerun or a retried task reads the same row groups. `metrics`,
+    (a `MetricSums` accumulator, confidence threshold, bins), collects the evaluation's
+    sums as the batches are scored; Spark applies a task's update once, when it succeeds.
+    """
     score = functools.partial(
-        _score_batches,
+        _score_files,
+        plan=plan,
         broadcast=model.handle,
         key=model.key,
         threads=int(threads),
-        ids=tuple(f.name for f in ids),
-        label=label[0].name if label else None,
+        batch_rows=int(batch_rows),
+        metrics=metrics,
     )
-    return features.mapInArrow(score, schema)
+    tasks = max(1, len(plan.tasks))
+    return spark.range(0, tasks, 1, numPartitions=tasks).mapInArrow(score, plan.schema)
 
 
 def task_cpus(spark: SparkSession) -> int:
@@ -378,6 +567,11 @@ def translate_task_errors(input_path: str) -> Iterator[None]:
         yield
     except PythonException as exc:
         message = str(exc)
+        if _CHANGED in message:
+            detail = message.split(_CHANGED, 1)[1].splitlines()[0].strip()
+            raise DataQualityError(
+                f"{detail}: the input changed while it was read, rerun on stable input"
+            ) from None
         if _BAD_FEATURES in message:
             detail = message.split(_BAD_FEATURES, 1)[1].splitlines()[0].strip()
             raise InputDataError(
@@ -391,6 +585,7 @@ def translate_task_errors(input_path: str) -> Iterator[None]:
 
 # Predictors built in this Python worker, by cache key: one model per worker, not per batch.
 _PREDICTORS: dict[str, Callable[[np.ndarray], np.ndarray]] = {}
+_FILESYSTEMS: dict[str, pafs.FileSystem] = {}
 
 
 def _score_batches(
@@ -415,6 +610,96 @@ def _score_batches(
             ],
             names=names,
         )
+
+
+def _score_files(
+    tasks: Iterator[pa.RecordBatch],
+    *,
+    plan: RowGroupPlan,
+    broadcast: Any,
+    key: str,
+    threads: int,
+    batch_rows: int,
+    metrics: tuple[Any, float, int] | None,
+) -> Iterator[pa.RecordBatch]:
+    """Read, check and score the row groups of the tasks in `tasks` (task numbers)."""
+    fs = _filesystem(plan.filesystem)
+    types = dict(plan.arrow_types)
+    passthrough = [name for name in types if name != plan.label]
+    from_files = [c for c in passthrough if not (c == SPLIT and plan.split_from_path)]
+    columns = [*from_files, FEATURES, *([plan.label] if plan.label else [])]
+    names = [*passthrough, PREDICTION, PROBABILITIES, CONFIDENCE]
+    names += [plan.label] if plan.label else []
+    predict = None
+    for batch in tasks:
+        for task in batch.column(0).to_pylist():
+            for item in plan.tasks[task]:
+                split = plan.items[item][4]
+                for data in _row_group_batches(fs, plan.items[item], columns, batch_rows):
+                    x = features_matrix(data.column(FEATURES))
+                    if predict is None:  # after the first check: bad input fails before TF
+                        predict = _predictor(broadcast, key, threads)
+                    n = len(x)
+                    out = [
+                        pa.array([split], pa.string()).take(np.zeros(n, np.int32))
+                        if name == SPLIT and plan.split_from_path
+                        else data.column(name).cast(types[name])
+                        for name in passthrough
+                    ]
+                    probabilities = np.ascontiguousarray(predict(x), np.float32)
+                    out += prediction_arrays(probabilities)
+                    if plan.label:
+                        out.append(data.column(plan.label).cast(types[plan.label]))
+                    if metrics is not None:
+                        _add_metrics(metrics, out, probabilities, plan.label is not None)
+                    yield pa.RecordBatch.from_arrays(out, names=names)
+
+
+def _row_group_batches(
+    fs: pafs.FileSystem, item: tuple, columns: list[str], batch_rows: int
+) -> Iterator[pa.RecordBatch]:
+    """`columns` of one planned row group in batches, refusing a file changed since the plan."""
+    path, group, rows, size, _ = item
+    with fs.open_input_file(path) as file:
+        parquet = pq.ParquetFile(file) if file.size() == size else None
+        found = (
+            parquet.metadata.row_group(group).num_rows
+            if parquet is not None and group < parquet.num_row_groups
+            else None
+        )
+        if parquet is None or found != rows:
+            raise ValueError(
+                f"{_CHANGED} {path} was {size} bytes with {rows} rows in row group {group} "
+                f"when the job started, now {file.size()} bytes and {found}"
+            )
+        yield from parquet.iter_batches(
+            batch_size=batch_rows, row_groups=[group], columns=columns, use_threads=False
+        )
+
+
+def _add_metrics(
+    metrics: tuple[Any, float, int], out: list[pa.Array], probabilities: np.ndarray, labelled: bool
+) -> None:
+    accumulator, threshold, bins = metrics
+    prediction, _, confidence = out[-4:-1] if labelled else out[-3:]
+    label = out[-1].fill_null(-1).to_numpy() if labelled else None
+    accumulator.add(
+        batch_metric_sums(
+            prediction.to_numpy(), confidence.to_numpy(), probabilities, label, threshold, bins
+        )
+    )
+
+
+def _filesystem(location: str) -> pafs.FileSystem:
+    """The pyarrow filesystem of a `RowGroupPlan`, made once per Python worker."""
+    fs = _FILESYSTEMS.get(location)
+    if fs is None:
+        if location == "file":
+            fs = pafs.LocalFileSystem()
+        else:
+            fs, _ = pafs.FileSystem.from_uri(location)
+        _FILESYSTEMS[location] = fs
+    return fs
 
 
 def features_matrix(column: pa.Array) -> np.ndarray:
@@ -491,6 +776,68 @@ def build_predictor(
 
 
 # --- driver side helpers ------------------------------------------------------------------
+
+
+def _arrow_location(uri: str) -> tuple[str, str] | None:
+    """(filesystem, path within it) of a Hadoop-qualified URI for pyarrow, or None."""
+    scheme, sep, rest = uri.partition(":")
+    if not sep or scheme == "file":
+        return "file", "/" + (rest if sep else uri).lstrip("/")
+    scheme = {"s3a": "s3", "s3n": "s3"}.get(scheme, scheme)
+    try:
+        _, path = pafs.FileSystem.from_uri(f"{scheme}:{rest}")
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError) as exc:
+        log.info("pyarrow cannot open %s (%s): rows are read by Spark", uri, exc)
+        return None
+    authority = rest[2:].split("/", 1)[0] if rest.startswith("//") else ""
+    return f"{scheme}://{authority}/", path
+
+
+def _partition_values(root: str, path: str) -> dict[str, str | None]:
+    """``key=value`` directories between `root` and the file `path`, as Spark reads them."""
+    relative = path[len(root) :].lstrip("/") if path.startswith(root) else ""
+    values: dict[str, str | None] = {}
+    for part in relative.split("/")[:-1]:
+        key, sep, value = part.partition("=")
+        if sep:
+            value = urllib.parse.unquote(value)
+            values[key] = None if value == "__HIVE_DEFAULT_PARTITION__" else value
+    return values
+
+
+def _footer(fs: pafs.FileSystem, path: str, uri: str) -> pq.FileMetaData:
+    try:
+        return pq.read_metadata(path, filesystem=fs)
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise InputDataError(
+            f"cannot read {uri}: not a valid Parquet file or corrupt ({exc}). "
+            f"Remove or replace that file and rerun"
+        ) from None
+
+
+def _group_tasks(
+    rows: Sequence[int], parallelism: int, max_rows_per_task: int
+) -> tuple[tuple[int, ...], ...]:
+    """Contiguous runs of items with about equal rows: as many as the cluster runs at
+    once, more when a task would exceed `max_rows_per_task`, never more than the items."""
+    total = sum(rows)
+    if not rows:
+        return ()
+    tasks = min(len(rows), max(parallelism, math.ceil(total / max_rows_per_task)))
+    groups: list[tuple[int, ...]] = []
+    current: list[int] = []
+    done = 0
+    for index, n in enumerate(rows):
+        current.append(index)
+        done += n
+        left = len(rows) - index - 1
+        boundary = total * (len(groups) + 1) / tasks
+        if done >= boundary or left == tasks - len(groups) - 1:
+            groups.append(tuple(current))
+            current = []
+    if current:
+        groups.append(tuple(current))
+    return tuple(groups)
 
 
 def _drop_accepted(storage: Storage, staging: str) -> None:

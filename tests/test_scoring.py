@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import json
 import os
 import shutil
@@ -168,6 +169,138 @@ def test_rerun_replaces_pred_with_identical_content(
     assert len(list(out.glob("*.parquet"))) == len(first_files)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["pred"]  # no staging left behind
     assert json.loads((out / "_report.json").read_text())["status"] == "ok"
+
+
+def test_file_reader_and_spark_reader_give_identical_predictions(
+    spark, tmp_path, scored, ingested_holdout, trained_model_dir
+):
+    """The executors reading the ingest output's files score exactly what Spark reads."""
+    from pipeline.scoring import run_scoring
+
+    config = Config().with_overrides({"score": {"ingested_reader": "spark"}})
+    through_spark = run_scoring(
+        spark, config, ingested_holdout, trained_model_dir, str(tmp_path / "pred")
+    )
+    files = _predictions(spark, scored.output)
+    jvm = _predictions(spark, through_spark.output)
+
+    assert scored.report["score"]["ingested_reader"] == "files"
+    assert list(files.columns) == list(jvm.columns)
+    assert list(files["id"]) == list(jvm["id"]) == list(range(5000, 6000))
+    assert (files[PREDICTION] == jvm[PREDICTION]).all()
+    assert (files[LABEL] == jvm[LABEL]).all()
+    np.testing.assert_allclose(_probabilities(files), _probabilities(jvm), atol=1e-6)
+    np.testing.assert_allclose(files[CONFIDENCE], jvm[CONFIDENCE], atol=1e-6)
+    # The executors' NumPy sums and Spark's aggregates give the same evaluation.
+    assert scored.report["evaluation"] == through_spark.report["evaluation"]
+    assert scored.counts == through_spark.counts
+
+
+def _as_ingest_output(source: str, target: Path, tables: list[pa.Table], row_group_rows: int):
+    """`tables` written as the files of an ingest output, marked complete with `source`'s report."""
+    target.mkdir(parents=True)
+    for i, table in enumerate(tables):
+        pq.write_table(table, target / f"part-{i:05d}.parquet", row_group_size=row_group_rows)
+    shutil.copy(Path(source) / "_report.json", target / "_report.json")
+    (target / "_SUCCESS").write_text("")
+
+
+def test_many_files_and_row_groups_are_each_scored_once(
+    spark, tmp_path, scored, ingested_holdout, trained_model_dir
+):
+    from pipeline.scoring import run_scoring
+
+    table = pq.read_table(ingested_holdout)
+    cuts = [0, 100, 101, 450, 1000]  # uneven files, one of a single row
+    tables = [table.slice(a, b - a) for a, b in itertools.pairwise(cuts)]
+    tables.append(table.slice(0, 0))  # an empty file: no row group to score
+    many = tmp_path / "features"
+    _as_ingest_output(ingested_holdout, many, tables, row_group_rows=64)
+    assert sum(pq.ParquetFile(f).num_row_groups for f in many.glob("*.parquet")) > 10
+
+    result = run_scoring(spark, Config(), str(many), trained_model_dir, str(tmp_path / "pred"))
+    pred = _predictions(spark, result.output)
+    expected = _predictions(spark, scored.output)
+
+    assert result.counts.rows_in == result.counts.rows_out == len(pred) == 1000
+    assert pred["id"].is_unique
+    assert list(pred["id"]) == list(expected["id"])
+    assert (pred[PREDICTION] == expected[PREDICTION]).all()
+    np.testing.assert_allclose(_probabilities(pred), _probabilities(expected), atol=1e-6)
+
+
+def test_split_partitions_are_fully_scored(spark, tmp_path, raw_inputs, trained_model_dir):
+    """An ingest output with ``split=...`` folders: whole (split passed through) or one split."""
+    from pipeline.ingest import run_ingest
+    from pipeline.scoring import run_scoring
+
+    config = Config().with_overrides({"ingest": {"split": {"enabled": True, "by": "id"}}})
+    features = tmp_path / "features"
+    run_ingest(spark, config, raw_inputs["array"], str(features))
+    assert {p.name for p in features.iterdir() if p.name.startswith("split=")} == {
+        "split=train",
+        "split=validation",
+        "split=test",
+    }
+    ingested = spark.read.parquet(str(features)).select("id", "split").toPandas()
+    by_split = ingested.sort_values("id").reset_index(drop=True)
+
+    whole = run_scoring(spark, Config(), str(features), trained_model_dir, str(tmp_path / "all"))
+    pred = _predictions(spark, whole.output)
+    assert whole.counts.rows_in == len(pred) == 1000
+    assert pred["id"].is_unique
+    assert list(pred["id"]) == list(by_split["id"])
+    assert list(pred["split"]) == list(by_split["split"])
+    schema = {f.name: f.dataType.simpleString() for f in spark.read.parquet(whole.output).schema}
+    assert schema["split"] == "string"
+
+    test_part = features / "split=test"
+    one = run_scoring(spark, Config(), str(test_part), trained_model_dir, str(tmp_path / "test"))
+    test_pred = _predictions(spark, one.output)
+    expected_ids = sorted(by_split.loc[by_split["split"] == "test", "id"])
+    assert 0 < len(test_pred) == one.counts.rows_in == len(expected_ids)
+    assert list(test_pred["id"]) == expected_ids
+    assert "split" not in test_pred.columns  # as Spark reads that folder on its own
+    merged = pred.set_index("id").loc[expected_ids]
+    assert (merged[PREDICTION].to_numpy() == test_pred[PREDICTION].to_numpy()).all()
+
+
+def test_row_groups_are_planned_into_balanced_contiguous_tasks():
+    from pipeline.scoring import _group_tasks
+
+    assert _group_tasks([50_000] * 6, 2, 500_000) == ((0, 1, 2), (3, 4, 5))
+    assert _group_tasks([50_000] * 20, 2, 200_000) == tuple(
+        tuple(range(i, i + 4)) for i in range(0, 20, 4)
+    )
+    assert _group_tasks([100, 1, 1], 3, 10**6) == ((0,), (1,), (2,))
+    assert _group_tasks([10], 4, 1) == ((0,),)
+    assert _group_tasks([], 2, 5) == ()
+    for rows in ([7, 3, 9, 1, 1, 12, 5], [1] * 50):
+        tasks = _group_tasks(rows, 3, 10**6)
+        assert [i for task in tasks for i in task] == list(range(len(rows)))  # each once
+
+
+def test_changed_input_file_is_refused(
+    spark, tmp_path, monkeypatch, ingested_holdout, trained_model_dir
+):
+    """A file that changes between the plan and the read fails the job, naming the file."""
+    from pipeline import scoring
+    from pipeline.scoring import run_scoring
+
+    features = tmp_path / "features"
+    _as_ingest_output(ingested_holdout, features, [pq.read_table(ingested_holdout)], 256)
+    real_plan = scoring.plan_row_groups
+
+    def plan_then_change(*args, **kwargs):
+        plan = real_plan(*args, **kwargs)
+        table = pq.read_table(features / "part-00000.parquet")
+        pq.write_table(table.slice(0, 900), features / "part-00000.parquet", row_group_size=256)
+        return plan
+
+    monkeypatch.setattr(scoring, "plan_row_groups", plan_then_change)
+    with pytest.raises(DataQualityError, match=r"part-00000.parquet was .*input changed"):
+        run_scoring(spark, Config(), str(features), trained_model_dir, str(tmp_path / "pred"))
+    assert not (tmp_path / "pred").exists()
 
 
 def _copy_model(model_dir: str, tmp_path: Path, keep_crc: bool = False) -> Path:
