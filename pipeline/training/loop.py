@@ -188,6 +188,14 @@ class Trainer:
             v.assign(tf.reshape(mean[offset : offset + size], v.shape))
             offset += size
 
+    def warm_up(self) -> None:
+        """Run the collectives once before training (workers start with equal weights)."""
+        if self.strategy is None:
+            return
+        if self.mode == "local_sgd":
+            self._average()
+        self.sync_point()
+
     def sync_point(self) -> None:
         """A collective every worker must reach: all are past the previous epoch's end."""
         self.allreduce_sum([1.0])

@@ -140,6 +140,13 @@ def _train(spec: dict[str, Any], peak: _PeakMemory) -> dict[str, Any]:
     if train_data.in_memory:
         trainer.fill_store(train_data.chunks())
     phases["load"] = time.monotonic() - phase_started
+    if strategy is not None:
+        # The first collective sets up the workers' group: cluster start-up, like the
+        # server itself, so it happens before the first epoch's clock. Under local SGD it
+        # is a first average, a no-op on the identical initial weights (2w/2 == w).
+        phase_started = time.monotonic()
+        trainer.warm_up()
+        phases["first_collective"] = time.monotonic() - phase_started
     checkpoints = CheckpointDir(spec["checkpoint_dir"])
     progress = _Progress(spec.get("progress")) if chief else _Progress(None)
     if strategy is not None:
