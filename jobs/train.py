@@ -14,6 +14,9 @@ def main(args) -> int:
     # Worker 0's epoch lines are the progress display; Spark's bar would garble them.
     spark = build_session(config.spark.model_copy(update={"show_progress": False}))
     result = run_training(spark, config, args.input, args.model_dir, fresh=args.fresh)
+    from pipeline.tracking import record_training
+
+    record_training(spark, config.tracking, result, input_path=args.input)  # if enabled
 
     metadata = result.metadata
     last = metadata.history[-1] if metadata.history else {}

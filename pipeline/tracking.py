@@ -1,0 +1,274 @@
+"""Experiment tracking: finished train and tune runs recorded in MLflow.
+
+Optional: ``pip install 'digits-pipeline[tracking]'`` and ``tracking.enabled: true``. The
+config refuses ``tracking.enabled`` without MLflow installed, so a job stops before Spark
+starts. A train run records the train settings as parameters, the per-epoch history as
+metrics (step = epoch) and the model directory's ``model.keras``, ``metadata.json`` and
+``history.png`` as artifacts under ``model/``. A tune run records a parent run (the tune
+settings, the results table and plot, ``best.yaml``) with one nested run per trial.
+
+Everything goes through an explicit `MlflowClient` (no global active run), and the model
+directory is read through `Storage`, so a model on HDFS or S3 is recorded the same way.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import time
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlparse
+
+from pipeline.config import Config, TrackingSettings
+from pipeline.errors import EnvironmentProblem
+from pipeline.storage import Storage
+
+if TYPE_CHECKING:
+    from pyspark.sql import SparkSession
+
+    from pipeline.training import TrainResult
+    from pipeline.tuning import TuneResult
+
+log = logging.getLogger(__name__)
+
+__all__ = ["record_training", "record_tuning", "require_mlflow", "resolve_uri"]
+
+INSTALL_HINT = "pip install 'digits-pipeline[tracking]'"
+MODEL_ARTIFACTS = ("model.keras", "metadata.json", "history.png")
+_EPOCH_METRICS = ("loss", "accuracy", "val_loss", "val_accuracy", "samples_per_second")
+_PARAMS_PER_BATCH = 100
+_METRICS_PER_BATCH = 1000
+
+
+def require_mlflow() -> Any:
+    """The mlflow module, or `EnvironmentProblem` saying how to install it."""
+    try:
+        import mlflow
+    except ImportError as exc:
+        raise EnvironmentProblem(
+            f"tracking.enabled is true but MLflow cannot be imported ({exc}): {INSTALL_HINT}, "
+            "or set tracking.enabled=false"
+        ) from None
+    return mlflow
+
+
+def resolve_uri(uri: str) -> str:
+    """`uri` with a relative file store made absolute (against the working directory).
+
+    MLflow 3 refuses a file store unless ``MLFLOW_ALLOW_FILE_STORE`` is true; this sets it
+    (unless already set) when the store is a local directory.
+    """
+    parsed = urlparse(uri)
+    if parsed.scheme in ("", "file"):
+        if parsed.scheme == "file" and (parsed.netloc or uri.startswith("file:/")):
+            path = Path(parsed.path)
+        else:
+            path = Path(uri.removeprefix("file:"))
+        uri = path.expanduser().resolve().as_uri()
+        os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+    return uri
+
+
+def record_training(
+    spark: SparkSession,
+    settings: TrackingSettings,
+    result: TrainResult,
+    *,
+    input_path: str | None = None,
+) -> str | None:
+    """Record a finished training run; its MLflow run id, or None when tracking is off."""
+    if not settings.enabled:
+        return None
+    client, experiment_id = _client(settings)
+    metadata = result.metadata
+    run = client.create_run(
+        experiment_id,
+        run_name=f"train {Path(result.model_dir.rstrip('/')).name}",
+        tags={"pipeline.job": "train", "pipeline.model_dir": result.model_dir},
+    )
+    run_id = run.info.run_id
+    try:
+        params = {
+            **flatten(metadata.train.model_dump(mode="json"), "train"),
+            "workers": metadata.workers,
+            "data.rows": metadata.data.get("rows"),
+            "data.sha256": metadata.data.get("sha256"),
+        }
+        if input_path is not None:
+            params["input"] = input_path
+        summary = {
+            "epochs_completed": metadata.epochs_completed,
+            "training_seconds": metadata.training_seconds or 0.0,
+            "samples_per_second_overall": metadata.samples_per_second or 0.0,
+        }
+        _log(client, run_id, params, metadata.history, summary)
+        _log_files(
+            client, run_id, Storage(spark), result.model_dir, MODEL_ARTIFACTS, artifact_path="model"
+        )
+    except Exception:
+        client.set_terminated(run_id, "FAILED")
+        raise
+    client.set_terminated(run_id, "FINISHED")
+    log.info("recorded in MLflow: %s, run %s", settings.uri, run_id)
+    return run_id
+
+
+def record_tuning(
+    spark: SparkSession, settings: TrackingSettings, result: TuneResult, config: Config
+) -> str | None:
+    """Record a finished search: a parent run and one nested run per trial."""
+    if not settings.enabled:
+        return None
+    from pipeline.tuning import BEST_FILE, PLOT_FILE, RESULTS_MD
+
+    client, experiment_id = _client(settings)
+    parent = client.create_run(
+        experiment_id,
+        run_name=f"tune {Path(result.output.rstrip('/')).name}",
+        tags={"pipeline.job": "tune", "pipeline.output": result.output},
+    )
+    parent_id = parent.info.run_id
+    try:
+        tune = config.tune.model_dump(mode="json")
+        space = tune.pop("space")
+        params = {
+            **flatten(tune, "tune"),
+            "tune.space": json.dumps(space),
+            "parallelism_used": result.parallelism,
+        }
+        best = result.best
+        summary = {
+            "trials": len(result.results),
+            "failed_trials": len(result.failed),
+            "search_seconds": result.seconds,
+        }
+        if best is not None:
+            summary["best_val_accuracy"] = best.val_accuracy or 0.0
+            summary["best_val_loss"] = best.val_loss or 0.0
+            client.set_tag(parent_id, "best_trial", f"{best.trial.number:03d}")
+            client.set_tag(parent_id, "best_structure", best.trial.structure)
+        _log(client, parent_id, params, [], summary)
+        names = (RESULTS_MD, PLOT_FILE, BEST_FILE) if best is not None else (RESULTS_MD, PLOT_FILE)
+        _log_files(client, parent_id, Storage(spark), result.output, names)
+        for trial in result.results:
+            _record_trial(client, experiment_id, parent_id, trial)
+    except Exception:
+        client.set_terminated(parent_id, "FAILED")
+        raise
+    client.set_terminated(parent_id, "FINISHED")
+    log.info(
+        "recorded in MLflow: %s, run %s with %d trials",
+        settings.uri,
+        parent_id,
+        len(result.results),
+    )
+    return parent_id
+
+
+def _record_trial(client, experiment_id: str, parent_id: str, trial) -> None:
+    tags = {
+        "mlflow.parentRunId": parent_id,
+        "pipeline.job": "tune-trial",
+        "pipeline.model_dir": trial.model_dir,
+        "structure": trial.trial.structure,
+        "reference": str(trial.trial.reference).lower(),
+        "status": trial.status,
+    }
+    if not trial.ok:
+        tags["error_type"] = trial.error_type or ""
+        tags["error"] = (trial.error or "")[:5000]
+    run = client.create_run(experiment_id, run_name=f"trial {trial.trial.number:03d}", tags=tags)
+    summary: dict[str, float] = {"train_seconds": trial.seconds, "epochs_run": trial.epochs_run}
+    for name in ("val_accuracy", "val_loss"):
+        value = getattr(trial, name)
+        if value is not None:
+            summary[f"final_{name}"] = value
+    if trial.epoch is not None:
+        summary["judged_epoch"] = trial.epoch
+    _log(
+        client,
+        run.info.run_id,
+        flatten(trial.trial.settings.model_dump(mode="json"), "train"),
+        trial.history,
+        summary,
+    )
+    client.set_terminated(run.info.run_id, "FINISHED" if trial.ok else "FAILED")
+
+
+def flatten(values: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested settings as ``a.b.c`` keys; lists and None as their JSON text."""
+    flat: dict[str, Any] = {}
+    for key, value in values.items():
+        name = f"{prefix}.{key}" if prefix else key
+        if isinstance(value, Mapping):
+            flat.update(flatten(value, name))
+        elif isinstance(value, (list, tuple)) or value is None:
+            flat[name] = json.dumps(value)
+        else:
+            flat[name] = value
+    return flat
+
+
+def _client(settings: TrackingSettings):
+    require_mlflow()
+    from mlflow.tracking import MlflowClient
+
+    uri = resolve_uri(settings.uri)
+    client = MlflowClient(tracking_uri=uri)
+    experiment = client.get_experiment_by_name(settings.experiment)
+    experiment_id = (
+        experiment.experiment_id
+        if experiment is not None
+        else client.create_experiment(settings.experiment)
+    )
+    return client, experiment_id
+
+
+def _log(
+    client,
+    run_id: str,
+    params: Mapping[str, Any],
+    history: Iterable[Mapping[str, float]],
+    summary: Mapping[str, float],
+) -> None:
+    from mlflow.entities import Metric, Param
+
+    now = int(time.time() * 1000)
+    param_list = [Param(k, str(v)) for k, v in params.items() if v is not None]
+    metrics = [
+        Metric(name, float(record[name]), now, int(record["epoch"]))
+        for record in history
+        for name in _EPOCH_METRICS
+        if name in record
+    ]
+    metrics += [Metric(name, float(value), now, 0) for name, value in summary.items()]
+    for start in range(0, len(param_list), _PARAMS_PER_BATCH):
+        client.log_batch(run_id, params=param_list[start : start + _PARAMS_PER_BATCH])
+    for start in range(0, len(metrics), _METRICS_PER_BATCH):
+        client.log_batch(run_id, metrics=metrics[start : start + _METRICS_PER_BATCH])
+
+
+def _log_files(
+    client,
+    run_id: str,
+    storage: Storage,
+    directory: str,
+    names: Iterable[str],
+    artifact_path: str | None = None,
+) -> None:
+    """Copy the named files of `directory` (any URI) to a temporary directory and log them."""
+    with tempfile.TemporaryDirectory(prefix="digits-tracking-") as local:
+        copied = 0
+        for name in names:
+            source = f"{directory.rstrip('/')}/{name}"
+            if storage.exists(source):
+                Path(local, name).write_bytes(storage.read_bytes(source))
+                copied += 1
+            else:
+                log.warning("not recorded in MLflow: %s does not exist", source)
+        if copied:
+            client.log_artifacts(run_id, local, artifact_path)
