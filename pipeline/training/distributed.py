@@ -11,7 +11,15 @@ yields one small row: worker 0's model bytes and history, the others' statistics
 A failed barrier ResultStage is never retried by Spark, so the barrier stage is followed
 by a shuffle (``repartition(1)``), which makes it a ShuffleMapStage: when a worker dies,
 Spark reruns the whole stage (up to ``spark.stage.maxConsecutiveAttempts`` times) and the
-workers resume from the newest checkpoint.
+workers resume from the newest checkpoint. A collective that times out
+(``train.collective_timeout_s``: a worker stalled) is not retried: the task tells the
+driver, which cancels the stage and raises `TrainingError`.
+
+Ports: the reservation socket stays bound (never listening) until the worker exits, and
+TensorFlow's server shares the port with it (``SO_REUSEPORT``), so two jobs on one host
+never race for a port. TF_CONFIG names each executor's own address, but TensorFlow 2.x
+binds its gRPC server to every interface ("0.0.0.0:<port>" is fixed in its C++ server);
+the servers are unauthenticated, so keep the executors' network private.
 """
 
 from __future__ import annotations

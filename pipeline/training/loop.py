@@ -115,8 +115,11 @@ class Trainer:
         for x, y in blocks:
             n = len(x)
             if n:
-                self._store_x[at : at + n].assign(x)
-                self._store_y[at : at + n].assign(y)
+                # A scatter writes in place; slice assignment (store[a:b].assign) reads the
+                # variable first and then copies all of it on write, for every block.
+                rows = tf.range(at, at + n)
+                self._store_x.scatter_update(tf.IndexedSlices(tf.constant(x), rows))
+                self._store_y.scatter_update(tf.IndexedSlices(tf.constant(y), rows))
                 at += n
 
     def train(self, segments, steps: int) -> tuple[float, float]:
