@@ -56,3 +56,58 @@ def test_spark_submit_train_two_workers_on_the_sample(tmp_path, ingested_sample)
     assert metadata["history"][-1]["val_accuracy"] > 0.88
     for name in ("model.keras", "history.png", "checkpoints"):
         assert (model_dir / name).exists()
+
+
+@pytest.mark.slow
+def test_two_training_jobs_on_one_host_at_once_neither_clash_nor_cross_talk(
+    tmp_path, ingested_sample
+):
+    """Two spark-submit jobs, two workers each, started together: four gRPC servers on
+    four ports, and each job's model is its own (its own seed, its own cluster)."""
+    env = dict(os.environ, PYSPARK_PYTHON=sys.executable, TF_CPP_MIN_LOG_LEVEL="2")
+    jobs = {}
+    for seed in (1, 2):
+        command = [
+            SPARK_SUBMIT,
+            "--master",
+            "local[2]",
+            str(REPO / "jobs" / "train.py"),
+            "--input",
+            ingested_sample,
+            "--model-dir",
+            str(tmp_path / f"model-{seed}"),
+            "--workers",
+            "2",
+            "--set",
+            "train.epochs=2",
+            "--set",
+            f"train.seed={seed}",
+            "--set",
+            "train.sync=local_sgd",
+        ]
+        jobs[seed] = subprocess.Popen(
+            command,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=env,
+            cwd=tmp_path,
+        )
+    outputs = {seed: job.communicate(timeout=600)[0] for seed, job in jobs.items()}
+    clusters = {}
+    for seed, job in jobs.items():
+        assert job.returncode == 0, outputs[seed][-3000:]
+        lines = [line for line in outputs[seed].splitlines() if "TensorFlow cluster " in line]
+        assert len(lines) == 1, outputs[seed][-3000:]
+        clusters[seed] = set(lines[0].split("TensorFlow cluster ")[1].split(";")[0].split(", "))
+    assert len(clusters[1]) == len(clusters[2]) == 2
+    assert not clusters[1] & clusters[2]  # four distinct host:port pairs: no clash
+
+    models = {}
+    for seed in (1, 2):
+        metadata = json.loads((tmp_path / f"model-{seed}" / "metadata.json").read_text())
+        assert metadata["seed"] == seed and metadata["workers"] == 2
+        assert metadata["epochs_completed"] == 2
+        assert metadata["history"][-1]["accuracy"] > 0.8
+        models[seed] = metadata["model_sha256"]
+    assert models[1] != models[2]

@@ -117,9 +117,18 @@ class LocalData:
         self.sizes = [self._reader.get_batch(i).num_rows for i in range(self.num_chunks)]
         self.offsets = np.concatenate([[0], np.cumsum(self.sizes, dtype=np.int64)])
         self.rows = int(self.offsets[-1])
-        self.in_memory = self.rows * _ROW_BYTES <= budget_bytes
+        self.nbytes = self.rows * _ROW_BYTES  # as float32 arrays
+        self.in_memory = self.nbytes <= budget_bytes
+        self._cache: list[tuple[np.ndarray, np.ndarray]] | None = None
+
+    def keep_in_memory(self) -> None:
+        """Keep the chunks as NumPy arrays from now on, if within the budget."""
+        if self.in_memory and self._cache is None:
+            self._cache = [self.chunk(i) for i in range(self.num_chunks)]
 
     def chunk(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        if self._cache is not None:
+            return self._cache[i]
         return to_numpy(self._reader.get_batch(i))
 
     def chunks(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:

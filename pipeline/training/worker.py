@@ -27,14 +27,16 @@ import threading
 import time
 from typing import Any
 
+from pipeline.errors import TrainingError
+
 log = logging.getLogger("pipeline.training.worker")
 
 
-class _BindFailed(Exception):
+class _BindFailed(TrainingError):
     """TensorFlow's gRPC server could not take its port."""
 
 
-class _CollectiveTimeout(Exception):
+class _CollectiveTimeout(TrainingError):
     """A collective did not complete within train.collective_timeout_s."""
 
 
@@ -124,7 +126,11 @@ def _train(spec: dict[str, Any], peak: _PeakMemory) -> dict[str, Any]:
 
     budget = settings.memory_budget_mb * 1024 * 1024
     train_data = LocalData(spec["train_file"], budget)
-    validation = LocalData(spec["validation_file"], 0)  # read once per epoch, chunk by chunk
+    # Validation rows stay in memory when the whole partition fits the budget; otherwise
+    # they are read back once per epoch, chunk by chunk, like the training rows.
+    left = budget - train_data.nbytes if train_data.in_memory else 0
+    validation = LocalData(spec["validation_file"], max(0, left))
+    validation.keep_in_memory()
     log.info(
         "worker %d/%d: %d training rows (%s), %d validation rows",
         rank,
