@@ -197,8 +197,8 @@ class GenerateSettings(_Section):
 
 
 # Train settings a search may not vary: each trial is one worker judged on a validation
-# split that the tune section itself sets.
-_UNTUNABLE = {"workers", "validation_fraction", "validation_path", "early_stopping"}
+# split that the tune section itself sets, and train.seed also picks the validation rows.
+_UNTUNABLE = {"workers", "validation_fraction", "validation_path", "early_stopping", "seed"}
 
 
 def _default_space() -> dict[str, list[Any]]:

@@ -528,7 +528,8 @@ def results_markdown(result: TuneResult, config: Config, input_path: str) -> str
     ]
     headers = ["rank", "trial", *keys, "val_accuracy", "val_loss", "epoch", "seconds", "status"]
     lines.append("| " + " | ".join(headers) + " |")
-    lines.append("|" + "|".join("---:" if h != "status" else "---" for h in headers) + "|")
+    numeric = {"rank", "val_accuracy", "val_loss", "seconds"}
+    lines.append("|" + "|".join("---:" if h in numeric else "---" for h in headers) + "|")
     for rank, r in enumerate(result.results, start=1):
         trial = f"{r.trial.number:03d}" + (" (reference)" if r.trial.reference else "")
         status = r.status if r.ok else f"failed: {r.error_type}: {_short(r.error)}"
@@ -579,7 +580,11 @@ def accuracy_png(results: Sequence[TrialResult]) -> bytes:
     ok = [r for r in results if r.ok and _finite(r.val_accuracy)]
     figure = Figure(figsize=(8, 1.2 + 0.35 * max(len(ok), 1)), layout="constrained")
     axes = figure.subplots()
-    labels = [f"{r.trial.number:03d} {r.trial.structure} {_distinct(r)}".strip() for r in ok]
+    labels = [
+        f"{r.trial.number:03d} {r.trial.structure} "
+        + ("(reference)" if r.trial.reference else _distinct(r))
+        for r in ok
+    ]
     values = [float(r.val_accuracy or 0.0) for r in ok]
     colours = ["tab:orange" if r.trial.reference else "tab:blue" for r in ok]
     positions = list(range(len(ok)))[::-1]

@@ -96,6 +96,7 @@ def test_random_budget_counts_the_reference():
     [
         ("tune.space={hidden_unitz: [[32]]}", ["tune.space.hidden_unitz", "hidden_units"]),
         ("tune.space={workers: [1, 2]}", ["tune.space.workers"]),
+        ("tune.space={seed: [1, 2]}", ["tune.space.seed"]),
         ("tune.space={learning_rate: [0.01, -1]}", ["tune.space.learning_rate", "-1"]),
         ("tune.space={activation: [relu, swoosh]}", ["tune.space.activation", "swoosh"]),
         ("tune.space={hidden_units: [[]]}", ["tune.space.hidden_units"]),
@@ -208,3 +209,67 @@ def test_search_fails_only_when_every_trial_failed(spark, ingested_sample, tmp_p
         run_tuning(spark, config, ingested_sample, str(output), _broken_trials={0})
     # the table of errors is still published, with no best configuration
     assert (output / RESULTS_MD).is_file() and not (output / BEST_FILE).exists()
+
+
+@pytest.mark.slow
+def test_tune_job_then_train_job_with_best_conf(ingested_sample, tmp_path):
+    """spark-submit jobs/tune.py (tracking on), then jobs/train.py --conf TUNE_DIR/best.yaml."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parent.parent
+    submit = [str(Path(sys.executable).with_name("spark-submit")), "--master", "local[2]"]
+    env = dict(os.environ, PYSPARK_PYTHON=sys.executable, TF_CPP_MIN_LOG_LEVEL="2")
+    mlruns = (tmp_path / "mlruns").as_uri()
+    tune_dir = tmp_path / "tune"
+    tuned = subprocess.run(
+        [
+            *submit,
+            str(repo / "jobs" / "tune.py"),
+            "--input",
+            ingested_sample,
+            "--output",
+            str(tune_dir),
+            "--set",
+            "tune.space={hidden_units: [[32], [16]]}",
+            "--set",
+            "tune.epochs=1",
+            "--set",
+            "tracking.enabled=true",
+            "--set",
+            f"tracking.uri={mlruns}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+        cwd=tmp_path,
+    )
+    assert tuned.returncode == 0, tuned.stderr[-3000:]
+    assert "val_accuracy" in tuned.stdout and "best.yaml" in tuned.stdout
+    assert (tune_dir / BEST_FILE).is_file() and (tune_dir / "trials" / "001").is_dir()
+    assert list((tmp_path / "mlruns").rglob("results.md")), "the tune run was not recorded"
+
+    trained = subprocess.run(
+        [
+            *submit,
+            str(repo / "jobs" / "train.py"),
+            "--input",
+            ingested_sample,
+            "--model-dir",
+            str(tmp_path / "model"),
+            "--conf",
+            str(tune_dir / BEST_FILE),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+        cwd=tmp_path,
+    )
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    metadata = yaml.safe_load((tmp_path / "model" / "metadata.json").read_text())
+    best = load_config(files=[tune_dir / BEST_FILE]).train
+    assert TrainSettings.model_validate(metadata["train"]) == best
