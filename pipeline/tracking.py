@@ -13,12 +13,13 @@ directory is read through `Storage`, so a model on HDFS or S3 is recorded the sa
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import tempfile
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
@@ -83,6 +84,13 @@ def record_training(
     """Record a finished training run; its MLflow run id, or None when tracking is off."""
     if not settings.enabled:
         return None
+    with _mlflow_errors(settings, f"the training run (model {result.model_dir})"):
+        return _record_training(spark, settings, result, input_path)
+
+
+def _record_training(
+    spark: SparkSession, settings: TrackingSettings, result: TrainResult, input_path: str | None
+) -> str:
     client, experiment_id = _client(settings)
     metadata = result.metadata
     run = client.create_run(
@@ -123,6 +131,13 @@ def record_tuning(
     """Record a finished search: a parent run and one nested run per trial."""
     if not settings.enabled:
         return None
+    with _mlflow_errors(settings, f"the search (results in {result.output})"):
+        return _record_tuning(spark, settings, result, config)
+
+
+def _record_tuning(
+    spark: SparkSession, settings: TrackingSettings, result: TuneResult, config: Config
+) -> str:
     from pipeline.tuning import BEST_FILE, PLOT_FILE, RESULTS_MD
 
     client, experiment_id = _client(settings)
@@ -211,6 +226,21 @@ def flatten(values: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             flat[name] = value
     return flat
+
+
+@contextlib.contextmanager
+def _mlflow_errors(settings: TrackingSettings, what: str) -> Iterator[None]:
+    """MLflow's failures (store unreachable, refused) as one clear `EnvironmentProblem`."""
+    require_mlflow()
+    from mlflow.exceptions import MlflowException
+
+    try:
+        yield
+    except (MlflowException, OSError) as exc:
+        raise EnvironmentProblem(
+            f"could not record {what} in MLflow at {settings.uri}: {exc}. The run itself "
+            "finished; fix tracking.uri or set tracking.enabled=false"
+        ) from exc
 
 
 def _client(settings: TrackingSettings):

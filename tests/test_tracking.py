@@ -163,3 +163,16 @@ def test_tuning_run_is_recorded_with_nested_trials(spark, ingested_sample, tmp_p
         assert child.info.status == "FINISHED"
         assert "final_val_accuracy" in child.data.metrics
         assert child.data.params["train.workers"] == "1"
+
+
+def test_an_unusable_store_is_one_clear_error(tmp_path):
+    from types import SimpleNamespace
+
+    from pipeline.tracking import record_training
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    config = Config().with_overrides({"tracking": _tracking(blocker, "x")})
+    stub = SimpleNamespace(model_dir=str(tmp_path / "model"))
+    with pytest.raises(EnvironmentProblem, match="could not record the training run"):
+        record_training(None, config.tracking, stub)
