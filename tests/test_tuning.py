@@ -137,6 +137,16 @@ def test_judged_epoch_follows_the_restored_weights():
     assert judged_epoch([], settings) is None
 
 
+def test_parallelism_is_capped_by_free_slots_and_trials(spark):
+    from pipeline.tuning import _parallelism
+
+    wanted, notes = _parallelism(spark, TuneSettings(parallelism=5), trials=8)
+    assert wanted == 2  # local[2], nothing else running
+    assert "tune.parallelism 5 capped to 2" in notes[0]
+    assert _parallelism(spark, TuneSettings(), trials=8) == (2, [])
+    assert _parallelism(spark, TuneSettings(), trials=1) == (1, [])
+
+
 # -- end to end -----------------------------------------------------------------------------
 @pytest.mark.slow
 def test_small_search_writes_table_plot_and_best_conf(spark, ingested_sample, tmp_path):
