@@ -20,6 +20,9 @@ alike:
 - ``predict``: Keras ``model.predict`` over the same rows already in memory as float32
   (the floor: no reading, no writing, no evaluation).
 
+The scoring jobs' own phase timings (``seconds_by_phase`` of their reports: prepare,
+score_and_write, plots) are summarised under ``phases``.
+
 Every figure is the median, min and max of `--runs` rounds, after one warm-up round
 whose times are reported apart (``first_run``): it includes the JVM's JIT warm-up and,
 for scoring, the TensorFlow import and model build in each Python worker, which a
@@ -90,11 +93,16 @@ def run_benchmark(
         "predict": lambda: _keras_predict(model_dir, spark, x),
     }
     steps = {name: steps[name] for name in measurements}
-    first = {name: _seconds(step) for name, step in steps.items()}
+    first = {name: _seconds(step)[0] for name, step in steps.items()}
     timings: dict[str, list[float]] = {name: [] for name in steps}
+    phases: dict[str, dict[str, list[float]]] = {}
     for round_ in range(runs):
         for name, step in steps.items():
-            timings[name].append(_seconds(step))
+            seconds, value = _seconds(step)
+            timings[name].append(seconds)
+            report = getattr(value, "report", None)
+            for phase, t in (report or {}).get("seconds_by_phase", {}).items():
+                phases.setdefault(name, {}).setdefault(phase, []).append(t)
         log.info("%d rows, round %d: %s", rows, round_ + 1, _brief(timings, -1))
 
     result: dict = {
@@ -106,6 +114,10 @@ def run_benchmark(
         "load_average": [round(v, 2) for v in os.getloadavg()],
         "seconds": {name: _stats(t) for name, t in timings.items()},
         "first_run": {name: round(t, 3) for name, t in first.items()},
+        "phases": {
+            name: {phase: _stats(t) for phase, t in by_phase.items()}
+            for name, by_phase in phases.items()
+        },
     }
     med = {name: statistics.median(t) for name, t in timings.items()}
     for base in ("copy", "mllib", "predict"):
@@ -139,10 +151,10 @@ def _session(master: str):
     )
 
 
-def _seconds(fn: Callable[[], object]) -> float:
+def _seconds(fn: Callable[[], object]) -> tuple[float, object]:
     started = time.perf_counter()
-    fn()
-    return time.perf_counter() - started
+    value = fn()
+    return time.perf_counter() - started, value
 
 
 def _stats(values: list[float]) -> dict:

@@ -87,6 +87,10 @@ log = logging.getLogger(__name__)
 
 ARROW_BATCH_CONF = "spark.sql.execution.arrow.maxRecordsPerBatch"
 
+# Tasks per core for an ingest output read by the executors: a few, so that a core slowed
+# by other work hands its share to the others, without many small output files.
+TASKS_PER_CORE = 2
+
 # Marks an executor's refusal of invalid features inside Spark's wrapped task error.
 _BAD_FEATURES = "invalid features:"
 # Marks an executor's finding that an input file changed after the job planned its reads.
@@ -211,6 +215,7 @@ def run_scoring(
             return metric_values(sums.value, source.has_label, score.confidence_bins)
 
     staging = storage.staging_dir(output)
+    phases = {"prepare": time.monotonic() - started}
     try:
         with (
             translate_read_errors(input_path),
@@ -225,6 +230,7 @@ def run_scoring(
                 rejected_path=f"{staging}/{REJECTED_DIR}",
                 max_rows_per_file=score.max_rows_per_file,
             )
+        phases["score_and_write"] = time.monotonic() - started - phases["prepare"]
         if counts.rows_in == 0:
             raise InputDataError(f"{input_path} holds no rows: nothing to score")
         if plan is not None and counts.rows_in != plan.rows:
@@ -248,8 +254,13 @@ def run_scoring(
             report["status"] = "failed"
             _drop_accepted(storage, staging)
         else:
+            plotted = time.monotonic()
             for name, data in evaluation_files(evaluation).items():
                 storage.write_bytes(f"{staging}/{name}", data)
+            phases["plots"] = time.monotonic() - plotted
+        # prepare: model, input, plan; score_and_write: the Spark job(s) that read, score
+        # and write; plots: drawing and writing them. `seconds` excludes the plots.
+        report["seconds_by_phase"] = {name: round(t, 3) for name, t in phases.items()}
         storage.write_json(f"{staging}/{REPORT_FILE}", report)
         storage.publish(staging, output)
     except BaseException:
@@ -382,7 +393,7 @@ def plan_row_groups(
         items=tuple(items),
         tasks=_group_tasks(
             [rows for _, _, rows, _, _ in items],
-            cluster_parallelism(features),
+            TASKS_PER_CORE * cluster_parallelism(features),
             max_rows_per_task,
         ),
         schema=schema,
@@ -818,8 +829,8 @@ def _footer(fs: pafs.FileSystem, path: str, uri: str) -> pq.FileMetaData:
 def _group_tasks(
     rows: Sequence[int], parallelism: int, max_rows_per_task: int
 ) -> tuple[tuple[int, ...], ...]:
-    """Contiguous runs of items with about equal rows: as many as the cluster runs at
-    once, more when a task would exceed `max_rows_per_task`, never more than the items."""
+    """Contiguous runs of items with about equal rows: `parallelism` of them, more when a
+    task would exceed `max_rows_per_task`, never more than the items."""
     total = sum(rows)
     if not rows:
         return ()
