@@ -121,7 +121,7 @@ def _record_training(
         client.set_terminated(run_id, "FAILED")
         raise
     client.set_terminated(run_id, "FINISHED")
-    log.info("recorded in MLflow: %s, run %s", settings.uri, run_id)
+    log.info("recorded in MLflow: %s, run %s", resolve_uri(settings.uri), run_id)
     return run_id
 
 
@@ -177,7 +177,7 @@ def _record_tuning(
     client.set_terminated(parent_id, "FINISHED")
     log.info(
         "recorded in MLflow: %s, run %s with %d trials",
-        settings.uri,
+        resolve_uri(settings.uri),
         parent_id,
         len(result.results),
     )
