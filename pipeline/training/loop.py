@@ -49,6 +49,7 @@ class Trainer:
             self.optimizer.build(self.model.trainable_variables)
         self._device = strategy.extended.worker_devices[0] if strategy is not None else None
         self._store_x = self._store_y = None
+        self.on_progress = _nothing  # called after every compiled call and collective
         self._train_steps = tf.function(
             self._train_steps_fn,
             input_signature=[tf.TensorSpec((None, settings.batch_size), tf.int32)],
@@ -139,11 +140,13 @@ class Trainer:
                 step_loss, step_correct = self._train_steps(tf.constant(batches[at : at + n]))
                 loss_sum += float(step_loss)
                 correct += float(step_correct)
+                self.on_progress()
                 at += n
                 done += n
                 since_sync += n
                 if self.mode == "local_sgd" and (since_sync == sync_every or done == steps):
                     self._average()
+                    self.on_progress()
                     since_sync = 0
         if done != steps:
             from pipeline.errors import TrainingError
@@ -166,7 +169,10 @@ class Trainer:
         """Element-wise sums over all workers (the values themselves on one worker)."""
         if self.strategy is None:
             return list(values)
-        return [float(v) for v in self._allreduce(tf.constant(values, tf.float64)).numpy()]
+        self.on_progress()  # the time since the last beat was this worker's own work
+        summed = [float(v) for v in self._allreduce(tf.constant(values, tf.float64)).numpy()]
+        self.on_progress()
+        return summed
 
     def _averaged_variables(self):
         momentum = [
@@ -243,6 +249,10 @@ class Trainer:
             )
         for variable, value in zip(variables, values, strict=True):
             variable.assign(value)
+
+
+def _nothing() -> None:
+    return None
 
 
 def _correct(y, probabilities):

@@ -109,11 +109,11 @@ def _train(spec: dict[str, Any], peak: _PeakMemory) -> dict[str, Any]:
     listening: list[str] = []
     if workers > 1:
         try:
-            strategy = tf.distribute.MultiWorkerMirroredStrategy(
-                communication_options=tf.distribute.experimental.CommunicationOptions(
-                    timeout_seconds=settings.collective_timeout_s
-                )
-            )
+            # No CommunicationOptions(timeout_seconds=...): TensorFlow starts one thread per
+            # collective call to enforce it, each sleeping for the whole timeout, which
+            # exhausts the host's threads within minutes at thousands of steps a second.
+            # `_Watchdog` bounds the wait on a stalled peer instead.
+            strategy = tf.distribute.MultiWorkerMirroredStrategy()
         except tf.errors.OpError as exc:
             if "could not start grpc server" in str(exc).lower():
                 raise _BindFailed(str(exc)) from None
@@ -151,6 +151,7 @@ def _train(spec: dict[str, Any], peak: _PeakMemory) -> dict[str, Any]:
         # server itself, so it happens before the first epoch's clock. Under local SGD it
         # is a first average, a no-op on the identical initial weights (2w/2 == w).
         phase_started = time.monotonic()
+        trainer.on_progress = _Watchdog(settings.collective_timeout_s, spec).beat
         trainer.warm_up()
         phases["first_collective"] = time.monotonic() - phase_started
     checkpoints = CheckpointDir(spec["checkpoint_dir"])
@@ -200,6 +201,7 @@ def _train(spec: dict[str, Any], peak: _PeakMemory) -> dict[str, Any]:
         seconds = time.monotonic() - started
         epoch_seconds.append(seconds)
         val = trainer.evaluate(validation.chunks()) if validation.rows else (0.0, 0.0, 0)
+        trainer.on_progress()
         totals = trainer.allreduce_sum([loss_sum, correct, *val, seconds])
         epoch_samples = steps * batch * workers
         record = {
@@ -239,6 +241,7 @@ def _train(spec: dict[str, Any], peak: _PeakMemory) -> dict[str, Any]:
                 "data_position": {"epoch": epoch, "rule": "batch order = f(seed, worker, epoch)"},
             }
             checkpoints.write(epoch, state, arrays)
+            trainer.on_progress()
             left = (settings.epochs - epoch) * (time.monotonic() - started)
             progress.send({"event": "epoch", **record, "epochs": settings.epochs, "eta_s": left})
             if tensorboard is not None:
@@ -288,6 +291,40 @@ def _inject_fault(trainer, checkpoints, rank: int, workers: int) -> None:
         log.error("fault injection: killing this worker's Spark task")
         os.kill(os.getppid(), signal.SIGKILL)
         os._exit(1)
+
+
+class _Watchdog:
+    """Ends the worker when training makes no progress for `timeout_s` seconds.
+
+    The trainer beats after every compiled call and every collective; a worker waiting on
+    a peer that stalled stops beating, and exits with the collective-timeout code, which
+    its Spark task reports to the driver.
+    """
+
+    def __init__(self, timeout_s: float, spec: dict[str, Any]) -> None:
+        self._timeout = timeout_s
+        self._spec = spec
+        self._last = time.monotonic()
+        threading.Thread(target=self._watch, daemon=True, name="watchdog").start()
+
+    def beat(self) -> None:
+        self._last = time.monotonic()
+
+    def _watch(self) -> None:
+        from pipeline.training.distributed import COLLECTIVE_TIMEOUT_EXIT
+
+        while True:
+            time.sleep(min(1.0, self._timeout / 10))
+            idle = time.monotonic() - self._last
+            if idle > self._timeout:
+                log.error(
+                    "worker %s: no progress for %.0f s (train.collective_timeout_s = %g): "
+                    "a collective is waiting for a worker that stalled or was lost",
+                    self._spec["rank"],
+                    idle,
+                    self._timeout,
+                )
+                _exit_now(COLLECTIVE_TIMEOUT_EXIT)
 
 
 def _timed_out(exc: BaseException) -> bool:
