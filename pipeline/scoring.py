@@ -821,8 +821,9 @@ def _footer(fs: pafs.FileSystem, path: str, uri: str) -> pq.FileMetaData:
         return pq.read_metadata(path, filesystem=fs)
     except (pa.ArrowInvalid, OSError) as exc:
         raise InputDataError(
-            f"cannot read {uri}: not a valid Parquet file or corrupt ({exc}). "
-            f"Remove or replace that file and rerun"
+            f"cannot read {uri} with pyarrow ({exc}): a corrupt or non-Parquet file, or storage "
+            f"that pyarrow cannot reach with this environment's credentials. Remove or "
+            f"replace that file, or set score.ingested_reader=spark to read through Spark"
         ) from None
 
 
