@@ -143,6 +143,7 @@ def run_training(
     )
     data = prepare_training_data(features, settings, validation)
     fingerprint = data_fingerprint(storage, features, input_path)
+    check_classes(fingerprint["class_counts"], input_path)
     preprocessing = _preprocessing(storage, f"{input_path.rstrip('/')}/{REPORT_FILE}")
 
     fit = fit_partitions(
@@ -350,11 +351,14 @@ def _duration(seconds: float) -> str:
 
 
 def data_fingerprint(storage: Storage, df: DataFrame, path: str) -> dict[str, Any]:
-    """Row count, schema and files (name and size) of the training data, and their sha256."""
+    """Row count, rows per class, schema and files (name, size) of the training data, and
+    their sha256. Counting reads only the label column."""
     files = [{"path": p, "bytes": size} for p, size in storage.list_files(path)]
+    counts = class_counts(df)
     described = {
         "path": storage.qualify(path),
-        "rows": df.count(),
+        "rows": sum(counts.values()),
+        "class_counts": counts,
         "schema": df.schema.simpleString(),
         "files": files,
     }
@@ -362,6 +366,32 @@ def data_fingerprint(storage: Storage, df: DataFrame, path: str) -> dict[str, An
         json.dumps({k: described[k] for k in ("rows", "schema", "files")}, sort_keys=True).encode()
     )
     return described
+
+
+def class_counts(df: DataFrame) -> dict[str, int]:
+    """Rows per class (at most NUM_CLASSES aggregated rows reach the driver)."""
+    if LABEL in df.columns:
+        label = F.col(LABEL)
+    else:
+        label = F.array_position(F.col(LABEL_ONEHOT), F.lit(1.0)) - 1
+    rows = df.groupBy(label.alias("class")).count().collect()
+    return {str(row["class"]): int(row["count"]) for row in sorted(rows, key=lambda r: str(r[0]))}
+
+
+def check_classes(counts: dict[str, int], path: str) -> None:
+    """Refuse training data without rows of at least two classes."""
+    present = [label for label, n in counts.items() if n > 0]
+    if not present:
+        raise InputDataError(f"{path} holds no rows: nothing to train on")
+    if len(present) < 2:
+        raise InputDataError(
+            f"{path} holds rows of one class only (label {present[0]}, "
+            f"{counts[present[0]]} rows): a classifier needs at least two classes. "
+            f"Check the input, its filter or the ingest split"
+        )
+    missing = NUM_CLASSES - len(present)
+    if missing:
+        log.warning("%s has no rows of %d of the %d classes", path, missing, NUM_CLASSES)
 
 
 def _preprocessing(storage: Storage, report_path: str) -> IngestSettings:

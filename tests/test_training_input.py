@@ -1,0 +1,33 @@
+"""Training refuses data it cannot learn from, before any worker starts."""
+
+from __future__ import annotations
+
+import pytest
+
+from pipeline.config import Config
+from pipeline.contract import LABEL
+from pipeline.errors import InputDataError
+from pipeline.training import check_classes, class_counts, run_training
+
+
+def test_a_dataset_with_one_class_is_refused(spark, ingested_sample, tmp_path):
+    only_threes = str(tmp_path / "threes")
+    spark.read.parquet(ingested_sample).filter(f"{LABEL} = 3").write.parquet(only_threes)
+    with pytest.raises(InputDataError, match=r"one class only \(label 3, \d+ rows\)"):
+        run_training(spark, Config(), only_threes, str(tmp_path / "model"))
+    assert not (tmp_path / "model" / "metadata.json").exists()
+
+
+def test_class_counts_come_from_the_label_or_the_onehot(spark, ingested_sample):
+    df = spark.read.parquet(ingested_sample)
+    by_label = class_counts(df)
+    assert sum(by_label.values()) == 6000 and len(by_label) == 10
+    assert class_counts(df.drop(LABEL)) == by_label
+
+
+def test_check_classes():
+    check_classes({"0": 5, "1": 3}, "x")
+    with pytest.raises(InputDataError, match="no rows"):
+        check_classes({}, "x")
+    with pytest.raises(InputDataError, match="one class only"):
+        check_classes({"7": 12}, "x")
