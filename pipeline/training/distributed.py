@@ -49,7 +49,7 @@ log = logging.getLogger(__name__)
 RESULT_SCHEMA = "rank int, model binary, info string"
 # Exit codes of the worker process (pipeline.training.worker) that the task explains.
 BIND_FAILED_EXIT = 75  # its gRPC port was taken
-COLLECTIVE_TIMEOUT_EXIT = 76  # a collective timed out: a peer stalled or vanished
+COLLECTIVE_TIMEOUT_EXIT = 76  # no progress within train.collective_timeout_s: a peer stalled
 _RESULT_ARROW_SCHEMA = pa.schema(
     [pa.field("rank", pa.int32()), pa.field("model", pa.binary()), pa.field("info", pa.string())]
 )
@@ -255,11 +255,9 @@ def _run_worker(spec, context, rank: int, workers: int, batches, workdir: str) -
             f"training worker {rank} of {workers} could not start TensorFlow's gRPC server on "
             f"{mine['address']} (port taken); Spark retries the stage with new ports"
         )
-    if code == COLLECTIVE_TIMEOUT_EXIT or (
-        code != 0 and "Collective has timed out" in _tail(log_path, 20_000)
-    ):
-        # TensorFlow may crash outright once a collective has aborted, so the task, not
-        # the worker process, tells the driver, which then stops the stage at once.
+    if code == COLLECTIVE_TIMEOUT_EXIT:
+        # The worker's watchdog saw no progress (a peer stalled): a retry would most likely
+        # stall again, so the task tells the driver, which stops the stage at once.
         message = collective_timeout_message(
             rank, workers, float(spec["train"]["collective_timeout_s"])
         )

@@ -36,12 +36,8 @@ class _BindFailed(TrainingError):
     """TensorFlow's gRPC server could not take its port."""
 
 
-class _CollectiveTimeout(TrainingError):
-    """A collective did not complete within train.collective_timeout_s."""
-
-
 def main(spec_path: str) -> int:
-    from pipeline.training.distributed import BIND_FAILED_EXIT, COLLECTIVE_TIMEOUT_EXIT
+    from pipeline.training.distributed import BIND_FAILED_EXIT
 
     logging.basicConfig(
         level=logging.INFO,
@@ -53,19 +49,10 @@ def main(spec_path: str) -> int:
     _die_with_parent(spec["parent_pid"])
     peak = _PeakMemory()
     try:
-        try:
-            result = _train(spec, peak)
-        except Exception as exc:
-            if _timed_out(exc):
-                raise _CollectiveTimeout(str(exc).splitlines()[0]) from None
-            raise
+        result = _train(spec, peak)
     except _BindFailed as exc:
         log.error("gRPC port taken: %s", exc)
         return _exit_now(BIND_FAILED_EXIT)
-    except _CollectiveTimeout as exc:
-        # Not worth a retry of the stage; the Spark task tells the driver.
-        log.error("a collective timed out: %s", exc)
-        return _exit_now(COLLECTIVE_TIMEOUT_EXIT)
     result["peak_rss_mb"] = peak.stop()
     with open(os.path.join(spec["workdir"], "result.json"), "w", encoding="utf-8") as f:
         json.dump(result, f)
@@ -325,15 +312,6 @@ class _Watchdog:
                     self._timeout,
                 )
                 _exit_now(COLLECTIVE_TIMEOUT_EXIT)
-
-
-def _timed_out(exc: BaseException) -> bool:
-    tf = sys.modules.get("tensorflow")
-    if tf is None:
-        return False
-    return isinstance(exc, tf.errors.DeadlineExceededError) or (
-        isinstance(exc, tf.errors.OpError) and "timed out" in str(exc).lower()
-    )
 
 
 def _stall() -> None:
