@@ -78,7 +78,7 @@ from pipeline.evaluation import (
     summarize,
 )
 from pipeline.features import Preprocessed, accepted_columns, preprocess
-from pipeline.ingest import REPORT_FILE, read_features
+from pipeline.ingest import REPORT_FILE, ingest_report, read_features
 from pipeline.quarantine import REJECTED_DIR, Counts, write_with_quarantine
 from pipeline.sources import translate_read_errors
 from pipeline.storage import SUCCESS_MARKER, Storage
@@ -150,10 +150,10 @@ def run_scoring(
     metadata, model_bytes = read_verified_model(storage, model_dir)
     score = config.score
     raw = read_features(spark, input_path)
-    ingest_report = ingest_output_report(storage, input_path)
+    ingested = ingest_report(storage, input_path)
     plan = None
-    if ingest_report is not None:
-        source = _ingested_source(raw, ingest_report)
+    if ingested is not None:
+        source = _ingested_source(raw, ingested)
         if score.ingested_reader == "files":
             with translate_read_errors(input_path):
                 plan = plan_row_groups(
@@ -457,19 +457,6 @@ def arrow_batch_rows(spark: SparkSession, rows: int) -> Iterator[None]:
             spark.conf.unset(ARROW_BATCH_CONF)
         else:
             spark.conf.set(ARROW_BATCH_CONF, previous)
-
-
-def ingest_output_report(storage: Storage, path: str) -> dict | None:
-    """The ingest report of `path` (an ingest output, or one `split=...` partition of it)."""
-    path = path.rstrip("/")
-    parent, _, name = path.rpartition("/")
-    for directory in (path, parent) if name.startswith(f"{SPLIT}=") else (path,):
-        report_path = f"{directory}/{REPORT_FILE}"
-        if storage.exists(report_path):
-            report = storage.read_json(report_path)
-            if "preprocessing" in report and report.get("status") == "ok":
-                return report
-    return None
 
 
 def read_verified_model(storage: Storage, model_dir: str) -> tuple[Metadata, bytes]:

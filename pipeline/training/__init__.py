@@ -127,7 +127,7 @@ def run_training(
         )
     check_slots(spark, workers)
 
-    from pipeline.ingest import REPORT_FILE, read_features
+    from pipeline.ingest import ingest_report, read_features
 
     storage = Storage(spark)
     model_dir = storage.qualify(model_dir).rstrip("/")
@@ -144,7 +144,8 @@ def run_training(
     data = prepare_training_data(features, settings, validation)
     fingerprint = data_fingerprint(storage, features, input_path)
     check_classes(fingerprint["class_counts"], input_path)
-    preprocessing = _preprocessing(storage, f"{input_path.rstrip('/')}/{REPORT_FILE}")
+    report = ingest_report(storage, input_path) or {}
+    preprocessing = IngestSettings.model_validate(report.get("preprocessing") or {})
 
     fit = fit_partitions(
         spark,
@@ -392,14 +393,6 @@ def check_classes(counts: dict[str, int], path: str) -> None:
     missing = NUM_CLASSES - len(present)
     if missing:
         log.warning("%s has no rows of %d of the %d classes", path, missing, NUM_CLASSES)
-
-
-def _preprocessing(storage: Storage, report_path: str) -> IngestSettings:
-    if storage.exists(report_path):
-        report = storage.read_json(report_path)
-        if isinstance(report.get("preprocessing"), dict):
-            return IngestSettings.model_validate(report["preprocessing"])
-    return IngestSettings()
 
 
 def _check_resumable(storage: Storage, checkpoint_dir: str, settings: TrainSettings) -> None:
