@@ -2,8 +2,9 @@
 
     python benchmarks/memory_bench.py --rows 1000000 [--repeats 3]
 
-Runs ``spark-submit jobs/ingest.py`` and ``jobs/score.py`` (local[2]) on ``rows / 10`` and
-on ``rows`` generated array-layout rows, and samples the resident memory of every process
+Runs ``spark-submit jobs/ingest.py`` and ``jobs/score.py`` (local[2]) on ``rows / 100`` and
+on ``rows / 10`` generated array-layout rows (1x and 10x: sizes at which every run of the
+harness stays affordable), and samples the resident memory of every process
 of the job five times a second: the driver's JVM (which holds the executor in local mode),
 the driver's Python process and the Python workers. Memory that stays bounded as the data
 grows shows as a growth ratio near 1. Training's per-worker memory is measured by
@@ -48,7 +49,7 @@ def run(
     data_dir = Path(data_dir or DEFAULT_DATA_DIR)
     data_dir.mkdir(parents=True, exist_ok=True)
     session = spark or ingest_bench._session()
-    sizes = {"1x": max(rows // 10, 1000), "10x": max(rows // 10, 1000) * 10}
+    sizes = {"1x": max(rows // 100, 1000), "10x": max(rows // 100, 1000) * 10}
     raws = {
         name: ingest_bench._raw_data(session, Config(), data_dir, n, "array", 0, False)
         for name, n in sizes.items()
@@ -146,7 +147,7 @@ def _stats(values: Sequence[float]) -> dict[str, Any]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rows", type=int, default=1_000_000, help="the 10x size")
+    parser.add_argument("--rows", type=int, default=1_000_000, help="10x is rows / 10")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--data-dir", default=None)
     args = parser.parse_args(argv)
