@@ -186,7 +186,8 @@ def store_rows(data: LocalData, shuffle_buffer: int, batch_size: int) -> int:
     """How many rows the tensor store needs for `data` (all of them when resident)."""
     if data.in_memory:
         return data.rows
-    window = shuffle_buffer + max(data.sizes, default=0) if shuffle_buffer else max(data.sizes)
+    largest = max(data.sizes, default=0)
+    window = shuffle_buffer + largest if shuffle_buffer else largest
     return min(data.rows, window) + batch_size
 
 
