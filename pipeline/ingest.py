@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
 
 from pyspark import StorageLevel
 from pyspark.sql import Column, DataFrame, SparkSession
@@ -20,7 +19,14 @@ from pipeline.config import Config, SplitSettings
 from pipeline.contract import SPLIT, Layout
 from pipeline.errors import DataQualityError, InputDataError
 from pipeline.features import FEATURES_TMP, LABEL_TMP, Preprocessed, accepted_columns, preprocess
-from pipeline.quarantine import REJECTED_DIR, Counts, write_with_quarantine
+from pipeline.quarantine import (
+    REJECTED_DIR,
+    Counts,
+    StageResult,
+    describe_reasons,
+    drop_accepted,
+    write_with_quarantine,
+)
 from pipeline.sources import read_parquet, translate_read_errors
 from pipeline.storage import SUCCESS_MARKER, Storage
 
@@ -29,17 +35,8 @@ log = logging.getLogger(__name__)
 REPORT_FILE = "_report.json"
 
 
-@dataclass(frozen=True)
-class IngestResult:
-    output: str
-    layout: str
-    counts: Counts
-    seconds: float
-    report: dict
-
-    @property
-    def rows_per_second(self) -> float:
-        return self.counts.rows_in / self.seconds if self.seconds else 0.0
+class IngestResult(StageResult):
+    """The published features dataset, its counts and report."""
 
 
 def run_ingest(
@@ -80,7 +77,7 @@ def run_ingest(
         failed = counts.rejected_fraction > config.ingest.max_reject_fraction
         if failed:
             report["status"] = "failed"
-            _drop_accepted(storage, staging)
+            drop_accepted(storage, staging)
         storage.write_json(f"{staging}/{REPORT_FILE}", report)
         storage.publish(staging, output)
     except BaseException:
@@ -93,9 +90,9 @@ def run_ingest(
         raise DataQualityError(
             f"{counts.rows_rejected} of {counts.rows_in} rows rejected "
             f"({counts.rejected_fraction:.1%}, above ingest.max_reject_fraction = "
-            f"{config.ingest.max_reject_fraction:.1%}): {_reasons(counts)}. The rejected rows "
-            f"and the report are in {output}; no features were published. Fix the input, "
-            f"or raise ingest.max_reject_fraction to accept them"
+            f"{config.ingest.max_reject_fraction:.1%}): {describe_reasons(counts)}. The "
+            f"rejected rows and the report are in {output}; no features were published. "
+            f"Fix the input, or raise ingest.max_reject_fraction to accept them"
         )
     return IngestResult(output, prepared.layout.layout.value, counts, seconds, report)
 
@@ -154,12 +151,6 @@ def ingest_report(storage: Storage, path: str) -> dict | None:
     return None
 
 
-def _drop_accepted(storage: Storage, staging: str) -> None:
-    for data_file, _ in storage.list_files(staging):
-        storage.delete(data_file)
-    storage.delete(f"{staging}/{SUCCESS_MARKER}")
-
-
 def _report(config, input_path, output, prepared, counts: Counts, seconds: float) -> dict:
     return {
         "status": "ok",
@@ -176,7 +167,3 @@ def _report(config, input_path, output, prepared, counts: Counts, seconds: float
         "preprocessing": config.ingest.model_dump(mode="json"),
         "version": __version__,
     }
-
-
-def _reasons(counts: Counts) -> str:
-    return ", ".join(f"{reason} {n}" for reason, n in sorted(counts.rejected_by_reason.items()))

@@ -41,6 +41,38 @@ class Counts:
         }
 
 
+@dataclass(frozen=True)
+class StageResult:
+    """What a stage that writes rows with a quarantine (ingest, scoring) hands its job."""
+
+    output: str
+    layout: str
+    counts: Counts
+    seconds: float
+    report: dict
+
+    @property
+    def rows_per_second(self) -> float:
+        return self.counts.rows_in / self.seconds if self.seconds else 0.0
+
+
+def drop_accepted(storage, staging: str) -> None:
+    """Delete the good rows from a staging directory, keeping `_rejected/` and the report.
+
+    For a run above its reject threshold: what is published must not look complete.
+    """
+    from pipeline.storage import SUCCESS_MARKER
+
+    for data_file, _ in storage.list_files(staging):
+        storage.delete(data_file)
+    storage.delete(f"{staging}/{SUCCESS_MARKER}")
+
+
+def describe_reasons(counts: Counts) -> str:
+    """'label_null 2, not_finite 1': the rejected counts for a message."""
+    return ", ".join(f"{reason} {n}" for reason, n in sorted(counts.rejected_by_reason.items()))
+
+
 def write_with_quarantine(
     validated: DataFrame,
     to_output: Callable[[DataFrame], DataFrame],

@@ -79,9 +79,15 @@ from pipeline.evaluation import (
 )
 from pipeline.features import Preprocessed, accepted_columns, preprocess
 from pipeline.ingest import REPORT_FILE, ingest_report, read_features
-from pipeline.quarantine import REJECTED_DIR, Counts, write_with_quarantine
+from pipeline.quarantine import (
+    REJECTED_DIR,
+    StageResult,
+    describe_reasons,
+    drop_accepted,
+    write_with_quarantine,
+)
 from pipeline.sources import translate_read_errors
-from pipeline.storage import SUCCESS_MARKER, Storage
+from pipeline.storage import Storage
 
 log = logging.getLogger(__name__)
 
@@ -111,17 +117,10 @@ _INPUT_KEYS = (
 
 
 @dataclass(frozen=True)
-class ScoreResult:
-    output: str
-    layout: str
-    counts: Counts
-    evaluation: Evaluation
-    seconds: float
-    report: dict
+class ScoreResult(StageResult):
+    """The published predictions, their counts, report and evaluation."""
 
-    @property
-    def rows_per_second(self) -> float:
-        return self.counts.rows_in / self.seconds if self.seconds else 0.0
+    evaluation: Evaluation | None = None
 
 
 @dataclass(frozen=True)
@@ -252,7 +251,7 @@ def run_scoring(
         failed = counts.rejected_fraction > score.max_reject_fraction
         if failed:
             report["status"] = "failed"
-            _drop_accepted(storage, staging)
+            drop_accepted(storage, staging)
         else:
             plotted = time.monotonic()
             for name, data in evaluation_files(evaluation).items():
@@ -271,7 +270,7 @@ def run_scoring(
         model.handle.unpersist()
 
     if failed:
-        reasons = ", ".join(f"{r} {n}" for r, n in sorted(counts.rejected_by_reason.items()))
+        reasons = describe_reasons(counts)
         raise DataQualityError(
             f"{counts.rows_rejected} of {counts.rows_in} rows rejected "
             f"({counts.rejected_fraction:.1%}, above score.max_reject_fraction = "
@@ -279,7 +278,7 @@ def run_scoring(
             f"in {output}; no predictions were published. Fix the input, or raise "
             f"score.max_reject_fraction to accept them"
         )
-    return ScoreResult(output, source.layout, counts, evaluation, seconds, report)
+    return ScoreResult(output, source.layout, counts, seconds, report, evaluation)
 
 
 def predict_digits(features: DataFrame, model: BroadcastModel, threads: int = 1) -> DataFrame:
@@ -837,12 +836,6 @@ def _group_tasks(
     if current:
         groups.append(tuple(current))
     return tuple(groups)
-
-
-def _drop_accepted(storage: Storage, staging: str) -> None:
-    for data_file, _ in storage.list_files(staging):
-        storage.delete(data_file)
-    storage.delete(f"{staging}/{SUCCESS_MARKER}")
 
 
 def _report(input_path, output, model_dir, metadata: Metadata, source, counts, config, seconds):
