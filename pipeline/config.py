@@ -132,7 +132,9 @@ class TrainSettings(_Section):
     memory_budget_mb: int = Field(
         1024, ge=0, description="per worker: keep the partition in memory up to this, else spill"
     )
-    collective_timeout_s: float = Field(300.0, gt=0)
+    collective_timeout_s: float = Field(
+        300.0, gt=0, description="a worker with no progress for this long fails the job"
+    )
     tensorboard: bool = False
 
     @model_validator(mode="after")
