@@ -31,3 +31,14 @@ def test_check_classes():
         check_classes({}, "x")
     with pytest.raises(InputDataError, match="one class only"):
         check_classes({"7": 12}, "x")
+
+
+def test_labels_alone_are_one_hot_encoded_for_training(spark, ingested_sample):
+    from pipeline.config import TrainSettings
+    from pipeline.contract import LABEL_ONEHOT
+    from pipeline.training import prepare_training_data
+
+    df = spark.read.parquet(ingested_sample).limit(50)
+    expected = [row[LABEL_ONEHOT] for row in df.orderBy("features").collect()]
+    derived = prepare_training_data(df.drop(LABEL_ONEHOT), TrainSettings())
+    assert [row[LABEL_ONEHOT] for row in derived.orderBy("features").collect()] == expected

@@ -33,6 +33,7 @@ from pipeline.artifact import (
 from pipeline.config import Config, IngestSettings, TrainSettings
 from pipeline.contract import FEATURE_DIM, FEATURES, LABEL, LABEL_ONEHOT, NUM_CLASSES
 from pipeline.errors import ConfigError, InputDataError, PipelineError, TrainingError
+from pipeline.features import onehot as one_hot
 from pipeline.storage import Storage
 from pipeline.training.checkpoints import decode, epoch_of
 from pipeline.training.data import VALIDATION_FLAG
@@ -221,10 +222,7 @@ def _contract_columns(df: DataFrame, what: str) -> DataFrame:
     if LABEL_ONEHOT in names:
         onehot: Column = F.col(LABEL_ONEHOT).cast(floats)
     else:
-        onehot = F.transform(
-            F.sequence(F.lit(0), F.lit(NUM_CLASSES - 1)),
-            lambda k: F.when(k == F.col(LABEL), F.lit(1.0)).otherwise(F.lit(0.0)),
-        ).cast(floats)
+        onehot = one_hot(F.col(LABEL))
     return df.select(F.col(FEATURES).cast(floats).alias(FEATURES), onehot.alias(LABEL_ONEHOT))
 
 
