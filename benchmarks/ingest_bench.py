@@ -89,7 +89,7 @@ def run(
         figures = {name: _stats(values) for name, values in timings.items()}
         paired = [i / rw for i, rw in zip(timings["ingest"], timings["read_write"], strict=True)]
         entry: dict[str, Any] = {
-            "raw_path": raw,
+            "raw_data": Path(raw).name,  # under the data directory
             "raw_mb": round(raw_bytes / 1e6, 1),
             "seconds": figures,
             "rows_per_second": {
