@@ -213,9 +213,8 @@ def _features_data(spark, workdir: Path, rows: int) -> str:
 
 def _model_dir(spark, workdir: Path) -> str:
     """A model directory with the reference architecture (weights untrained: speed only)."""
-    from pipeline.artifact import Metadata, model_to_bytes, sha256_bytes, write_model_dir
-    from pipeline.config import IngestSettings, TrainSettings
-    from pipeline.contract import FEATURE_DIM, NUM_CLASSES
+    from pipeline.artifact import model_to_bytes, new_metadata, write_model_dir
+    from pipeline.config import TrainSettings
     from pipeline.model import build_model
     from pipeline.storage import Storage
 
@@ -224,16 +223,7 @@ def _model_dir(spark, workdir: Path) -> str:
         return str(model_dir)
     settings = TrainSettings()
     model_bytes = model_to_bytes(build_model(settings))
-    metadata = Metadata(
-        feature_dim=FEATURE_DIM,
-        classes=NUM_CLASSES,
-        model_sha256=sha256_bytes(model_bytes),
-        preprocessing=IngestSettings(),
-        train=settings,
-        workers=1,
-        epochs_completed=0,
-        seed=settings.seed,
-    )
+    metadata = new_metadata(model_bytes, settings)
     write_model_dir(Storage(spark), str(model_dir), metadata, model_bytes)
     return str(model_dir)
 

@@ -59,6 +59,24 @@ def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def new_metadata(model_bytes: bytes, train: TrainSettings, **fields: Any) -> Metadata:
+    """Metadata for freshly built `model_bytes`: the data contract's shape, its checksum,
+    the train settings and seed; `fields` sets the rest (preprocessing, workers, history...)."""
+    defaults: dict[str, Any] = {
+        "preprocessing": IngestSettings(),
+        "workers": 1,
+        "epochs_completed": 0,
+        "seed": train.seed,
+    }
+    return Metadata(
+        feature_dim=FEATURE_DIM,
+        classes=NUM_CLASSES,
+        model_sha256=sha256_bytes(model_bytes),
+        train=train,
+        **{**defaults, **fields},
+    )
+
+
 def parse_metadata(text: str, where: str) -> Metadata:
     """Validated metadata from the text of ``metadata.json``, or `ModelError`."""
     try:

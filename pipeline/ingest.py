@@ -17,14 +17,14 @@ from pyspark.sql import functions as F
 from pipeline import __version__
 from pipeline.config import Config, SplitSettings
 from pipeline.contract import SPLIT, Layout
-from pipeline.errors import DataQualityError, InputDataError
+from pipeline.errors import InputDataError
 from pipeline.features import FEATURES_TMP, LABEL_TMP, Preprocessed, accepted_columns, preprocess
 from pipeline.quarantine import (
     REJECTED_DIR,
     Counts,
     StageResult,
-    describe_reasons,
     drop_accepted,
+    too_many_rejected,
     write_with_quarantine,
 )
 from pipeline.sources import read_parquet, translate_read_errors
@@ -87,12 +87,12 @@ def run_ingest(
         validated.unpersist()
 
     if failed:
-        raise DataQualityError(
-            f"{counts.rows_rejected} of {counts.rows_in} rows rejected "
-            f"({counts.rejected_fraction:.1%}, above ingest.max_reject_fraction = "
-            f"{config.ingest.max_reject_fraction:.1%}): {describe_reasons(counts)}. The "
-            f"rejected rows and the report are in {output}; no features were published. "
-            f"Fix the input, or raise ingest.max_reject_fraction to accept them"
+        raise too_many_rejected(
+            counts,
+            "ingest.max_reject_fraction",
+            config.ingest.max_reject_fraction,
+            output,
+            "features",
         )
     return IngestResult(output, prepared.layout.layout.value, counts, seconds, report)
 

@@ -73,6 +73,16 @@ def describe_reasons(counts: Counts) -> str:
     return ", ".join(f"{reason} {n}" for reason, n in sorted(counts.rejected_by_reason.items()))
 
 
+def too_many_rejected(counts: Counts, key: str, limit: float, output: str, what: str):
+    """The error of a run whose rejected share is above `key` (= `limit`)."""
+    return DataQualityError(
+        f"{counts.rows_rejected} of {counts.rows_in} rows rejected "
+        f"({counts.rejected_fraction:.1%}, above {key} = {limit:.1%}): "
+        f"{describe_reasons(counts)}. The rejected rows and the report are in {output}; "
+        f"no {what} were published. Fix the input, or raise {key} to accept them"
+    )
+
+
 def write_with_quarantine(
     validated: DataFrame,
     to_output: Callable[[DataFrame], DataFrame],

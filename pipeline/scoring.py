@@ -82,8 +82,8 @@ from pipeline.ingest import REPORT_FILE, ingest_report, read_features
 from pipeline.quarantine import (
     REJECTED_DIR,
     StageResult,
-    describe_reasons,
     drop_accepted,
+    too_many_rejected,
     write_with_quarantine,
 )
 from pipeline.sources import translate_read_errors
@@ -270,13 +270,8 @@ def run_scoring(
         model.handle.unpersist()
 
     if failed:
-        reasons = describe_reasons(counts)
-        raise DataQualityError(
-            f"{counts.rows_rejected} of {counts.rows_in} rows rejected "
-            f"({counts.rejected_fraction:.1%}, above score.max_reject_fraction = "
-            f"{score.max_reject_fraction:.1%}): {reasons}. The rejected rows and the report are "
-            f"in {output}; no predictions were published. Fix the input, or raise "
-            f"score.max_reject_fraction to accept them"
+        raise too_many_rejected(
+            counts, "score.max_reject_fraction", score.max_reject_fraction, output, "predictions"
         )
     return ScoreResult(output, source.layout, counts, seconds, report, evaluation)
 

@@ -82,9 +82,8 @@ def trained_model_dir(spark, tmp_path_factory, sample_pixels) -> str:
 
     Stands in for the train job's output; scoring tests hold out the last 1,000 digits.
     """
-    from pipeline.artifact import Metadata, model_to_bytes, sha256_bytes, write_model_dir
-    from pipeline.config import IngestSettings, TrainSettings
-    from pipeline.contract import FEATURE_DIM, NUM_CLASSES
+    from pipeline.artifact import model_to_bytes, new_metadata, write_model_dir
+    from pipeline.config import TrainSettings
     from pipeline.model import build_model, build_optimizer
     from pipeline.storage import Storage
 
@@ -95,16 +94,7 @@ def trained_model_dir(spark, tmp_path_factory, sample_pixels) -> str:
     model.compile(optimizer=build_optimizer(settings), loss="sparse_categorical_crossentropy")
     model.fit(x, labels[:5000], epochs=settings.epochs, batch_size=settings.batch_size, verbose=0)
     model_bytes = model_to_bytes(model)
-    metadata = Metadata(
-        feature_dim=FEATURE_DIM,
-        classes=NUM_CLASSES,
-        model_sha256=sha256_bytes(model_bytes),
-        preprocessing=IngestSettings(),
-        train=settings,
-        workers=1,
-        epochs_completed=settings.epochs,
-        seed=settings.seed,
-    )
+    metadata = new_metadata(model_bytes, settings, epochs_completed=settings.epochs)
     model_dir = str(tmp_path_factory.mktemp("model") / "model")
     write_model_dir(Storage(spark), model_dir, metadata, model_bytes)
     return model_dir

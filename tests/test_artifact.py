@@ -16,11 +16,11 @@ from pipeline.artifact import (
     Metadata,
     model_from_bytes,
     model_to_bytes,
+    new_metadata,
     read_model_dir,
-    sha256_bytes,
     write_model_dir,
 )
-from pipeline.config import IngestSettings, TrainSettings
+from pipeline.config import TrainSettings
 from pipeline.contract import FEATURE_DIM, NUM_CLASSES
 from pipeline.errors import ModelError
 from pipeline.model import build_model
@@ -28,18 +28,7 @@ from pipeline.storage import Storage
 
 
 def _metadata(model_bytes: bytes, **changes) -> Metadata:
-    fields = dict(
-        feature_dim=FEATURE_DIM,
-        classes=NUM_CLASSES,
-        model_sha256=sha256_bytes(model_bytes),
-        preprocessing=IngestSettings(),
-        train=TrainSettings(),
-        workers=1,
-        epochs_completed=1,
-        seed=42,
-    )
-    fields.update(changes)
-    return Metadata(**fields)
+    return new_metadata(model_bytes, TrainSettings(), epochs_completed=1, **changes)
 
 
 def _rezip(model_bytes: bytes, replace: dict[str, bytes]) -> bytes:

@@ -27,11 +27,12 @@ from pyspark.sql import types as T
 from pipeline.artifact import (
     CHECKPOINTS_DIR,
     Metadata,
+    new_metadata,
     sha256_bytes,
     write_model_dir,
 )
 from pipeline.config import Config, IngestSettings, TrainSettings
-from pipeline.contract import FEATURE_DIM, FEATURES, LABEL, LABEL_ONEHOT, NUM_CLASSES
+from pipeline.contract import FEATURES, LABEL, LABEL_ONEHOT, NUM_CLASSES
 from pipeline.errors import ConfigError, InputDataError, PipelineError, TrainingError
 from pipeline.features import onehot as one_hot
 from pipeline.storage import Storage
@@ -159,19 +160,16 @@ def run_training(
         _fail_at_epoch=_fail_at_epoch,
         _stall_at_epoch=_stall_at_epoch,
     )
-    metadata = Metadata(
-        feature_dim=FEATURE_DIM,
-        classes=NUM_CLASSES,
-        model_sha256=sha256_bytes(fit.model_bytes),
+    metadata = new_metadata(
+        fit.model_bytes,
+        settings,
         preprocessing=preprocessing,
-        train=settings,
         workers=workers,
         epochs_completed=fit.epochs_completed,
         history=fit.history,
         samples_per_second=round(fit.samples_per_second, 1),
         training_seconds=round(fit.seconds, 3),
         data=fingerprint,
-        seed=settings.seed,
         versions=_versions(spark),
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
     )
