@@ -25,6 +25,10 @@ class EnvironmentProblem(PipelineError):
     exit_code = 3
 
 
+class SlotsBusy(EnvironmentProblem):
+    """Enough task slots exist, but other jobs hold them now: waiting may be enough."""
+
+
 class InputDataError(PipelineError):
     """The input cannot be used: missing columns, unknown layout, corrupt or unreadable file."""
 

@@ -12,7 +12,6 @@ numbers reach the driver, never rows. The plots are drawn from those numbers.
 
 from __future__ import annotations
 
-import io
 import logging
 import time
 from collections.abc import Mapping
@@ -37,6 +36,7 @@ from pipeline.contract import (
 )
 from pipeline.errors import InputDataError
 from pipeline.ingest import REPORT_FILE
+from pipeline.plots import confidence_png, confusion_png
 from pipeline.quarantine import REJECTED_DIR
 from pipeline.sources import read_parquet, translate_read_errors
 from pipeline.storage import Storage
@@ -267,9 +267,18 @@ def summarize(
 
 def evaluation_files(evaluation: Evaluation) -> dict[str, bytes]:
     """The plots, as PNG bytes by file name: the confusion matrix only when labelled."""
-    files = {CONFIDENCE_PLOT: _confidence_plot(evaluation)}
+    files = {
+        CONFIDENCE_PLOT: confidence_png(
+            evaluation.histogram,
+            threshold=evaluation.confidence_threshold,
+            rows=evaluation.rows,
+            below=evaluation.rows_below_threshold,
+        )
+    }
     if evaluation.has_labels:
-        files[CONFUSION_PLOT] = _confusion_plot(evaluation)
+        files[CONFUSION_PLOT] = confusion_png(
+            evaluation.confusion, accuracy=evaluation.accuracy, rows=evaluation.labelled_rows
+        )
     return files
 
 
@@ -368,63 +377,6 @@ def _rejected_counts(spark: SparkSession, storage: Storage, path: str) -> dict[s
         return {}
     by_reason = read_parquet(spark, path).groupBy(REJECT_REASON).count().collect()
     return {str(r[REJECT_REASON]): int(r["count"]) for r in sorted(by_reason, key=str)}
-
-
-def _confusion_plot(evaluation: Evaluation) -> bytes:
-    from matplotlib.figure import Figure
-
-    matrix = np.asarray(evaluation.confusion)
-    fig = Figure(figsize=(6.4, 5.6), dpi=100)
-    ax = fig.add_subplot()
-    image = ax.imshow(matrix, cmap="Blues")
-    fig.colorbar(image, ax=ax, label="rows")
-    ticks = range(NUM_CLASSES)
-    ax.set_xticks(ticks)
-    ax.set_yticks(ticks)
-    ax.set_xlabel("prediction")
-    ax.set_ylabel("true label")
-    accuracy = f"accuracy {evaluation.accuracy:.2%}" if evaluation.accuracy is not None else ""
-    ax.set_title(f"Confusion matrix ({evaluation.labelled_rows:,} rows, {accuracy})")
-    threshold = matrix.max() / 2 if matrix.size else 0
-    for i in ticks:
-        for j in ticks:
-            ax.text(
-                j,
-                i,
-                f"{matrix[i, j]:,}",
-                ha="center",
-                va="center",
-                fontsize=7,
-                color="white" if matrix[i, j] > threshold else "black",
-            )
-    fig.tight_layout()
-    return _png(fig)
-
-
-def _confidence_plot(evaluation: Evaluation) -> bytes:
-    from matplotlib.figure import Figure
-
-    bins = len(evaluation.histogram)
-    edges = np.linspace(0.0, 1.0, bins + 1)
-    fig = Figure(figsize=(6.4, 4.0), dpi=100)
-    ax = fig.add_subplot()
-    ax.bar(edges[:-1], evaluation.histogram, width=1.0 / bins, align="edge", edgecolor="white")
-    ax.axvline(evaluation.confidence_threshold, color="tab:red", linestyle="--")
-    ax.set_xlim(0.0, 1.0)
-    ax.set_xlabel("confidence (largest probability)")
-    ax.set_ylabel("rows")
-    ax.set_title(
-        f"Confidence of {evaluation.rows:,} predictions; "
-        f"{evaluation.rows_below_threshold:,} below {evaluation.confidence_threshold:g}"
-    )
-    fig.tight_layout()
-    return _png(fig)
-
-
-def _png(fig) -> bytes:
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
-    return buffer.getvalue()
 
 
 def _ratio(numerator: float, denominator: float) -> float:

@@ -108,3 +108,18 @@ def max_array_difference(left: DataFrame, right: DataFrame, key: str, column: st
     )
     diff = F.array_max(F.zip_with("a", "b", lambda x, y: F.abs(x - y)))
     return float(joined.agg(F.max(diff)).first()[0])
+
+
+def break_trials(monkeypatch, *names: str) -> None:
+    """Make the search trials named (``"001"``...) fail inside the real training run: they
+    are handed a features path that does not exist."""
+    from pipeline import training
+
+    real = training.run_training
+
+    def run_training(spark, config, input_path, model_dir, *args, **kwargs):
+        if model_dir.rstrip("/").rpartition("/")[2] in names:
+            input_path = f"{input_path}/_no_such_features"
+        return real(spark, config, input_path, model_dir, *args, **kwargs)
+
+    monkeypatch.setattr(training, "run_training", run_training)

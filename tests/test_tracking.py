@@ -122,11 +122,12 @@ def test_disabled_tracking_records_nothing(tmp_path):
 
 
 @pytest.mark.slow
-def test_tuning_run_is_recorded_with_nested_trials(spark, ingested_sample, tmp_path):
+def test_tuning_run_is_recorded_with_nested_trials(spark, ingested_sample, tmp_path, monkeypatch):
     from mlflow.tracking import MlflowClient
 
     from pipeline.tracking import record_tuning
     from pipeline.tuning import run_tuning
+    from tests.faults import break_trials
 
     config = Config().with_overrides(
         {
@@ -138,7 +139,8 @@ def test_tuning_run_is_recorded_with_nested_trials(spark, ingested_sample, tmp_p
             "tracking": _tracking(tmp_path, "tune-test"),
         }
     )
-    result = run_tuning(spark, config, ingested_sample, str(tmp_path / "tune"), _broken_trials={2})
+    break_trials(monkeypatch, "002")
+    result = run_tuning(spark, config, ingested_sample, str(tmp_path / "tune"))
     parent_id = record_tuning(spark, config.tracking, result, config)
 
     client = MlflowClient(tracking_uri=resolve_uri(config.tracking.uri))

@@ -16,11 +16,11 @@ from pipeline.tuning import (
     RESULTS_PARQUET,
     TRIALS_DIR,
     grid,
-    judged_epoch,
     plan_trials,
     run_tuning,
     sample,
 )
+from tests.faults import break_trials
 
 SPACE = {"hidden_units": [[32], [64], [64, 32]], "learning_rate": [0.01, 0.05], "dropout": [0.0]}
 
@@ -122,23 +122,34 @@ def test_a_later_layer_replaces_the_space_whole(tmp_path):
     assert load_config(files=[conf]).tune.space == {"batch_size": [32, 64]}
 
 
-def test_judged_epoch_follows_the_restored_weights():
-    settings = TrainSettings(validation_fraction=0.2, early_stopping={"enabled": True})
-    losses = [0.5, 0.3, 0.35, 0.4]  # best at epoch 2, stopped after epoch 4 (patience 2)
-    history = [{"epoch": i + 1, "val_loss": v, "val_accuracy": 1 - v} for i, v in enumerate(losses)]
-    assert judged_epoch(history, settings)["epoch"] == 2
-    still_improving = [dict(h, val_loss=1.0 / h["epoch"]) for h in history]
-    assert judged_epoch(still_improving, settings)["epoch"] == 4
-    no_restore = TrainSettings(
-        validation_fraction=0.2,
-        early_stopping={"enabled": True, "restore_best_weights": False},
+def test_judged_epoch_is_the_one_training_restored():
+    from types import SimpleNamespace
+
+    from pipeline.tuning.search import _judged_epoch
+
+    history = [{"epoch": float(e)} for e in (1, 2, 3, 4)]
+    trial = plan_trials(TrainSettings(), TuneSettings(space={"dropout": [0.0]}))[0]
+
+    def judged(**chief):
+        return _judged_epoch(
+            SimpleNamespace(fit=SimpleNamespace(workers=[chief]), history=history), trial
+        )
+
+    assert judged(stopped_early=True, best_epoch=2) == 2
+    assert judged(stopped_early=False, best_epoch=2) == 4  # ran to the end: last weights
+    no_restore = trial.settings.model_copy(
+        update={
+            "early_stopping": trial.settings.early_stopping.model_copy(
+                update={"restore_best_weights": False}
+            )
+        }
     )
-    assert judged_epoch(history, no_restore)["epoch"] == 4
-    assert judged_epoch([], settings) is None
+    trial = type(trial)(0, {}, no_restore, True)
+    assert judged(stopped_early=True, best_epoch=2) == 4
 
 
 def test_parallelism_is_capped_by_free_slots_and_trials(spark):
-    from pipeline.tuning import _parallelism
+    from pipeline.tuning.search import _parallelism
 
     wanted, notes = _parallelism(spark, TuneSettings(parallelism=5), trials=8)
     assert wanted == 2  # local[2], nothing else running
@@ -149,7 +160,9 @@ def test_parallelism_is_capped_by_free_slots_and_trials(spark):
 
 # -- end to end -----------------------------------------------------------------------------
 @pytest.mark.slow
-def test_small_search_writes_table_plot_and_best_conf(spark, ingested_sample, tmp_path):
+def test_small_search_writes_table_plot_and_best_conf(
+    spark, ingested_sample, tmp_path, monkeypatch
+):
     config = Config().with_overrides(
         {
             "tune": {
@@ -161,8 +174,8 @@ def test_small_search_writes_table_plot_and_best_conf(spark, ingested_sample, tm
         }
     )
     output = str(tmp_path / "tune")
-    # trial 1 reads features that do not exist: it fails inside run_training
-    result = run_tuning(spark, config, ingested_sample, output, _broken_trials={1})
+    break_trials(monkeypatch, "001")  # it fails inside the real training run
+    result = run_tuning(spark, config, ingested_sample, output)
 
     assert [r.trial.number for r in result.results][-1] == 1
     assert len(result.results) == 3
@@ -208,7 +221,7 @@ def test_small_search_writes_table_plot_and_best_conf(spark, ingested_sample, tm
 
 
 @pytest.mark.slow
-def test_search_fails_only_when_every_trial_failed(spark, ingested_sample, tmp_path):
+def test_search_fails_only_when_every_trial_failed(spark, ingested_sample, tmp_path, monkeypatch):
     from pipeline.errors import TrainingError
 
     config = Config().with_overrides(
@@ -216,7 +229,8 @@ def test_search_fails_only_when_every_trial_failed(spark, ingested_sample, tmp_p
     )
     output = tmp_path / "tune"
     with pytest.raises(TrainingError, match="all 1 trials failed"):
-        run_tuning(spark, config, ingested_sample, str(output), _broken_trials={0})
+        break_trials(monkeypatch, "000")
+        run_tuning(spark, config, ingested_sample, str(output))
     # the table of errors is still published, with no best configuration
     assert (output / RESULTS_MD).is_file() and not (output / BEST_FILE).exists()
 

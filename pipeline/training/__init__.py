@@ -173,7 +173,7 @@ def run_training(
         versions=_versions(spark),
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
     )
-    from pipeline.training.plot import history_png
+    from pipeline.plots import history_png
 
     write_model_dir(
         storage, model_dir, metadata, fit.model_bytes, {"history.png": history_png(fit.history)}

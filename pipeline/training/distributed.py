@@ -42,7 +42,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from pipeline.errors import EnvironmentProblem, InputDataError, TrainingError
+from pipeline.errors import EnvironmentProblem, InputDataError, SlotsBusy, TrainingError
 
 log = logging.getLogger(__name__)
 
@@ -78,9 +78,10 @@ def task_slots(spark) -> tuple[int, str]:
 def check_slots(spark, workers: int) -> None:
     """Fail at once when a barrier stage of `workers` tasks could never be scheduled."""
     slots, how = task_slots(spark)
-    busy = _busy_tasks(spark)
+    busy = busy_tasks(spark)
     if workers > slots - busy:
-        raise EnvironmentProblem(
+        error = SlotsBusy if workers <= slots else EnvironmentProblem
+        raise error(
             f"--workers {workers} needs {workers} free task slots at once (a barrier stage); "
             f"this Spark application has {slots} ({how})"
             + (f", {busy} of them busy with other jobs" if busy else "")
@@ -90,7 +91,8 @@ def check_slots(spark, workers: int) -> None:
         )
 
 
-def _busy_tasks(spark) -> int:
+def busy_tasks(spark) -> int:
+    """Tasks running now in this application's active stages."""
     tracker = spark.sparkContext.statusTracker()
     busy = 0
     for stage_id in tracker.getActiveStageIds():
