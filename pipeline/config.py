@@ -136,6 +136,9 @@ class TrainSettings(_Section):
         300.0, gt=0, description="a worker with no progress for this long fails the job"
     )
     tensorboard: bool = False
+    calibrate: bool = Field(
+        False, description="fit a softmax temperature on the validation data; scoring applies it"
+    )
 
     @model_validator(mode="after")
     def _activations_match_layers(self) -> TrainSettings:
@@ -152,6 +155,33 @@ class TrainSettings(_Section):
         if isinstance(self.activation, str):
             return [self.activation] * len(self.hidden_units)
         return list(self.activation)
+
+
+class DriftSettings(_Section):
+    """How far the scored data may move from the training data's profile."""
+
+    enabled: bool = True
+    ink_bins: int = Field(
+        20, ge=2, le=200, description="equal-width bins of mean intensity over [0, 1]"
+    )
+    psi_warn: float = Field(0.1, gt=0, description="population stability index: warn above")
+    psi_alert: float = Field(0.25, gt=0, description="population stability index: alert above")
+    pixel_mean_warn: float = Field(
+        0.02, gt=0, description="mean absolute difference of per-pixel means: warn above"
+    )
+    pixel_mean_alert: float = Field(
+        0.05, gt=0, description="mean absolute difference of per-pixel means: alert above"
+    )
+
+    @model_validator(mode="after")
+    def _alert_above_warn(self) -> DriftSettings:
+        for name in ("psi", "pixel_mean"):
+            warn, alert = getattr(self, f"{name}_warn"), getattr(self, f"{name}_alert")
+            if alert < warn:
+                raise ValueError(
+                    f"{name}_alert ({alert:g}) must be at least {name}_warn ({warn:g})"
+                )
+        return self
 
 
 class ScoreSettings(_Section):
@@ -172,6 +202,46 @@ class ScoreSettings(_Section):
         "files",
         description="ingest outputs: executors read the Parquet files (files) or Spark does",
     )
+    calibration_bins: int = Field(
+        15, ge=2, le=100, description="equal-width confidence bins of the calibration error"
+    )
+    drift: DriftSettings = DriftSettings()
+
+
+class ExplainSettings(_Section):
+    """Integrated-gradients explanations (jobs/explain.py) and their checks."""
+
+    target: Literal["predicted", "label"] = Field(
+        "predicted", description="explain the predicted class's probability, or the true class's"
+    )
+    steps: int = Field(32, ge=1, le=1024, description="midpoint-rule steps along the path")
+    baseline: float = Field(
+        0.0, ge=0, le=1, description="pixel value of the baseline image (0: black)"
+    )
+    store_attributions: bool = Field(
+        True, description="write all 784 attributions a row; false: only top_pixels"
+    )
+    top_pixels: int = Field(20, ge=1, le=784, description="pixels kept a row without attributions")
+    batch_size: int = Field(1024, ge=1, description="rows per Arrow batch handed to the explainer")
+    faithfulness_rows: int = Field(
+        1000, ge=0, description="rows (spread over the tasks) that get deletion curves"
+    )
+    deletion_fractions: list[float] = Field(
+        default_factory=lambda: [0.0, 0.02, 0.05, 0.1, 0.2, 0.3],
+        min_length=2,
+        description="shares of the pixels removed, the deletion curve's x values",
+    )
+    error_examples: int = Field(
+        16, ge=0, le=100, description="most confident errors drawn in _errors.png"
+    )
+    seed: int = Field(0, description="seed of the random pixels of the deletion baseline")
+
+    @field_validator("deletion_fractions")
+    @classmethod
+    def _fractions_rise_within_one(cls, fractions: list[float]) -> list[float]:
+        if any(not 0 <= f <= 1 for f in fractions) or fractions != sorted(set(fractions)):
+            raise ValueError("must be distinct shares in [0, 1], in increasing order")
+        return fractions
 
 
 class GenerateSettings(_Section):
@@ -298,6 +368,7 @@ class Config(_Section):
     score: ScoreSettings = ScoreSettings()
     generate: GenerateSettings = GenerateSettings()
     tune: TuneSettings = TuneSettings()
+    explain: ExplainSettings = ExplainSettings()
     tracking: TrackingSettings = TrackingSettings()
 
     def with_overrides(self, overrides: Mapping[str, Any]) -> Config:
