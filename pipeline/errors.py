@@ -51,3 +51,10 @@ class TrainingError(PipelineError):
     """Training could not finish: a worker failed, stalled or a collective timed out."""
 
     exit_code = 7
+
+
+class OutputPathError(PipelineError):
+    """An output path the job may not write: it holds what this pipeline did not write, is
+    a file, overlaps an input, or is the working, home or root directory."""
+
+    exit_code = 2

@@ -29,6 +29,7 @@ from pipeline import __version__
 from pipeline.config import Config, GenerateSettings
 from pipeline.contract import FEATURE_DIM, IMAGE_SIDE, LABEL, Layout, pixel_columns
 from pipeline.errors import ConfigError, InputDataError
+from pipeline.outputs import GENERATE, GENERATE_FILE, check_output, staged_output
 from pipeline.sample import sample_path
 from pipeline.storage import Storage
 
@@ -37,7 +38,7 @@ log = logging.getLogger(__name__)
 ID = "id"
 IMAGE = "image"
 PIXELS = "pixels"  # the array layout's column
-METADATA_FILE = "_generate.json"
+METADATA_FILE = GENERATE_FILE
 
 _MASK64 = np.uint64(0xFFFFFFFFFFFFFFFF)
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
@@ -300,7 +301,7 @@ def run_generate(
         raise ConfigError(f"--rows must be at least 1, got {rows}")
     started = time.monotonic()
     storage = Storage(spark)
-    final = storage.qualify(output)
+    final = check_output(storage, output, GENERATE)
 
     base, labels = load_base_digits()
     shared = spark.sparkContext.broadcast((base, labels))
@@ -316,29 +317,26 @@ def run_generate(
         return generate_batches(batches, digits, digit_labels, seed, aug, layout)
 
     df = spark.range(0, rows, 1, partitions).mapInArrow(body, spark_schema(layout))
-    staging = storage.staging_dir(final)
     try:
-        df.write.option("maxRecordsPerFile", settings.rows_per_file).parquet(staging)
-        files = storage.list_files(staging)
-        seconds = time.monotonic() - started
-        storage.write_json(
-            f"{staging}/{METADATA_FILE}",
-            {
-                "rows": rows,
-                "layout": layout.value,
-                "seed": seed,
-                "source": "embedded sample (6,000 MNIST digits), augmented",
-                "augmentation": asdict(aug),
-                "files": len(files),
-                "bytes": sum(size for _, size in files),
-                "seconds": round(seconds, 3),
-                "version": __version__,
-            },
-        )
-        storage.publish(staging, final)
-    except BaseException:
-        storage.delete(staging)
-        raise
+        with staged_output(storage, final, GENERATE) as staging:
+            df.write.option("maxRecordsPerFile", settings.rows_per_file).parquet(staging)
+            files = storage.list_files(staging)
+            seconds = time.monotonic() - started
+            storage.write_json(
+                f"{staging}/{METADATA_FILE}",
+                {
+                    "job": GENERATE.job,
+                    "rows": rows,
+                    "layout": layout.value,
+                    "seed": seed,
+                    "source": "embedded sample (6,000 MNIST digits), augmented",
+                    "augmentation": asdict(aug),
+                    "files": len(files),
+                    "bytes": sum(size for _, size in files),
+                    "seconds": round(seconds, 3),
+                    "version": __version__,
+                },
+            )
     finally:
         shared.unpersist()
     log.info("generated %d %s rows in %d files at %s", rows, layout.value, len(files), final)

@@ -14,16 +14,17 @@ from pyspark import StorageLevel
 from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
 
-from pipeline import __version__
 from pipeline.config import Config, SplitSettings
 from pipeline.contract import SPLIT, Layout
 from pipeline.errors import InputDataError
 from pipeline.features import FEATURES_TMP, LABEL_TMP, Preprocessed, accepted_columns, preprocess
+from pipeline.outputs import INGEST, REPORT_FILE, check_output, staged_output
 from pipeline.quarantine import (
     REJECTED_DIR,
     Counts,
     StageResult,
     drop_accepted,
+    stage_report,
     too_many_rejected,
     write_with_quarantine,
 )
@@ -31,8 +32,6 @@ from pipeline.sources import read_parquet, translate_read_errors
 from pipeline.storage import SUCCESS_MARKER, Storage
 
 log = logging.getLogger(__name__)
-
-REPORT_FILE = "_report.json"
 
 
 class IngestResult(StageResult):
@@ -45,7 +44,7 @@ def run_ingest(
     """Validate `input_path` and publish the features dataset at `output_path`."""
     started = time.monotonic()
     storage = Storage(spark)
-    output = storage.qualify(output_path)
+    output = check_output(storage, output_path, INGEST, {"--input": input_path})
     raw = read_parquet(spark, input_path)
     prepared = preprocess(raw, config.ingest, require_label=True)
     log.info("input %s: %s layout", input_path, prepared.layout.layout.value)
@@ -55,34 +54,29 @@ def run_ingest(
         # Decoding is the costly part: keep the decoded rows for the two writes.
         validated = validated.persist(StorageLevel.MEMORY_AND_DISK)
 
-    storage.clear_stale_staging(output)
-    staging = storage.staging_dir(output)
     try:
-        with translate_read_errors(input_path):
-            counts = write_with_quarantine(
-                validated,
-                to_output=lambda good: good.select(
-                    *features_columns(prepared, config.ingest.split)
-                ),
-                rejected_columns=prepared.raw_columns,
-                output_path=staging,
-                rejected_path=f"{staging}/{REJECTED_DIR}",
-                max_rows_per_file=config.ingest.max_rows_per_file,
-                partition_by=(SPLIT,) if config.ingest.split.enabled else (),
-            )
-        seconds = time.monotonic() - started
-        report = _report(config, input_path, output, prepared, counts, seconds)
-        if counts.rows_in == 0:
-            raise InputDataError(f"{input_path} holds no rows: nothing to ingest")
-        failed = counts.rejected_fraction > config.ingest.max_reject_fraction
-        if failed:
-            report["status"] = "failed"
-            drop_accepted(storage, staging)
-        storage.write_json(f"{staging}/{REPORT_FILE}", report)
-        storage.publish(staging, output)
-    except BaseException:
-        storage.delete(staging)
-        raise
+        with staged_output(storage, output, INGEST) as staging:
+            with translate_read_errors(input_path):
+                counts = write_with_quarantine(
+                    validated,
+                    to_output=lambda good: good.select(
+                        *features_columns(prepared, config.ingest.split)
+                    ),
+                    rejected_columns=prepared.raw_columns,
+                    output_path=staging,
+                    rejected_path=f"{staging}/{REJECTED_DIR}",
+                    max_rows_per_file=config.ingest.max_rows_per_file,
+                    partition_by=(SPLIT,) if config.ingest.split.enabled else (),
+                )
+            seconds = time.monotonic() - started
+            report = _report(config, input_path, output, prepared, counts, seconds)
+            if counts.rows_in == 0:
+                raise InputDataError(f"{input_path} holds no rows: nothing to ingest")
+            failed = counts.rejected_fraction > config.ingest.max_reject_fraction
+            if failed:
+                report["status"] = "failed"
+                drop_accepted(storage, staging)
+            storage.write_json(f"{staging}/{REPORT_FILE}", report)
     finally:
         validated.unpersist()
 
@@ -152,18 +146,15 @@ def ingest_report(storage: Storage, path: str) -> dict | None:
 
 
 def _report(config, input_path, output, prepared, counts: Counts, seconds: float) -> dict:
-    return {
-        "status": "ok",
-        "input": input_path,
-        "output": output,
-        "layout": prepared.layout.layout.value,
-        "pixel_max": prepared.layout.pixel_max,
-        "label_column": prepared.layout.label_column,
-        "id_columns": list(prepared.layout.id_columns),
-        **counts.as_dict(),
-        "rejected_fraction": round(counts.rejected_fraction, 6),
-        "seconds": round(seconds, 3),
-        "rows_per_second": round(counts.rows_in / seconds, 1) if seconds else None,
-        "preprocessing": config.ingest.model_dump(mode="json"),
-        "version": __version__,
-    }
+    return stage_report(
+        "ingest",
+        input_path,
+        output,
+        prepared.layout.layout.value,
+        counts,
+        seconds,
+        pixel_max=prepared.layout.pixel_max,
+        label_column=prepared.layout.label_column,
+        id_columns=list(prepared.layout.id_columns),
+        preprocessing=config.ingest.model_dump(mode="json"),
+    )

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from pyspark.sql import DataFrame, Observation
 from pyspark.sql import functions as F
 
+from pipeline import __version__
 from pipeline.contract import REJECT_REASON, RejectReason
 from pipeline.errors import DataQualityError
 
@@ -54,6 +56,35 @@ class StageResult:
     @property
     def rows_per_second(self) -> float:
         return self.counts.rows_in / self.seconds if self.seconds else 0.0
+
+
+def stage_report(
+    job: str,
+    input_path: str,
+    output: str,
+    layout: str,
+    counts: Counts,
+    seconds: float,
+    **details: Any,
+) -> dict:
+    """The ``_report.json`` of a stage that writes rows with a quarantine (ingest, score).
+
+    `job` names the stage: the output check recognises an earlier output by it. `details`
+    (label and id columns, model, settings) come after the counts.
+    """
+    return {
+        "status": "ok",
+        "job": job,
+        "input": input_path,
+        "output": output,
+        "layout": layout,
+        **counts.as_dict(),
+        "rejected_fraction": round(counts.rejected_fraction, 6),
+        "seconds": round(seconds, 3),
+        "rows_per_second": round(counts.rows_in / seconds, 1) if seconds else None,
+        **details,
+        "version": __version__,
+    }
 
 
 def drop_accepted(storage, staging: str) -> None:

@@ -44,6 +44,26 @@ class Storage:
     def is_dir(self, path: str) -> bool:
         return bool(self._fs(path).isDirectory(self._path(path)))
 
+    def is_file(self, path: str) -> bool:
+        return bool(self._fs(path).isFile(self._path(path)))
+
+    def entries(self, path: str) -> list[tuple[str, bool]]:
+        """(name, is a directory) of what directory `path` holds, one level, sorted."""
+        statuses = self._fs(path).listStatus(self._path(path))
+        return sorted((str(s.getPath().getName()), bool(s.isDirectory())) for s in statuses)
+
+    def is_root(self, path: str) -> bool:
+        """Whether `path` is the root of its file system (``/``, ``hdfs://nn/``, ``s3a://b/``)."""
+        return bool(self._path(self.qualify(path)).isRoot())
+
+    def home_and_working_dirs(self, path: str) -> tuple[str, str]:
+        """The home and working directories of the file system `path` lives on, qualified."""
+        fs = self._fs(path)
+        return (
+            str(fs.getHomeDirectory().toString()),
+            str(fs.getWorkingDirectory().toString()),
+        )
+
     def delete(self, path: str) -> None:
         self._fs(path).delete(self._path(path), True)
 
@@ -128,6 +148,9 @@ class Storage:
 
     def publish(self, staging: str, final: str) -> None:
         """Move a finished `staging` directory to `final`, replacing what was there.
+
+        Jobs publish through `pipeline.outputs.staged_output`, which first checks that
+        what is there is an earlier output of the same job.
 
         On HDFS and local disks each rename is atomic: readers see the old complete
         output or the new one. Object stores copy on rename; see the README.
