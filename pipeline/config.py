@@ -102,6 +102,16 @@ class EarlyStoppingSettings(_Section):
     restore_best_weights: bool = True
 
 
+class AugmentSettings(_Section):
+    """Random affine transforms of each training batch (never validation or scoring)."""
+
+    enabled: bool = False
+    max_rotation: float = Field(14.0, ge=0, le=90, description="degrees, either way")
+    max_shift: float = Field(2.0, ge=0, le=14, description="pixels, each direction")
+    max_scale_change: float = Field(0.08, ge=0, lt=0.5, description="scale in [1 - s, 1 + s]")
+    max_shear: float = Field(0.0, ge=0, le=45, description="degrees, either way")
+
+
 Activation = Literal[
     "relu", "tanh", "sigmoid", "elu", "selu", "gelu", "swish", "softplus", "linear"
 ]
@@ -129,6 +139,7 @@ class TrainSettings(_Section):
     validation_fraction: float = Field(0.0, ge=0, lt=1)
     validation_path: str | None = None
     early_stopping: EarlyStoppingSettings = EarlyStoppingSettings()
+    augment: AugmentSettings = AugmentSettings()
     memory_budget_mb: int = Field(
         1024, ge=0, description="per worker: keep the partition in memory up to this, else spill"
     )
