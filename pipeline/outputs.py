@@ -99,6 +99,12 @@ SCORE = OutputKind(
     (REPORT_FILE, "_rejected", "split=*", "_*.png", *_DATASET),
     legacy_keys=("rows_in", "model_dir", "model_sha256"),
 )
+EXPLAIN = OutputKind(
+    "explain",
+    "an explain output",
+    REPORT_FILE,
+    (REPORT_FILE, "_rejected", "split=*", "_*.png", *_DATASET),
+)
 GENERATE = OutputKind(
     "generate",
     "a generated dataset",
@@ -119,7 +125,7 @@ TUNE = OutputKind(
     "results.md",
     ("results.*", "best.yaml", "*.png", "trials"),
 )
-KINDS = (INGEST, SCORE, GENERATE, MODEL, TUNE)
+KINDS = (INGEST, SCORE, EXPLAIN, GENERATE, MODEL, TUNE)
 
 
 def check_output(

@@ -1,4 +1,5 @@
-"""Every PNG the pipeline draws: training history, evaluation and search figures.
+"""Every PNG the pipeline draws: training history, evaluation, search, explain and
+monitoring figures.
 
 Each function takes plain values (lists, arrays, numbers) and returns the PNG's bytes;
 the stage that owns the figure decides where it is written. Matplotlib is imported
@@ -13,7 +14,20 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["Bar", "bars_png", "confidence_png", "confusion_png", "history_png"]
+from pipeline.contract import IMAGE_SIDE
+
+__all__ = [
+    "Bar",
+    "bars_png",
+    "class_attributions_png",
+    "confidence_png",
+    "confusion_png",
+    "drift_png",
+    "errors_png",
+    "first_layer_png",
+    "history_png",
+    "reliability_png",
+]
 
 
 @dataclass(frozen=True)
@@ -131,6 +145,156 @@ def bars_png(
     axes.set_title(title, fontsize=9)
     if band is not None and band_label:
         axes.legend(loc="lower right", fontsize=8)
+    return _png(figure)
+
+
+def class_attributions_png(
+    mean_inputs: np.ndarray, mean_attributions: np.ndarray, counts: Sequence[int], by: str
+) -> bytes:
+    """Per class: the mean input above, the mean attribution below (red adds to the
+    class's probability, blue takes away; one colour scale for every class)."""
+    classes = len(counts)
+    figure = _figure(1.3 * classes, 3.2, layout="constrained")
+    axes = figure.subplots(2, classes, squeeze=False)
+    # The 99.5th percentile: one extreme pixel should not wash out every map.
+    limit = float(np.percentile(np.abs(mean_attributions), 99.5)) or 1.0
+    image = None
+    for c in range(classes):
+        top, bottom = axes[0, c], axes[1, c]
+        top.imshow(mean_inputs[c].reshape(IMAGE_SIDE, IMAGE_SIDE), cmap="gray", vmin=0, vmax=1)
+        top.set_title(f"{c}\n{counts[c]:,} rows", fontsize=8)
+        image = bottom.imshow(
+            mean_attributions[c].reshape(IMAGE_SIDE, IMAGE_SIDE),
+            cmap="RdBu_r",
+            vmin=-limit,
+            vmax=limit,
+        )
+        for a in (top, bottom):
+            a.set_xticks([])
+            a.set_yticks([])
+    axes[0, 0].set_ylabel("mean input", fontsize=8)
+    axes[1, 0].set_ylabel("mean attribution", fontsize=8)
+    figure.colorbar(image, ax=axes[1, :].tolist(), shrink=0.8, label="attribution")
+    figure.suptitle(f"Integrated gradients by {by}", fontsize=10)
+    return _png(figure)
+
+
+def errors_png(examples: Sequence[tuple[np.ndarray, np.ndarray, int, int, float]]) -> bytes:
+    """A grid of misclassified digits (pixels, attribution, label, prediction, confidence),
+    the attribution of the predicted class overlaid: red where it pushed the prediction."""
+    columns = min(8, max(1, len(examples)))
+    rows = max(1, -(-len(examples) // columns))
+    figure = _figure(1.5 * columns, 1.75 * rows, layout="constrained")
+    axes = np.atleast_1d(figure.subplots(rows, columns, squeeze=False)).reshape(-1)
+    for a in axes:
+        a.set_xticks([])
+        a.set_yticks([])
+        a.set_frame_on(False)
+    for a, (pixels, attribution, label, prediction, confidence) in zip(
+        axes, examples, strict=False
+    ):
+        a.imshow(pixels.reshape(IMAGE_SIDE, IMAGE_SIDE), cmap="gray", vmin=0, vmax=1)
+        limit = float(np.abs(attribution).max()) or 1.0
+        overlay = attribution.reshape(IMAGE_SIDE, IMAGE_SIDE) / limit
+        a.imshow(
+            np.ma.masked_where(np.abs(overlay) < 0.1, overlay),
+            cmap="RdBu_r",
+            vmin=-1,
+            vmax=1,
+            alpha=0.6,
+        )
+        a.set_title(f"true {label} -> {prediction}\n{confidence:.2f}", fontsize=8)
+    figure.suptitle("Most confident errors (attribution of the prediction)", fontsize=10)
+    return _png(figure)
+
+
+def first_layer_png(weights: np.ndarray, max_units: int = 64) -> bytes:
+    """The first layer's weights, one FEATURE_DIM-pixel image per hidden unit."""
+    units = min(weights.shape[1], max_units)
+    columns = min(8, units)
+    rows = -(-units // columns)
+    figure = _figure(1.3 * columns, 1.3 * rows + 0.5, layout="constrained")
+    axes = figure.subplots(rows, columns, squeeze=False).reshape(-1)
+    for i, a in enumerate(axes):
+        a.set_xticks([])
+        a.set_yticks([])
+        if i >= units:
+            a.set_frame_on(False)
+            continue
+        w = weights[:, i]
+        limit = float(np.abs(w).max()) or 1.0
+        a.imshow(w.reshape(IMAGE_SIDE, IMAGE_SIDE), cmap="RdBu_r", vmin=-limit, vmax=limit)
+        a.set_title(str(i), fontsize=7)
+    shown = f"{units} of {weights.shape[1]}" if units < weights.shape[1] else f"{units}"
+    figure.suptitle(f"First-layer weights ({shown} units; red positive)", fontsize=10)
+    return _png(figure)
+
+
+def reliability_png(
+    mean_confidence: Sequence[float | None],
+    accuracy: Sequence[float | None],
+    counts: Sequence[int],
+    *,
+    ece: float,
+    temperature: float | None = None,
+) -> bytes:
+    """Reliability diagram: accuracy against mean confidence per bin, with the diagonal
+    of perfect calibration and the rows per bin below."""
+    bins = len(counts)
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    centres = (edges[:-1] + edges[1:]) / 2
+    figure = _figure(5.6, 6.0)
+    top, bottom = figure.subplots(2, 1, height_ratios=[3, 1], sharex=True)
+    filled = [i for i in range(bins) if counts[i]]
+    top.bar(
+        [centres[i] for i in filled],
+        [accuracy[i] for i in filled],
+        width=1.0 / bins,
+        edgecolor="black",
+        alpha=0.7,
+        label="accuracy",
+    )
+    top.plot([0, 1], [0, 1], "k--", label="perfect calibration")
+    top.plot(
+        [mean_confidence[i] for i in filled],
+        [accuracy[i] for i in filled],
+        "o",
+        color="tab:red",
+        label="mean confidence",
+    )
+    top.set_ylim(0, 1)
+    top.set_ylabel("accuracy")
+    scaled = f", temperature {temperature:.2f}" if temperature is not None else ""
+    top.set_title(f"Reliability (ECE {ece:.3f}{scaled})")
+    top.legend(loc="upper left")
+    top.grid(alpha=0.3)
+    bottom.bar(centres, counts, width=1.0 / bins, edgecolor="black", color="tab:gray")
+    bottom.set_yscale("symlog")
+    bottom.set_xlabel("confidence")
+    bottom.set_ylabel("rows")
+    figure.tight_layout()
+    return _png(figure)
+
+
+def drift_png(training_mean: np.ndarray, scored_mean: np.ndarray, *, status: str) -> bytes:
+    """Mean training image, mean scored image and their difference."""
+    difference = np.asarray(scored_mean) - np.asarray(training_mean)
+    limit = float(np.abs(difference).max()) or 1.0
+    figure = _figure(9.0, 3.4, layout="constrained")
+    axes = figure.subplots(1, 3)
+    axes[0].imshow(np.reshape(training_mean, (IMAGE_SIDE, IMAGE_SIDE)), cmap="gray", vmin=0, vmax=1)
+    axes[0].set_title("training mean")
+    axes[1].imshow(np.reshape(scored_mean, (IMAGE_SIDE, IMAGE_SIDE)), cmap="gray", vmin=0, vmax=1)
+    axes[1].set_title("scored mean")
+    image = axes[2].imshow(
+        difference.reshape(IMAGE_SIDE, IMAGE_SIDE), cmap="RdBu_r", vmin=-limit, vmax=limit
+    )
+    axes[2].set_title("scored - training")
+    figure.colorbar(image, ax=axes[2], shrink=0.8)
+    for a in axes:
+        a.set_xticks([])
+        a.set_yticks([])
+    figure.suptitle(f"Drift: {status}", fontsize=11)
     return _png(figure)
 
 

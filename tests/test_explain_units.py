@@ -90,3 +90,13 @@ def test_attributions_beat_random_pixels_on_deletion(explained, held_out):
 def test_curve_area_is_the_mean_height_over_the_range():
     assert curve_area([0.0, 0.5, 1.0], [0.0, 1.0, 1.0]) == pytest.approx(0.75)
     assert curve_area([0.1, 0.3], [0.2, 0.2]) == pytest.approx(0.2)
+
+
+def test_first_layer_weights_are_read_without_keras(spark, trained_model_dir, model):
+    from pipeline.artifact import read_model_dir
+    from pipeline.explain.weights import first_layer_weights
+    from pipeline.storage import Storage
+
+    metadata, model_bytes = read_model_dir(Storage(spark), trained_model_dir)
+    weights = first_layer_weights(metadata, model_bytes)
+    np.testing.assert_array_equal(weights, model.get_layer("hidden_0").kernel.numpy())
