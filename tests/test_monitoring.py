@@ -183,3 +183,95 @@ def test_drift_thresholds_are_validated():
 
     with pytest.raises(ConfigError, match="psi_alert"):
         load_config(overrides=["score.drift.psi_alert=0.05"])
+
+
+# --- what scoring watches -----------------------------------------------------------------
+
+
+def test_watch_sums_of_batches_add_up_to_the_whole(sample_pixels, training_profile):
+    from pipeline.config import ScoreSettings
+    from pipeline.monitoring.watch import WatchShape, batch_watch_sums, watch_from_sums
+
+    pixels, labels = sample_pixels
+    x = pixels[5000:] / 255.0
+    rng = np.random.default_rng(0)
+    prediction = np.where(rng.uniform(size=1000) < 0.9, labels[5000:], 0)
+    confidence = rng.uniform(0.5, 1.0, 1000)
+    shape = WatchShape.of(ScoreSettings())
+    whole = batch_watch_sums(shape, x, prediction, confidence, labels[5000:])
+    parts = sum(
+        batch_watch_sums(shape, x[s], prediction[s], confidence[s], labels[5000:][s])
+        for s in (slice(0, 300), slice(300, 1000))
+    )
+    np.testing.assert_allclose(parts, whole)
+    assert len(whole) == shape.size
+    watch = watch_from_sums(whole, shape, ScoreSettings(), training_profile, labelled=True)
+    assert watch.drift.status == "ok"
+    assert watch.calibration.rows == 1000
+    assert watch.profile.class_counts == tuple(np.bincount(prediction, minlength=10))
+    assert set(watch.files(training_profile)) == {"_calibration.png", "_drift.png"}
+
+    unlabelled = batch_watch_sums(shape, 1 - x, prediction, confidence, None)
+    watch = watch_from_sums(unlabelled, shape, ScoreSettings(), training_profile, labelled=False)
+    assert watch.calibration is None and watch.drift.status == "alert"
+    assert set(watch.files(training_profile)) == {"_drift.png"}
+
+
+def test_model_card_and_report_say_what_the_json_says():
+    from pipeline.artifact import new_metadata
+    from pipeline.config import TrainSettings
+    from pipeline.monitoring.documents import model_card, scoring_report_md
+
+    history = [{"epoch": 1, "loss": 0.5, "accuracy": 0.81, "val_loss": 0.4, "val_accuracy": 0.85}]
+    metadata = new_metadata(
+        b"weights",
+        TrainSettings(hidden_units=[64]),
+        history=history,
+        epochs_completed=1,
+        data={"rows": 4800, "class_counts": {"0": 480}, "path": "features", "sha256": "ab" * 32},
+    ).model_dump(mode="json")
+    validation = {
+        "rows": 600,
+        "accuracy": 0.85,
+        "per_class": [{"precision": 0.9, "recall": 0.8, "f1": 0.847, "support": 60}] * 10,
+        "calibration": {"ece_before": 0.08, "ece_after": 0.02, "temperature": 1.7},
+    }
+    card = model_card(metadata, validation, "spark-submit jobs/train.py --input f --model-dir m")
+    for expected in (
+        "[64]",
+        "4,800 training rows",
+        "| 1 | 0.5000 | 0.8100",
+        "0.0800 before",
+        "temperature 1.700",
+        "ink on a black background",
+        "--model-dir m",
+    ):
+        assert expected in card, expected
+    report = {
+        "status": "ok",
+        "rows_in": 10,
+        "rows_out": 9,
+        "rows_rejected": 1,
+        "rejected_by_reason": {"label_null": 1},
+        "evaluation": {"accuracy": 0.9},
+        "calibration": {"ece": 0.031, "mce": 0.2, "bins": 15, "rows": 9, "temperature": None},
+        "drift": {
+            "status": "alert",
+            "ink_psi": 3.2,
+            "class_mix_psi": 0.5,
+            "pixel_mean_mad": 0.7,
+            "checks": {"ink_psi": "alert"},
+            "ink_mean": {"training": 0.13, "scored": 0.87},
+            "nonzero_share": {"training": 0.19, "scored": 1.0},
+        },
+    }
+    text = scoring_report_md(report, ["_drift.png"])
+    for expected in (
+        "| rejected | 1 |",
+        "label_null",
+        "0.0310",
+        "## Drift: alert",
+        "0.1300 → 0.8700",
+        "[_drift.png](_drift.png)",
+    ):
+        assert expected in text, expected
