@@ -89,7 +89,12 @@ class IngestSettings(_Section):
     pixel_max: float | None = Field(
         None, gt=0, description="scale of array/column pixels; auto: 255 for integers, 1 for floats"
     )
-    id_columns: list[str] | None = Field(None, description="auto: the columns named id or row_id")
+    id_columns: list[str] | None = Field(
+        None, description="auto: the columns named id or row_id; none: a row_id is added"
+    )
+    resize: Literal["nearest", "box", "bilinear", "hamming", "bicubic", "lanczos"] | None = Field(
+        None, description="resize images of another size to 28x28 with this Pillow filter"
+    )
     max_reject_fraction: float = Field(0.05, ge=0, le=1)
     max_rows_per_file: int = Field(100_000, ge=1)
     split: SplitSettings = SplitSettings()

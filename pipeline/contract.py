@@ -27,7 +27,8 @@ PROBABILITIES = "probabilities"  # array<float>, length NUM_CLASSES
 CONFIDENCE = "confidence"  # float, the largest probability
 
 # Names that mark pass-through id columns when the config does not list them.
-DEFAULT_ID_COLUMNS = ("id", "row_id")
+ROW_ID = "row_id"  # long; what ingest adds to an input without ids (file number, row in it)
+DEFAULT_ID_COLUMNS = ("id", ROW_ID)
 
 # Raw layouts the ingest job reads.
 PIXEL_COLUMN_PREFIX = "pixel"  # Kaggle layout: pixel0 .. pixel783

@@ -29,6 +29,7 @@ from pipeline import __version__
 from pipeline.config import Config, GenerateSettings
 from pipeline.contract import FEATURE_DIM, IMAGE_SIDE, LABEL, Layout, pixel_columns
 from pipeline.errors import ConfigError, InputDataError
+from pipeline.features.images import ImageSizeError, decode_image
 from pipeline.outputs import GENERATE, GENERATE_FILE, check_output, staged_output
 from pipeline.sample import sample_path
 from pipeline.storage import Storage
@@ -93,17 +94,16 @@ class GenerateResult:
 def load_base_digits(path: str | None = None) -> tuple[np.ndarray, np.ndarray]:
     """The real digits to augment: (uint8 pixels of shape (n, 784), int64 labels)."""
     import pyarrow.parquet as pq
-    from PIL import Image
 
     path = path or sample_path()
     table = pq.read_table(path, columns=[IMAGE, LABEL])
     blobs = table.column(IMAGE).combine_chunks().field("bytes").to_pylist()
     pixels = np.empty((len(blobs), FEATURE_DIM), dtype=np.uint8)
     for i, blob in enumerate(blobs):
-        image = Image.open(io.BytesIO(blob)).convert("L")
-        if image.size != (IMAGE_SIDE, IMAGE_SIDE):
-            raise InputDataError(f"{path}: digit {i} is {image.size}, expected 28x28")
-        pixels[i] = np.asarray(image, dtype=np.uint8).reshape(FEATURE_DIM)
+        try:
+            pixels[i] = decode_image(blob)
+        except ImageSizeError as exc:
+            raise InputDataError(f"{path}: digit {i}: {exc}") from None
     labels = np.asarray(table.column(LABEL).to_numpy(), dtype=np.int64)
     return pixels, labels
 

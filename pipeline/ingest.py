@@ -1,8 +1,9 @@
 """The ingest stage: raw Parquet in, the features dataset and its quarantine out.
 
-``OUT/`` holds Parquet with `features`, `label`, `label_onehot` and the id columns,
-``OUT/_rejected/`` the bad rows with their original columns and `reject_reason`, and
-``OUT/_report.json`` the counts. The whole directory appears at once, when complete.
+``OUT/`` holds Parquet with `features`, `label`, `label_onehot` and the id columns (a
+`row_id` when the input has none: see `pipeline.features.row_ids`), ``OUT/_rejected/``
+the bad rows with their original columns and `reject_reason` (only when there are any),
+and ``OUT/_report.json`` the counts. The whole directory appears at once, when complete.
 """
 
 from __future__ import annotations
@@ -14,16 +15,33 @@ from pyspark import StorageLevel
 from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
 
-from pipeline.config import Config, SplitSettings
-from pipeline.contract import SPLIT, Layout
+from pipeline.config import Config, IngestSettings, SplitSettings
+from pipeline.contract import (
+    DEFAULT_ID_COLUMNS,
+    IMAGE_SIDE,
+    REJECT_REASON,
+    SPLIT,
+    Layout,
+    RejectReason,
+)
 from pipeline.errors import InputDataError
-from pipeline.features import FEATURES_TMP, LABEL_TMP, Preprocessed, accepted_columns, preprocess
+from pipeline.features import (
+    FEATURES_TMP,
+    IMAGE_SIZE_TMP,
+    LABEL_TMP,
+    Preprocessed,
+    accepted_columns,
+    pixel_values,
+    preprocess,
+    with_row_id,
+)
 from pipeline.outputs import INGEST, REPORT_FILE, check_output, staged_output
 from pipeline.quarantine import (
     REJECTED_DIR,
     Counts,
     StageResult,
     drop_accepted,
+    none_accepted,
     stage_report,
     too_many_rejected,
     write_with_quarantine,
@@ -33,6 +51,9 @@ from pipeline.storage import SUCCESS_MARKER, Storage
 
 log = logging.getLogger(__name__)
 
+# Pixel scales data comes in: a hint names the one that fits rejected values.
+_PIXEL_SCALES = (1.0, 255.0, 65535.0)
+
 
 class IngestResult(StageResult):
     """The published features dataset, its counts and report."""
@@ -41,12 +62,19 @@ class IngestResult(StageResult):
 def run_ingest(
     spark: SparkSession, config: Config, input_path: str, output_path: str
 ) -> IngestResult:
-    """Validate `input_path` and publish the features dataset at `output_path`."""
+    """Validate `input_path` and publish the features dataset at `output_path`.
+
+    Fails with `DataQualityError`, publishing only the report and the rejected rows,
+    when no row passes validation or more than ``ingest.max_reject_fraction`` are rejected.
+    """
     started = time.monotonic()
+    settings = config.ingest
     storage = Storage(spark)
     output = check_output(storage, output_path, INGEST, {"--input": input_path})
     raw = read_parquet(spark, input_path)
-    prepared = preprocess(raw, config.ingest, require_label=True)
+    if settings.id_columns is None and not any(c in raw.columns for c in DEFAULT_ID_COLUMNS):
+        raw = with_row_id(raw)
+    prepared = preprocess(raw, settings, require_label=True)
     log.info("input %s: %s layout", input_path, prepared.layout.layout.value)
 
     validated = prepared.df
@@ -59,20 +87,20 @@ def run_ingest(
             with translate_read_errors(input_path):
                 counts = write_with_quarantine(
                     validated,
-                    to_output=lambda good: good.select(
-                        *features_columns(prepared, config.ingest.split)
-                    ),
+                    to_output=lambda good: good.select(*features_columns(prepared, settings.split)),
                     rejected_columns=prepared.raw_columns,
                     output_path=staging,
                     rejected_path=f"{staging}/{REJECTED_DIR}",
-                    max_rows_per_file=config.ingest.max_rows_per_file,
-                    partition_by=(SPLIT,) if config.ingest.split.enabled else (),
+                    max_rows_per_file=settings.max_rows_per_file,
+                    partition_by=(SPLIT,) if settings.split.enabled else (),
                 )
             seconds = time.monotonic() - started
-            report = _report(config, input_path, output, prepared, counts, seconds)
             if counts.rows_in == 0:
                 raise InputDataError(f"{input_path} holds no rows: nothing to ingest")
-            failed = counts.rejected_fraction > config.ingest.max_reject_fraction
+            report = _report(config, input_path, output, prepared, counts, seconds)
+            failed = counts.rows_out == 0 or counts.rejected_fraction > settings.max_reject_fraction
+            with translate_read_errors(input_path):
+                advice = _advice(validated, prepared, settings, counts, report, failed)
             if failed:
                 report["status"] = "failed"
                 drop_accepted(storage, staging)
@@ -80,15 +108,71 @@ def run_ingest(
     finally:
         validated.unpersist()
 
+    if counts.rows_out == 0:
+        raise none_accepted(counts, output, "features", advice)
     if failed:
         raise too_many_rejected(
             counts,
             "ingest.max_reject_fraction",
-            config.ingest.max_reject_fraction,
+            settings.max_reject_fraction,
             output,
             "features",
+            advice,
         )
     return IngestResult(output, prepared.layout.layout.value, counts, seconds, report)
+
+
+def _advice(
+    validated: DataFrame,
+    prepared: Preprocessed,
+    settings: IngestSettings,
+    counts: Counts,
+    report: dict,
+    failed: bool,
+) -> str:
+    """What to change when the rejected rows point at a setting; adds what was found to
+    `report`. Looks at the data again only for rows rejected for their size or scale."""
+    advice = []
+    rejected = counts.rejected_by_reason
+    if rejected.get(RejectReason.IMAGE_WRONG_SIZE.value):
+        sizes = {
+            row[IMAGE_SIZE_TMP]: int(row["count"])
+            for row in validated.filter(F.col(IMAGE_SIZE_TMP).isNotNull())
+            .groupBy(IMAGE_SIZE_TMP)
+            .count()
+            .orderBy(F.desc("count"), IMAGE_SIZE_TMP)
+            .collect()
+        }
+        report["rejected_image_sizes"] = sizes
+        found = ", ".join(
+            f"{n} {'rows are' if n > 1 else 'row is'} {size.replace('x', '×')}"
+            for size, n in sizes.items()
+        )
+        advice.append(
+            f"image_wrong_size: {found}; set ingest.resize (e.g. ingest.resize=lanczos) to "
+            f"resize them to {IMAGE_SIDE}×{IMAGE_SIDE}"
+        )
+        log.warning("images of the wrong size: %s", found)
+    out_of_range = rejected.get(RejectReason.PIXEL_OUT_OF_RANGE.value, 0)
+    pixels = pixel_values(prepared.layout)
+    if failed and pixels is not None and out_of_range * 2 > counts.rows_rejected:
+        low, high = (
+            validated.filter(F.col(REJECT_REASON) == RejectReason.PIXEL_OUT_OF_RANGE.value)
+            .agg(F.min(F.array_min(pixels)), F.max(F.array_max(pixels)))
+            .first()
+        )
+        report["rejected_pixel_range"] = [float(low), float(high)]
+        scale = prepared.layout.pixel_max
+        fits = next((s for s in _PIXEL_SCALES if scale < s and high <= s), None)
+        if low >= 0 and fits is not None:
+            set_by = "as set" if settings.pixel_max is not None else "the default for this type"
+            advice.insert(
+                0,
+                f"{out_of_range} rows are pixel_out_of_range with values up to {high:g}, above "
+                f"ingest.pixel_max = {scale:g} ({set_by}): if the pixels are on a 0-{fits:g} "
+                f"scale, set ingest.pixel_max={fits:g}",
+            )
+    return ". ".join(advice)
 
 
 def features_columns(prepared: Preprocessed, split: SplitSettings) -> list[Column]:

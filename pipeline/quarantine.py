@@ -2,7 +2,7 @@
 
 The counts come from the write itself (`DataFrame.observe`), not from extra passes over
 the data. The rejected rows are written in a second pass only when there are any, so
-clean data is read once.
+clean data is read once and its output has no `_rejected/` directory.
 """
 
 from __future__ import annotations
@@ -104,13 +104,28 @@ def describe_reasons(counts: Counts) -> str:
     return ", ".join(f"{reason} {n}" for reason, n in sorted(counts.rejected_by_reason.items()))
 
 
-def too_many_rejected(counts: Counts, key: str, limit: float, output: str, what: str):
-    """The error of a run whose rejected share is above `key` (= `limit`)."""
+def too_many_rejected(
+    counts: Counts, key: str, limit: float, output: str, what: str, advice: str = ""
+):
+    """The error of a run whose rejected share is above `key` (= `limit`).
+
+    `advice` says what to change when the rejected rows point at a setting; by default
+    the message suggests fixing the input or raising `key`.
+    """
     return DataQualityError(
         f"{counts.rows_rejected} of {counts.rows_in} rows rejected "
         f"({counts.rejected_fraction:.1%}, above {key} = {limit:.1%}): "
         f"{describe_reasons(counts)}. The rejected rows and the report are in {output}; "
-        f"no {what} were published. Fix the input, or raise {key} to accept them"
+        f"no {what} were published. {advice or f'Fix the input, or raise {key} to accept them'}"
+    )
+
+
+def none_accepted(counts: Counts, output: str, what: str, advice: str = ""):
+    """The error of a run in which no row passed validation, whatever its reject threshold."""
+    return DataQualityError(
+        f"none of the {counts.rows_in} rows passed validation: {describe_reasons(counts)}. "
+        f"The rejected rows and the report are in {output}; no {what} were published. "
+        f"{advice or 'Fix the input'}"
     )
 
 
@@ -155,10 +170,9 @@ def write_with_quarantine(
             f"{counts.rows_rejected} rejected with a known reason"
         )
 
-    rejected = validated.filter(reason.isNotNull()).select(*rejected_columns, REJECT_REASON)
     if counts.rows_rejected == 0:
-        _write(rejected.limit(0), rejected_path, max_rows_per_file, ())
-        return counts
+        return counts  # no empty `_rejected/` for other engines' ``**/*.parquet`` to pick up
+    rejected = validated.filter(reason.isNotNull()).select(*rejected_columns, REJECT_REASON)
     written = Observation("rejected")
     _write(
         rejected.observe(written, F.count(F.lit(1)).alias("n")),

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import os
 import sys
 
@@ -52,16 +51,12 @@ def sample_file() -> str:
 def sample_pixels(sample_file) -> tuple[np.ndarray, np.ndarray]:
     """The sample decoded in the test process: (uint8 pixels of shape (n, 784), labels)."""
     import pyarrow.parquet as pq
-    from PIL import Image
+
+    from pipeline.features.images import decode_image
 
     table = pq.read_table(sample_file)
     images = table.column("image").to_pylist()
-    pixels = np.stack(
-        [
-            np.asarray(Image.open(io.BytesIO(img["bytes"])), dtype=np.uint8).reshape(-1)
-            for img in images
-        ]
-    )
+    pixels = np.stack([decode_image(img["bytes"]) for img in images])
     labels = np.asarray(table.column("label").to_pylist(), dtype=np.int64)
     return pixels, labels
 

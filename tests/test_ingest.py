@@ -188,6 +188,7 @@ def test_dirty_images_are_quarantined_with_their_reasons(spark, tmp_path, sample
         spark, _write(tmp_path, "dirty_images", table), out, max_reject_fraction=1.0
     )
     assert report["rows_out"] == len(accepted_cases)
+    assert report["rejected_image_sizes"] == {"32x32": 1}
     rejected = _read(spark, str(out / "_rejected")).sort_values("id")
     assert rejected[REJECT_REASON].tolist() == [c[2] for c in cases]
     accepted = _read(spark, str(out))
@@ -289,6 +290,85 @@ def test_rerun_replaces_the_output(spark, tmp_path, held_out):
     assert len(second) == 50
     np.testing.assert_array_equal(np.stack(first[FEATURES]), np.stack(second[FEATURES]))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "raw.parquet"]
+    assert not (out / "_rejected").exists()  # clean data: no empty reject dataset to glob
+
+
+def test_zero_good_rows_fail_whatever_the_threshold(spark, tmp_path, sample_pixels):
+    pixels, labels = sample_pixels[0][:30], sample_pixels[1][:30]
+    # Floats on the 0-255 scale: with the float default ingest.pixel_max = 1, every row is
+    # out of range, and the message names the setting and the scale that fits.
+    table = pa.table({"label": labels, "pixels": list(pixels.astype(np.float64))})
+    out = tmp_path / "out"
+    with pytest.raises(DataQualityError) as caught:
+        _ingest(spark, _write(tmp_path, "float255", table), out, max_reject_fraction=1.0)
+    message = str(caught.value)
+    assert caught.value.exit_code == 5
+    assert "none of the 30 rows passed validation: pixel_out_of_range 30" in message
+    assert "values up to 255, above ingest.pixel_max = 1" in message
+    assert "set ingest.pixel_max=255" in message
+    assert "raise ingest.max_reject_fraction" not in message
+    report = json.loads((out / "_report.json").read_text())
+    assert (report["status"], report["rows_out"]) == ("failed", 0)
+    assert report["rejected_pixel_range"][1] == 255.0
+    assert not (out / "_SUCCESS").exists()
+    assert not list(out.glob("*.parquet"))
+
+    result, report = _ingest(spark, _write(tmp_path, "float255", table), out, pixel_max=255)
+    assert result.counts.rows_out == 30  # the advice works
+    features = np.stack(_read(spark, str(out)).sort_values("row_id")[FEATURES])
+    np.testing.assert_array_equal(features, (pixels / 255.0).astype(np.float32))
+
+
+def test_wrong_size_images_are_reported_or_resized(spark, tmp_path, held_out):
+    images, pixels, labels = held_out
+    n = 40
+    # Each digit at twice its size: a box filter gives the original pixels back.
+    doubled = [
+        {"bytes": _png(np.kron(p.reshape(28, 28), np.ones((2, 2), np.uint8))), "path": None}
+        for p in pixels[:n]
+    ]
+    odd = [{"bytes": _png(np.zeros((20, 24), np.uint8)), "path": None}] * 2
+    table = pa.table(
+        {
+            "image": pa.array(doubled + odd, images.schema.field("image").type),
+            "label": labels[: n + 2],
+        }
+    )
+    raw = _write(tmp_path, "big", table)
+    out = tmp_path / "out"
+    with pytest.raises(DataQualityError) as caught:
+        _ingest(spark, raw, out)
+    assert "40 rows are 56×56, 2 rows are 24×20" in str(caught.value)
+    assert "ingest.resize" in str(caught.value)
+    report = json.loads((out / "_report.json").read_text())
+    assert report["rejected_image_sizes"] == {"56x56": 40, "24x20": 2}
+
+    result, report = _ingest(spark, raw, out, resize="box")
+    assert result.counts.rows_out == n + 2
+    assert report["preprocessing"]["resize"] == "box"  # what scoring applies to raw input
+    features = np.stack(_read(spark, str(out)).sort_values("row_id")[FEATURES])
+    np.testing.assert_array_equal(features[:n], (pixels[:n] / 255.0).astype(np.float32))
+
+
+def test_an_input_without_ids_gets_a_stable_row_id(spark, tmp_path, held_out):
+    images, pixels, labels = held_out
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    no_ids = images.drop_columns(["id"])
+    pq.write_table(no_ids.slice(0, 30), raw / "a.parquet", row_group_size=7)
+    pq.write_table(no_ids.slice(30, 20), raw / "b.parquet")
+    outs = [tmp_path / "out1", tmp_path / "out2"]
+    for out in outs:
+        _ingest(spark, str(raw), out)
+    first, second = (_read(spark, str(out)).sort_values("row_id") for out in outs)
+    # file number * 2**32 + position in the file, the files in path order
+    expected = [*range(30), *(2**32 + i for i in range(20))]
+    assert first["row_id"].tolist() == expected
+    assert second["row_id"].tolist() == expected
+    np.testing.assert_array_equal(
+        np.stack(first[FEATURES]), (pixels[:50] / 255.0).astype(np.float32)
+    )
+    assert first[LABEL].tolist() == labels[:50].tolist()
 
 
 def test_split_is_deterministic_and_close_to_the_fractions(spark, tmp_path, sample_file):

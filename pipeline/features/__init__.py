@@ -10,22 +10,29 @@ Ingest and scoring then split the rows on ``reject_reason``.
 """
 
 from pipeline.features.layouts import ResolvedLayout, resolve_layout
+from pipeline.features.row_ids import ROW_ID, with_row_id
 from pipeline.features.transform import (
     FEATURES_TMP,
+    IMAGE_SIZE_TMP,
     LABEL_TMP,
     Preprocessed,
     accepted_columns,
     onehot,
+    pixel_values,
     preprocess,
 )
 
 __all__ = [
     "FEATURES_TMP",
+    "IMAGE_SIZE_TMP",
     "LABEL_TMP",
+    "ROW_ID",
     "Preprocessed",
     "ResolvedLayout",
     "accepted_columns",
     "onehot",
+    "pixel_values",
     "preprocess",
     "resolve_layout",
+    "with_row_id",
 ]

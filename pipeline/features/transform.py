@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import pyarrow as pa
 from pyspark.sql import Column, DataFrame
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
@@ -23,6 +24,7 @@ from pipeline.features.layouts import ResolvedLayout, resolve_layout
 
 FEATURES_TMP = "_features"
 LABEL_TMP = "_label"
+IMAGE_SIZE_TMP = "_image_size"  # WIDTHxHEIGHT of an image rejected as image_wrong_size
 _DECODED_TMP = "_decoded"
 
 
@@ -49,15 +51,18 @@ def preprocess(
 
         from pipeline.features.images import DECODED_TYPE, decode_batch
 
-        decode = arrow_udf(decode_batch, DECODED_TYPE)
+        resize = settings.resize
+
+        def decode_images(blobs: pa.Array) -> pa.Array:
+            return decode_batch(blobs, resize)
+
+        decode = arrow_udf(decode_images, DECODED_TYPE)
         df = raw.withColumn(_DECODED_TMP, decode(blob))
+        df = df.withColumn(IMAGE_SIZE_TMP, F.col(f"{_DECODED_TMP}.size"))
         features = F.col(f"{_DECODED_TMP}.pixels")
         pixel_reason = F.col(f"{_DECODED_TMP}.error")
     else:
-        if resolved.layout is Layout.ARRAY:
-            pixels = F.col(resolved.pixel_source[0])
-        else:
-            pixels = F.array(*[F.col(c) for c in resolved.pixel_source])
+        pixels = pixel_values(resolved)
         df = raw
         features = F.transform(
             pixels, lambda x: (x.cast("double") / resolved.pixel_max).cast("float")
@@ -83,6 +88,15 @@ def accepted_columns(prepared: Preprocessed, with_onehot: bool = True) -> list[C
         if with_onehot:
             columns.append(onehot(F.col(LABEL_TMP)).alias(LABEL_ONEHOT))
     return columns
+
+
+def pixel_values(layout: ResolvedLayout) -> Column | None:
+    """The raw pixel values of a row as one array (array and columns layouts; None for images)."""
+    if layout.layout is Layout.IMAGE:
+        return None
+    if layout.layout is Layout.ARRAY:
+        return F.col(layout.pixel_source[0])
+    return F.array(*[F.col(c) for c in layout.pixel_source])
 
 
 def onehot(label: Column) -> Column:
