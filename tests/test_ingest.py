@@ -395,3 +395,39 @@ def test_split_is_deterministic_and_close_to_the_fractions(spark, tmp_path, samp
         )
 
     assert keyed(outs[0]) == keyed(outs[1])
+
+
+def test_scoring_resizes_raw_images_as_ingest_did(spark, tmp_path, held_out, trained_model_dir):
+    from pipeline.artifact import read_model_dir, write_model_dir
+    from pipeline.config import IngestSettings
+    from pipeline.scoring import run_scoring
+    from pipeline.storage import Storage
+
+    storage = Storage(spark)
+    metadata, model_bytes = read_model_dir(storage, trained_model_dir)
+    model = str(tmp_path / "model")  # the model, as if trained on features ingested with resize
+    resized = metadata.model_copy(update={"preprocessing": IngestSettings(resize="box")})
+    write_model_dir(storage, model, resized, model_bytes)
+
+    images, pixels, _ = held_out
+    small = images.slice(0, 40)
+    doubled = [
+        {"bytes": _png(np.kron(p.reshape(28, 28), np.ones((2, 2), np.uint8))), "path": None}
+        for p in pixels[:40]
+    ]
+    big = small.set_column(
+        small.schema.get_field_index("image"),
+        "image",
+        pa.array(doubled, small.schema.field("image").type),
+    )
+    scored = {}
+    for name, table in (("small", small), ("big", big)):
+        result = run_scoring(
+            spark, Config(), _write(tmp_path, name, table), model, str(tmp_path / f"pred-{name}")
+        )
+        assert result.counts.rows_out == 40
+        assert result.report["preprocessing"]["layout"] == "image"
+        scored[name] = _read(spark, result.output).sort_values("id")
+    np.testing.assert_array_equal(
+        np.stack(scored["small"]["probabilities"]), np.stack(scored["big"]["probabilities"])
+    )
