@@ -45,10 +45,13 @@ run: $(VENV)/.installed check-java
 	  --set train.validation_path=$(OUT)/features/split=validation
 	$(SUBMIT) jobs/score.py --input $(OUT)/features/split=test --model-dir $(OUT)/model \
 	  --output $(OUT)/predictions
+	$(SUBMIT) jobs/explain.py --input $(OUT)/features/split=test --model-dir $(OUT)/model \
+	  --output $(OUT)/explanations
 	@echo
 	@echo "features:    $(OUT)/features     (_report.json, _rejected/)"
 	@echo "model:       $(OUT)/model        (model.keras, metadata.json, history.png)"
 	@echo "predictions: $(OUT)/predictions  (_report.json, _confusion_matrix.png, _confidence_histogram.png)"
+	@echo "explanations: $(OUT)/explanations (_report.json, _class_attributions.png, _errors.png, _first_layer.png)"
 
 ## test: the test suite (the slow subprocess and multi-process tests included)
 test: $(VENV)/.installed-dev check-java

@@ -35,7 +35,7 @@ from typing import Any
 log = logging.getLogger("benchmarks")
 
 HERE = Path(__file__).resolve().parent
-STAGES = ("ingest", "train", "score", "memory")
+STAGES = ("ingest", "train", "score", "explain", "memory")
 PACKAGES = ("pyspark", "tensorflow", "keras", "pandas", "pyarrow", "numpy", "pillow")
 
 
