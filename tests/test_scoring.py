@@ -266,17 +266,17 @@ def test_split_partitions_are_fully_scored(spark, tmp_path, raw_inputs, trained_
 
 
 def test_row_groups_are_planned_into_balanced_contiguous_tasks():
-    from pipeline.scoring import _group_tasks
+    from pipeline.scoring import group_tasks
 
-    assert _group_tasks([50_000] * 6, 2, 500_000) == ((0, 1, 2), (3, 4, 5))
-    assert _group_tasks([50_000] * 20, 2, 200_000) == tuple(
+    assert group_tasks([50_000] * 6, 2, 500_000) == ((0, 1, 2), (3, 4, 5))
+    assert group_tasks([50_000] * 20, 2, 200_000) == tuple(
         tuple(range(i, i + 4)) for i in range(0, 20, 4)
     )
-    assert _group_tasks([100, 1, 1], 3, 10**6) == ((0,), (1,), (2,))
-    assert _group_tasks([10], 4, 1) == ((0,),)
-    assert _group_tasks([], 2, 5) == ()
+    assert group_tasks([100, 1, 1], 3, 10**6) == ((0,), (1,), (2,))
+    assert group_tasks([10], 4, 1) == ((0,),)
+    assert group_tasks([], 2, 5) == ()
     for rows in ([7, 3, 9, 1, 1, 12, 5], [1] * 50):
-        tasks = _group_tasks(rows, 3, 10**6)
+        tasks = group_tasks(rows, 3, 10**6)
         assert [i for task in tasks for i in task] == list(range(len(rows)))  # each once
 
 
@@ -284,12 +284,11 @@ def test_changed_input_file_is_refused(
     spark, tmp_path, monkeypatch, ingested_holdout, trained_model_dir
 ):
     """A file that changes between the plan and the read fails the job, naming the file."""
-    from pipeline import scoring
-    from pipeline.scoring import run_scoring
+    from pipeline.scoring import job, run_scoring
 
     features = tmp_path / "features"
     _as_ingest_output(ingested_holdout, features, [pq.read_table(ingested_holdout)], 256)
-    real_plan = scoring.plan_row_groups
+    real_plan = job.plan_row_groups
 
     def plan_then_change(*args, **kwargs):
         plan = real_plan(*args, **kwargs)
@@ -297,16 +296,16 @@ def test_changed_input_file_is_refused(
         pq.write_table(table.slice(0, 900), features / "part-00000.parquet", row_group_size=256)
         return plan
 
-    monkeypatch.setattr(scoring, "plan_row_groups", plan_then_change)
+    monkeypatch.setattr(job, "plan_row_groups", plan_then_change)
     with pytest.raises(DataQualityError, match=r"part-00000.parquet was .*input changed"):
         run_scoring(spark, Config(), str(features), trained_model_dir, str(tmp_path / "pred"))
     assert not (tmp_path / "pred").exists()
 
 
-def _copy_model(model_dir: str, tmp_path: Path, keep_crc: bool = False) -> Path:
-    """A copy to damage; without Hadoop's .crc files unless asked (HDFS and S3 have none)."""
+def _copy_model(model_dir: str, tmp_path: Path) -> Path:
+    """A copy to damage, without Hadoop's .crc files (HDFS and S3 have none)."""
     copy = tmp_path / "model"
-    shutil.copytree(model_dir, copy, ignore=None if keep_crc else shutil.ignore_patterns("*.crc"))
+    shutil.copytree(model_dir, copy, ignore=shutil.ignore_patterns("*.crc"))
     return copy
 
 
@@ -347,14 +346,28 @@ def test_model_file_failing_its_checksum_file_is_refused(
 ):
     from pipeline.scoring import run_scoring
 
-    model = _copy_model(trained_model_dir, tmp_path, keep_crc=True)
+    model = tmp_path / "model"
+    # Hadoop's local file system writes a .crc beside each file it creates.
+    jvm = spark.sparkContext._jvm
+    local = jvm.org.apache.hadoop.fs.FileSystem.getLocal(
+        spark.sparkContext._jsc.hadoopConfiguration()
+    )
+    local.setWriteChecksum(True)
+    for name in (METADATA_FILE, MODEL_FILE):
+        stream = local.create(jvm.org.apache.hadoop.fs.Path(str(model / name)))
+        stream.write((Path(trained_model_dir) / name).read_bytes())
+        stream.close()
+    assert (model / f".{MODEL_FILE}.crc").exists()
     data = bytearray((model / MODEL_FILE).read_bytes())
     data[100] ^= 0xFF
     (model / MODEL_FILE).write_bytes(bytes(data))
 
-    # Refused by Hadoop's checksum or by our sha256, depending on the storage layer.
-    with pytest.raises(ModelError, match=rf"{MODEL_FILE} does not match its (checksum|metadata)"):
+    # The local file system checks Hadoop's .crc files as it reads: the edit fails there,
+    # before the bytes reach the sha256 check (test_damaged_model_file_is_refused).
+    with pytest.raises(ModelError, match="does not match its checksum file") as refused:
         run_scoring(spark, Config(), ingested_holdout, str(model), str(tmp_path / "pred"))
+    assert f"{model}/{MODEL_FILE}" in str(refused.value)
+    assert not (tmp_path / "pred").exists()
 
 
 @pytest.fixture(scope="module")
@@ -449,7 +462,7 @@ def test_invalid_rows_in_an_ingest_output_are_refused(
 
 def test_model_is_built_once_per_worker(monkeypatch):
     """Batches after the first reuse the worker's cached model."""
-    from pipeline import scoring
+    from pipeline.scoring import executor
 
     builds = []
 
@@ -460,15 +473,15 @@ def test_model_is_built_once_per_worker(monkeypatch):
     class Broadcast:
         value = ("{}", b"")
 
-    monkeypatch.setattr(scoring, "build_predictor", fake_build)
-    monkeypatch.setattr(scoring, "_PREDICTORS", {})
+    monkeypatch.setattr(executor, "build_predictor", fake_build)
+    monkeypatch.setattr(executor, "_PREDICTORS", {})
     column = pa.array([[0.25] * FEATURE_DIM] * 3, pa.list_(pa.float32()))
     batch = pa.RecordBatch.from_arrays([pa.array([1, 2, 3]), column], names=["id", "features"])
 
     outputs = []
     for _ in range(2):  # two tasks in the same worker
         outputs += list(
-            scoring._score_batches(
+            executor.score_batches(
                 iter([batch, batch]),
                 broadcast=Broadcast(),
                 key="k",
@@ -541,7 +554,10 @@ def test_spark_submit_score_and_evaluate(tmp_path, ingested_holdout, trained_mod
     again = json.loads((out / "_report.json").read_text())["evaluation"]
     assert again["accuracy"] == report["evaluation"]["accuracy"]
     assert again["confidence_threshold"] == 0.99
-    assert again["rows_below_threshold"] >= report["evaluation"]["rows_below_threshold"]
+    confidence = pq.read_table(out, columns=[CONFIDENCE]).column(CONFIDENCE).to_numpy()
+    below = int((confidence < np.float32(0.99)).sum())
+    assert report["evaluation"]["rows_below_threshold"] < below  # the new threshold was used
+    assert again["rows_below_threshold"] == below
 
 
 def _job(name: str):
@@ -574,3 +590,13 @@ def test_evaluation_is_recomputable_from_pred(spark, scored):
     assert again.report["evaluation"] == scored.report["evaluation"]
     assert again.report["rows_rejected"] == 0
     assert again.report["model_sha256"] == scored.report["model_sha256"]
+
+
+def test_local_uris_locate_the_local_filesystem():
+    """Spark's qualified local paths (spaces and '=' included) map to pyarrow's local paths."""
+    from pipeline.rowgroups import LOCAL, arrow_uri, locate, partition_values
+
+    assert locate("file:/tmp/a b/split=test/x.parquet") == (LOCAL, "/tmp/a b/split=test/x.parquet")
+    assert locate("file:///tmp/x") == locate("/tmp/x") == (LOCAL, "/tmp/x")
+    assert arrow_uri("s3a://bucket/x") == "s3://bucket/x"
+    assert partition_values("file:/d", "file:/d/split=a%3Db/part-0.parquet") == {"split": "a=b"}

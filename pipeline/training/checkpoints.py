@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.errors import TrainingError
+from pipeline.rowgroups import arrow_uri  # the one Hadoop-to-pyarrow URI converter
 
 KEEP = 2
 _NAME = re.compile(r"^epoch-(\d{4,})\.npz$")
@@ -57,17 +58,6 @@ def decode(data: bytes, where: str) -> tuple[dict[str, Any], dict[str, np.ndarra
             f"checkpoint {where} is unreadable ({exc}); delete it or rerun with --fresh"
         ) from None
     return state, arrays
-
-
-def arrow_uri(uri: str) -> str:
-    """A Hadoop-style URI as ``pyarrow.fs.FileSystem.from_uri`` wants it."""
-    if uri.startswith("file:") and not uri.startswith("file://"):
-        return "file://" + "/" + uri[len("file:") :].lstrip("/")
-    if uri.startswith(("s3a://", "s3n://")):
-        return "s3://" + uri.split("://", 1)[1]
-    if "://" not in uri:
-        return "file://" + uri if uri.startswith("/") else uri
-    return uri
 
 
 class CheckpointDir:

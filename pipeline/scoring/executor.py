@@ -1,0 +1,201 @@
+"""The executor side of scoring: where a batch enters the model.
+
+Two functions run in Spark's Python workers, one call per partition:
+
+- `score_batches`: Arrow batches of rows that came through Spark (raw input, or an
+  ingest output read by Spark);
+- `score_files`: task numbers of a `RowGroupPlan`; the task reads its own row groups of
+  an ingest output with pyarrow (`pipeline.rowgroups`).
+
+Both check every batch (`features_matrix`) before the model sees it and cache one
+predictor per worker, rebuilt from the broadcast bytes after verifying their checksum.
+TensorFlow is imported only inside `build_predictor`.
+
+A refusal raises `InvalidFeatures` or `rowgroups.InputChanged`; the driver recognises
+them by their type in the failed task's Python traceback (`pipeline.scoring.job`).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from pipeline import rowgroups
+from pipeline.contract import (
+    CONFIDENCE,
+    FEATURE_DIM,
+    FEATURES,
+    NUM_CLASSES,
+    PREDICTION,
+    PROBABILITIES,
+)
+from pipeline.evaluation import batch_metric_sums
+from pipeline.rowgroups import read_row_group
+
+log = logging.getLogger(__name__)
+
+# Predictors built in this Python worker, by cache key: one model per worker, not per batch.
+_PREDICTORS: dict[str, Callable[[np.ndarray], np.ndarray]] = {}
+
+
+class InvalidFeatures(ValueError):
+    """A batch holds rows that validated features never are (wrong length, null, not in [0, 1])."""
+
+
+def score_batches(
+    batches: Iterator[pa.RecordBatch],
+    *,
+    broadcast: Any,
+    key: str,
+    threads: int,
+    ids: tuple[str, ...],
+    label: str | None,
+) -> Iterator[pa.RecordBatch]:
+    """Predictions for Arrow batches of ids, `features` and `label`, in that output order."""
+    predict = _predictor(broadcast, key, threads)
+    names = [*ids, PREDICTION, PROBABILITIES, CONFIDENCE, *([label] if label else [])]
+    for batch in batches:
+        x = features_matrix(batch.column(FEATURES))
+        probabilities = predict(x) if len(x) else np.zeros((0, NUM_CLASSES), np.float32)
+        yield pa.RecordBatch.from_arrays(
+            [
+                *(batch.column(name) for name in ids),
+                *prediction_arrays(probabilities),
+                *([batch.column(label)] if label else []),
+            ],
+            names=names,
+        )
+
+
+def score_files(
+    tasks: Iterator[pa.RecordBatch],
+    *,
+    plan: Any,  # a RowGroupPlan
+    broadcast: Any,
+    key: str,
+    threads: int,
+    batch_rows: int,
+    metrics: tuple[Any, float, int] | None,
+) -> Iterator[pa.RecordBatch]:
+    """Read, check and score the row groups of the tasks in `tasks` (task numbers)."""
+    fs = rowgroups.filesystem(plan.filesystem)
+    types = dict(plan.arrow_types)
+    passthrough = [name for name in types if name != plan.label]
+    from_path = plan.partition_column
+    columns = [c for c in passthrough if c != from_path]
+    columns += [FEATURES, *([plan.label] if plan.label else [])]
+    names = [*passthrough, PREDICTION, PROBABILITIES, CONFIDENCE]
+    names += [plan.label] if plan.label else []
+    predict = None
+    for batch in tasks:
+        for task in batch.column(0).to_pylist():
+            for index in plan.tasks[task]:
+                item = plan.items[index]
+                for data in read_row_group(fs, item, columns, batch_rows):
+                    x = features_matrix(data.column(FEATURES))
+                    if predict is None:  # after the first check: bad input fails before the model
+                        predict = _predictor(broadcast, key, threads)
+                    n = len(x)
+                    out = [
+                        pa.array([item.partition], pa.string()).take(np.zeros(n, np.int32))
+                        if name == from_path
+                        else data.column(name).cast(types[name])
+                        for name in passthrough
+                    ]
+                    probabilities = np.ascontiguousarray(predict(x), np.float32)
+                    out += prediction_arrays(probabilities)
+                    if plan.label:
+                        out.append(data.column(plan.label).cast(types[plan.label]))
+                    if metrics is not None:
+                        _add_metrics(metrics, out, probabilities, plan.label is not None)
+                    yield pa.RecordBatch.from_arrays(out, names=names)
+
+
+def _add_metrics(
+    metrics: tuple[Any, float, int], out: list[pa.Array], probabilities: np.ndarray, labelled: bool
+) -> None:
+    accumulator, threshold, bins = metrics
+    prediction, _, confidence = out[-4:-1] if labelled else out[-3:]
+    label = out[-1].fill_null(-1).to_numpy() if labelled else None
+    accumulator.add(
+        batch_metric_sums(
+            prediction.to_numpy(), confidence.to_numpy(), probabilities, label, threshold, bins
+        )
+    )
+
+
+def features_matrix(column: pa.Array) -> np.ndarray:
+    """An (n, FEATURE_DIM) float32 view of a list<float> Arrow column, copying nothing.
+
+    Refuses (rather than misaligns or scores) rows that are not FEATURE_DIM values in
+    [0, 1]: validated features always are.
+    """
+    n = len(column)
+    if column.null_count:
+        raise InvalidFeatures(f"{column.null_count} rows have no features")
+    offsets = column.offsets.to_numpy()
+    if n and not (np.diff(offsets) == FEATURE_DIM).all():
+        raise InvalidFeatures(f"rows have other than {FEATURE_DIM} features")
+    values = column.flatten()  # honours the array's slice offset, unlike `.values`
+    if values.null_count:
+        raise InvalidFeatures(f"{values.null_count} feature values are null")
+    flat = values.to_numpy(zero_copy_only=values.type == pa.float32())
+    x = flat.astype(np.float32, copy=False).reshape(n, FEATURE_DIM)
+    if n and not (x.min() >= 0.0 and x.max() <= 1.0):  # also false for NaN
+        raise InvalidFeatures("feature values outside [0, 1] or not finite")
+    return x
+
+
+def prediction_arrays(probabilities: np.ndarray) -> list[pa.Array]:
+    """`prediction` (int32), `probabilities` (list<float>) and `confidence` (float32)."""
+    probabilities = np.ascontiguousarray(probabilities, dtype=np.float32)
+    n = len(probabilities)
+    prediction = probabilities.argmax(axis=1).astype(np.int32)
+    confidence = probabilities[np.arange(n), prediction]
+    offsets = pa.array(np.arange(0, (n + 1) * NUM_CLASSES, NUM_CLASSES, dtype=np.int32))
+    return [
+        pa.array(prediction),
+        pa.ListArray.from_arrays(offsets, pa.array(probabilities.reshape(-1))),
+        pa.array(confidence),
+    ]
+
+
+def _predictor(broadcast: Any, key: str, threads: int) -> Callable[[np.ndarray], np.ndarray]:
+    predictor = _PREDICTORS.get(key)
+    if predictor is None:
+        metadata_json, model_bytes = broadcast.value
+        predictor = build_predictor(metadata_json, model_bytes, threads)
+        _PREDICTORS[key] = predictor
+    return predictor
+
+
+def build_predictor(
+    metadata_json: str, model_bytes: bytes, threads: int
+) -> Callable[[np.ndarray], np.ndarray]:
+    """A function from an (n, FEATURE_DIM) float32 array to (n, NUM_CLASSES) probabilities.
+
+    The checksum is verified again here: the bytes crossed the network.
+    """
+    from pipeline.artifact import model_from_bytes, parse_metadata
+    from pipeline.tf_runtime import tensorflow
+
+    tf = tensorflow(threads)
+
+    metadata = parse_metadata(metadata_json, "broadcast model metadata")
+    model = model_from_bytes(metadata, model_bytes)
+    forward = tf.function(
+        lambda x: model(x, training=False),
+        input_signature=[tf.TensorSpec([None, FEATURE_DIM], tf.float32)],
+    )
+
+    def predict(x: np.ndarray) -> np.ndarray:
+        return forward(x).numpy()
+
+    log.info(
+        "model %s built in this worker (%d TensorFlow threads)", metadata.model_sha256[:12], threads
+    )
+    return predict

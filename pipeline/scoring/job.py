@@ -1,0 +1,285 @@
+"""The scoring job's orchestration: read, score, write with a quarantine, evaluate, publish.
+
+``PRED/`` holds Parquet with the pass-through id columns, `prediction`, `probabilities`,
+`confidence` and, when the input has one, `label`; ``PRED/_rejected/`` the rows that
+failed validation with their reason; ``PRED/_report.json`` the counts and the
+evaluation (see `pipeline.evaluation`) and the plots beside it. The directory appears
+at once, when complete, replacing any previous one.
+
+Two routes reach the model (`pipeline.scoring.executor`, in the Python workers):
+
+- raw input, or ``score.ingested_reader: spark``: Spark reads and (for raw input)
+  preprocesses the rows, and `predict_digits` hands them to Python over Arrow. Moving
+  784 floats a row out of the JVM is the cost of this route.
+- an ingest output (the default, ``score.ingested_reader: files``): the driver plans the
+  reads from the Parquet footers (`pipeline.scoring.plan`), and each task reads its row
+  groups with pyarrow straight into the model, so the features never pass through the
+  JVM. Only the small prediction rows go back to Spark for the write and the evaluation.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import numpy as np
+from pyspark import StorageLevel
+from pyspark.errors import PythonException
+from pyspark.sql import DataFrame, Observation, SparkSession
+from pyspark.sql import functions as F
+
+from pipeline import __version__
+from pipeline.artifact import Metadata
+from pipeline.config import Config
+from pipeline.contract import LABEL, REJECT_REASON, Layout
+from pipeline.errors import DataQualityError, InputDataError
+from pipeline.evaluation import (
+    Evaluation,
+    MetricSums,
+    evaluation_files,
+    metric_columns,
+    metric_names,
+    metric_values,
+    summarize,
+)
+from pipeline.features import preprocess
+from pipeline.ingest import REPORT_FILE, ingest_report, read_features
+from pipeline.quarantine import (
+    REJECTED_DIR,
+    StageResult,
+    drop_accepted,
+    too_many_rejected,
+    write_with_quarantine,
+)
+from pipeline.rowgroups import InputChanged
+from pipeline.scoring.executor import InvalidFeatures
+from pipeline.scoring.inference import (
+    arrow_batch_rows,
+    broadcast_model,
+    predict_digits,
+    read_verified_model,
+    score_row_groups,
+    task_cpus,
+)
+from pipeline.scoring.inputs import Source, ingested_source, raw_source, scoring_preprocessing
+from pipeline.scoring.plan import plan_row_groups
+from pipeline.sources import translate_read_errors
+from pipeline.storage import Storage
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ScoreResult(StageResult):
+    """The published predictions, their counts, report and evaluation."""
+
+    evaluation: Evaluation | None = None
+
+
+def run_scoring(
+    spark: SparkSession, config: Config, input_path: str, model_dir: str, output_path: str
+) -> ScoreResult:
+    """Score `input_path` (raw or ingested) with the model in `model_dir` into `output_path`."""
+    started = time.monotonic()
+    storage = Storage(spark)
+    output = storage.qualify(output_path)
+    metadata, model_bytes = read_verified_model(storage, model_dir)
+    score = config.score
+    raw = read_features(spark, input_path)
+    ingested = ingest_report(storage, input_path)
+    plan = None
+    if ingested is not None:
+        source = ingested_source(raw, ingested)
+        if score.ingested_reader == "files":
+            with translate_read_errors(input_path):
+                plan = plan_row_groups(
+                    storage, input_path, raw.select(*source.columns), score.max_rows_per_file
+                )
+    else:
+        settings = scoring_preprocessing(metadata.preprocessing, config.ingest)
+        source = raw_source(preprocess(raw, settings, require_label=False))
+    log.info(
+        "input %s: %s, %s; model %s (sha256 %s...); %s",
+        input_path,
+        source.layout,
+        "labelled" if source.has_label else "unlabelled",
+        model_dir,
+        metadata.model_sha256[:12],
+        f"{plan.rows} rows in {len(plan.items)} row groups of {plan.files} files read by the "
+        f"executors in {len(plan.tasks)} tasks"
+        if plan is not None
+        else "rows read by Spark",
+    )
+    model = broadcast_model(spark, metadata, model_bytes)
+    threads = task_cpus(spark)
+    observation = Observation("evaluation")
+    metrics = metric_columns(source.has_label, score.confidence_threshold, score.confidence_bins)
+
+    if plan is None:
+        validated = source.validated
+        if source.layout == Layout.IMAGE.value:
+            validated = validated.persist(StorageLevel.MEMORY_AND_DISK)
+        rejected_columns = source.raw_columns
+
+        def to_output(good: DataFrame) -> DataFrame:
+            scored = predict_digits(good.select(*source.columns), model, threads)
+            return scored.observe(observation, *metrics)
+
+        def metric_results() -> dict:
+            return observation.get
+
+    else:
+        # Rows of an ingest output are never rejected (the executors refuse a bad batch
+        # instead), so the quarantine contract holds with the scored rows themselves.
+        names = metric_names(source.has_label, score.confidence_bins)
+        sums = spark.sparkContext.accumulator(np.zeros(len(names)), MetricSums())
+        scored = score_row_groups(
+            spark,
+            plan,
+            model,
+            threads,
+            score.batch_size,
+            (sums, score.confidence_threshold, score.confidence_bins),
+        )
+        validated = scored.withColumn(REJECT_REASON, F.lit(None).cast("string"))
+        rejected_columns = tuple(c for c in scored.columns if c in (*source.ids, LABEL))
+
+        def to_output(good: DataFrame) -> DataFrame:
+            return good.drop(REJECT_REASON)
+
+        def metric_results() -> dict:
+            return metric_values(sums.value, source.has_label, score.confidence_bins)
+
+    staging = storage.staging_dir(output)
+    phases = {"prepare": time.monotonic() - started}
+    try:
+        with (
+            translate_read_errors(input_path),
+            translate_task_errors(input_path),
+            arrow_batch_rows(spark, score.batch_size),
+        ):
+            counts = write_with_quarantine(
+                validated,
+                to_output=to_output,
+                rejected_columns=rejected_columns,
+                output_path=staging,
+                rejected_path=f"{staging}/{REJECTED_DIR}",
+                max_rows_per_file=score.max_rows_per_file,
+            )
+        phases["score_and_write"] = time.monotonic() - started - phases["prepare"]
+        if counts.rows_in == 0:
+            raise InputDataError(f"{input_path} holds no rows: nothing to score")
+        if plan is not None and counts.rows_in != plan.rows:
+            raise DataQualityError(
+                f"the file footers of {input_path} list {plan.rows} rows but {counts.rows_in} "
+                f"were scored; the input changed while it was read, rerun on stable input"
+            )
+        evaluation = summarize(
+            metric_results(), source.has_label, score.confidence_threshold, score.confidence_bins
+        )
+        if evaluation.rows != counts.rows_out:
+            raise DataQualityError(
+                f"{counts.rows_out} rows were validated but {evaluation.rows} scored; "
+                f"the input changed while it was read, rerun on stable input"
+            )
+        seconds = time.monotonic() - started
+        report = _report(input_path, output, model_dir, metadata, source, counts, config, seconds)
+        report["evaluation"] = evaluation.as_dict()
+        failed = counts.rejected_fraction > score.max_reject_fraction
+        if failed:
+            report["status"] = "failed"
+            drop_accepted(storage, staging)
+        else:
+            plotted = time.monotonic()
+            for name, data in evaluation_files(evaluation).items():
+                storage.write_bytes(f"{staging}/{name}", data)
+            phases["plots"] = time.monotonic() - plotted
+        # prepare: model, input, plan; score_and_write: the Spark job(s) that read, score
+        # and write; plots: drawing and writing them. `seconds` excludes the plots.
+        report["seconds_by_phase"] = {name: round(t, 3) for name, t in phases.items()}
+        storage.write_json(f"{staging}/{REPORT_FILE}", report)
+        storage.publish(staging, output)
+    except BaseException:
+        storage.delete(staging)
+        raise
+    finally:
+        validated.unpersist()
+        model.handle.unpersist()
+
+    if failed:
+        raise too_many_rejected(
+            counts, "score.max_reject_fraction", score.max_reject_fraction, output, "predictions"
+        )
+    return ScoreResult(output, source.layout, counts, seconds, report, evaluation)
+
+
+@contextmanager
+def translate_task_errors(input_path: str) -> Iterator[None]:
+    """Re-raise an executor's refusal of its input as the pipeline's error for it.
+
+    Spark hands the driver a `PythonException` carrying the task's Python traceback; the
+    refusal is recognised by the type of the exception the task raised.
+    """
+    try:
+        yield
+    except PythonException as exc:
+        changed = task_exception(exc, InputChanged)
+        if changed is not None:
+            raise DataQualityError(
+                f"input changed: {changed}: the input changed while it was read, rerun on "
+                f"stable input"
+            ) from None
+        invalid = task_exception(exc, InvalidFeatures)
+        if invalid is not None:
+            raise InputDataError(
+                f"{input_path}: invalid features: {invalid}. It is marked as an ingest output "
+                f"but holds rows the ingest job would have rejected: rerun the ingest job on "
+                f"its raw data"
+            ) from None
+        raise
+
+
+def task_exception(exc: PythonException, kind: type[BaseException]) -> str | None:
+    """The message of the `kind` exception a Python task raised, or None if it raised another.
+
+    A Python traceback ends with the line ``module.Type: message`` of the exception raised.
+    """
+    parameters = exc.getMessageParameters() or {}
+    traceback = parameters.get("traceback") or str(exc)
+    name = f"{kind.__module__}.{kind.__qualname__}: "
+    for line in reversed(traceback.splitlines()):
+        if line.startswith(name):
+            return line[len(name) :].strip()
+    return None
+
+
+def _report(
+    input_path: str,
+    output: str,
+    model_dir: str,
+    metadata: Metadata,
+    source: Source,
+    counts,
+    config: Config,
+    seconds: float,
+) -> dict:
+    return {
+        "status": "ok",
+        "input": input_path,
+        "output": output,
+        "model_dir": model_dir,
+        "model_sha256": metadata.model_sha256,
+        "layout": source.layout,
+        "label_column": LABEL if source.has_label else None,
+        "id_columns": list(source.ids),
+        **counts.as_dict(),
+        "rejected_fraction": round(counts.rejected_fraction, 6),
+        "seconds": round(seconds, 3),
+        "rows_per_second": round(counts.rows_in / seconds, 1) if seconds else None,
+        "preprocessing": source.preprocessing,
+        "score": config.score.model_dump(mode="json"),
+        "version": __version__,
+    }
