@@ -56,10 +56,10 @@ from pipeline.quarantine import (
     write_with_quarantine,
 )
 from pipeline.scoring import (
-    _ingested_source,
-    _raw_source,
     arrow_batch_rows,
     broadcast_model,
+    ingested_source,
+    raw_source,
     read_verified_model,
     scoring_preprocessing,
     task_cpus,
@@ -99,10 +99,10 @@ def run_explain(
     raw = read_features(spark, input_path)
     ingested = ingest_report(storage, input_path)
     if ingested is not None:
-        source = _ingested_source(raw, ingested)
+        source = ingested_source(raw, ingested)
     else:
         preprocessing = scoring_preprocessing(metadata.preprocessing, config.ingest)
-        source = _raw_source(preprocess(raw, preprocessing, require_label=False))
+        source = raw_source(preprocess(raw, preprocessing, require_label=False))
     if settings.target == "label" and not source.has_label:
         raise ConfigError(
             f"explain.target=label needs labelled input, and {input_path} has no label "

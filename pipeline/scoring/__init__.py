@@ -10,6 +10,7 @@
 from pipeline.scoring.executor import build_predictor, features_matrix, prediction_arrays
 from pipeline.scoring.inference import (
     BroadcastModel,
+    arrow_batch_rows,
     broadcast_model,
     predict_digits,
     prediction_schema,
@@ -17,25 +18,30 @@ from pipeline.scoring.inference import (
     score_row_groups,
     task_cpus,
 )
-from pipeline.scoring.inputs import scoring_preprocessing
-from pipeline.scoring.job import ScoreResult, run_scoring
+from pipeline.scoring.inputs import Source, ingested_source, raw_source, scoring_preprocessing
+from pipeline.scoring.job import ScoreResult, run_scoring, translate_task_errors
 from pipeline.scoring.plan import RowGroupPlan, group_tasks, plan_row_groups
 
 __all__ = [
     "BroadcastModel",
     "RowGroupPlan",
     "ScoreResult",
+    "Source",
+    "arrow_batch_rows",
     "broadcast_model",
     "build_predictor",
     "features_matrix",
     "group_tasks",
+    "ingested_source",
     "plan_row_groups",
     "predict_digits",
     "prediction_arrays",
     "prediction_schema",
+    "raw_source",
     "read_verified_model",
     "run_scoring",
     "score_row_groups",
     "scoring_preprocessing",
     "task_cpus",
+    "translate_task_errors",
 ]
