@@ -29,6 +29,13 @@ def main(args) -> int:
     print(f"rejected rows: {result.output}/_rejected/")
     if result.evaluation.accuracy is not None:
         print(f"accuracy: {result.evaluation.accuracy:.4f}")
+    watch = result.watch
+    if watch is not None and watch.calibration is not None:
+        print(f"calibration: ECE {watch.calibration.ece:.4f} ({result.output}/_calibration.png)")
+    if watch is not None and watch.drift is not None:
+        print(watch.drift.summary())
+    elif watch is not None:
+        print("drift: not measured (the model records no training profile)")
     return 0
 
 

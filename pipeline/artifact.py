@@ -43,6 +43,10 @@ class Metadata(BaseModel):
     samples_per_second: float | None = None
     training_seconds: float | None = None
     data: dict[str, Any] = Field(default_factory=dict)
+    # The training data's profile (pipeline.monitoring.drift), which scoring compares with.
+    profile: dict[str, Any] | None = None
+    # Softmax temperature fitted on validation data (train.calibrate); scoring applies it.
+    temperature: float | None = Field(None, gt=0)
     seed: int
     versions: dict[str, str] = Field(default_factory=dict)
     created: str | None = None

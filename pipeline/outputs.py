@@ -96,7 +96,7 @@ SCORE = OutputKind(
     "score",
     "a scoring output",
     REPORT_FILE,
-    (REPORT_FILE, "_rejected", "split=*", "_*.png", *_DATASET),
+    (REPORT_FILE, "_report.md", "_rejected", "split=*", "_*.png", *_DATASET),
     legacy_keys=("rows_in", "model_dir", "model_sha256"),
 )
 EXPLAIN = OutputKind(

@@ -40,8 +40,10 @@ class WatchShape:
     calibration_bins: int
 
     @classmethod
-    def of(cls, settings: ScoreSettings) -> WatchShape:
-        return cls(settings.drift.ink_bins, settings.calibration_bins)
+    def of(cls, settings: ScoreSettings, training: DataProfile | None = None) -> WatchShape:
+        """The sizes of `settings`; the ink bins of the training profile when there is one."""
+        ink_bins = len(training.ink_histogram) if training else settings.drift.ink_bins
+        return cls(ink_bins, settings.calibration_bins)
 
     @property
     def size(self) -> int:

@@ -54,6 +54,7 @@ def score_batches(
     threads: int,
     ids: tuple[str, ...],
     label: str | None,
+    watch: tuple[Any, Any] | None = None,
 ) -> Iterator[pa.RecordBatch]:
     """Predictions for Arrow batches of ids, `features` and `label`, in that output order."""
     predict = _predictor(broadcast, key, threads)
@@ -61,14 +62,14 @@ def score_batches(
     for batch in batches:
         x = features_matrix(batch.column(FEATURES))
         probabilities = predict(x) if len(x) else np.zeros((0, NUM_CLASSES), np.float32)
-        yield pa.RecordBatch.from_arrays(
-            [
-                *(batch.column(name) for name in ids),
-                *prediction_arrays(probabilities),
-                *([batch.column(label)] if label else []),
-            ],
-            names=names,
-        )
+        out = [
+            *(batch.column(name) for name in ids),
+            *prediction_arrays(probabilities),
+            *([batch.column(label)] if label else []),
+        ]
+        if watch is not None:
+            _add_watch(watch, x, out, label is not None)
+        yield pa.RecordBatch.from_arrays(out, names=names)
 
 
 def score_files(
@@ -80,6 +81,7 @@ def score_files(
     threads: int,
     batch_rows: int,
     metrics: tuple[Any, float, int] | None,
+    watch: tuple[Any, Any] | None = None,
 ) -> Iterator[pa.RecordBatch]:
     """Read, check and score the row groups of the tasks in `tasks` (task numbers)."""
     fs = rowgroups.filesystem(plan.filesystem)
@@ -112,6 +114,8 @@ def score_files(
                         out.append(data.column(plan.label).cast(types[plan.label]))
                     if metrics is not None:
                         _add_metrics(metrics, out, probabilities, plan.label is not None)
+                    if watch is not None:
+                        _add_watch(watch, x, out, plan.label is not None)
                     yield pa.RecordBatch.from_arrays(out, names=names)
 
 
@@ -126,6 +130,16 @@ def _add_metrics(
             prediction.to_numpy(), confidence.to_numpy(), probabilities, label, threshold, bins
         )
     )
+
+
+def _add_watch(watch: tuple[Any, Any], x: np.ndarray, out: list[pa.Array], labelled: bool) -> None:
+    """Add the batch's calibration and profile sums (`pipeline.monitoring.watch`)."""
+    from pipeline.monitoring.watch import batch_watch_sums
+
+    accumulator, shape = watch
+    prediction, _, confidence = out[-4:-1] if labelled else out[-3:]
+    label = out[-1].fill_null(-1).to_numpy().astype(np.int64) if labelled else None
+    accumulator.add(batch_watch_sums(shape, x, prediction.to_numpy(), confidence.to_numpy(), label))
 
 
 def features_matrix(column: pa.Array) -> np.ndarray:
@@ -181,6 +195,7 @@ def build_predictor(
     The checksum is verified again here: the bytes crossed the network.
     """
     from pipeline.artifact import model_from_bytes, parse_metadata
+    from pipeline.monitoring.calibration import apply_temperature
     from pipeline.tf_runtime import tensorflow
 
     tf = tensorflow(threads)
@@ -192,8 +207,12 @@ def build_predictor(
         input_signature=[tf.TensorSpec([None, FEATURE_DIM], tf.float32)],
     )
 
+    temperature = metadata.temperature
+
     def predict(x: np.ndarray) -> np.ndarray:
-        return forward(x).numpy()
+        if temperature is None:
+            return forward(x).numpy()
+        return apply_temperature(forward(x).numpy(), temperature)
 
     log.info(
         "model %s built in this worker (%d TensorFlow threads)", metadata.model_sha256[:12], threads

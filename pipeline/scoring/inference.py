@@ -76,7 +76,9 @@ def _java_cause(throwable: Any, class_name: str) -> Any:
     return None
 
 
-def predict_digits(features: DataFrame, model: BroadcastModel, threads: int = 1) -> DataFrame:
+def predict_digits(
+    features: DataFrame, model: BroadcastModel, threads: int = 1, watch: tuple | None = None
+) -> DataFrame:
     """Append `prediction`, `probabilities` and `confidence`; drop the `features` column.
 
     `features` must hold a non-null array<float> of FEATURE_DIM values per row (validated
@@ -92,6 +94,7 @@ def predict_digits(features: DataFrame, model: BroadcastModel, threads: int = 1)
         threads=int(threads),
         ids=ids,
         label=label,
+        watch=watch,
     )
     return features.mapInArrow(score, schema)
 
@@ -126,6 +129,7 @@ def score_row_groups(
     threads: int,
     batch_rows: int,
     metrics: tuple[Any, float, int] | None = None,
+    watch: tuple | None = None,
 ) -> DataFrame:
     """The predictions for every row of `plan`, each task reading its own row groups.
 
@@ -142,6 +146,7 @@ def score_row_groups(
         threads=int(threads),
         batch_rows=int(batch_rows),
         metrics=metrics,
+        watch=watch,
     )
     tasks = max(1, len(plan.tasks))
     return spark.range(0, tasks, 1, numPartitions=tasks).mapInArrow(score, plan.schema)

@@ -47,6 +47,9 @@ from pipeline.evaluation import (
 )
 from pipeline.features import preprocess
 from pipeline.ingest import REPORT_FILE, ingest_report, read_features
+from pipeline.monitoring.documents import REPORT_MD, scoring_report_md
+from pipeline.monitoring.drift import DataProfile
+from pipeline.monitoring.watch import Watch, WatchShape, watch_from_sums
 from pipeline.quarantine import (
     REJECTED_DIR,
     StageResult,
@@ -77,6 +80,7 @@ class ScoreResult(StageResult):
     """The published predictions, their counts, report and evaluation."""
 
     evaluation: Evaluation | None = None
+    watch: Watch | None = None  # calibration and drift
 
 
 def run_scoring(
@@ -115,6 +119,10 @@ def run_scoring(
     )
     model = broadcast_model(spark, metadata, model_bytes)
     threads = task_cpus(spark)
+    training_profile = DataProfile.from_dict(metadata.profile) if metadata.profile else None
+    shape = WatchShape.of(score, training_profile)
+    watched = spark.sparkContext.accumulator(np.zeros(shape.size), MetricSums())
+    watch = (watched, shape)
     observation = Observation("evaluation")
     metrics = metric_columns(source.has_label, score.confidence_threshold, score.confidence_bins)
 
@@ -125,7 +133,7 @@ def run_scoring(
         rejected_columns = source.raw_columns
 
         def to_output(good: DataFrame) -> DataFrame:
-            scored = predict_digits(good.select(*source.columns), model, threads)
+            scored = predict_digits(good.select(*source.columns), model, threads, watch)
             return scored.observe(observation, *metrics)
 
         def metric_results() -> dict:
@@ -143,6 +151,7 @@ def run_scoring(
             threads,
             score.batch_size,
             (sums, score.confidence_threshold, score.confidence_bins),
+            watch,
         )
         validated = scored.withColumn(REJECT_REASON, F.lit(None).cast("string"))
         rejected_columns = tuple(c for c in scored.columns if c in (*source.ids, LABEL))
@@ -188,15 +197,21 @@ def run_scoring(
         seconds = time.monotonic() - started
         report = _report(input_path, output, model_dir, metadata, source, counts, config, seconds)
         report["evaluation"] = evaluation.as_dict()
+        watched_result = watch_from_sums(
+            watched.value, shape, score, training_profile, source.has_label, metadata.temperature
+        )
+        report.update(watched_result.as_dict())
         failed = counts.rejected_fraction > score.max_reject_fraction
         if failed:
             report["status"] = "failed"
             drop_accepted(storage, staging)
         else:
             plotted = time.monotonic()
-            for name, data in evaluation_files(evaluation).items():
+            files = {**evaluation_files(evaluation), **watched_result.files(training_profile)}
+            for name, data in files.items():
                 storage.write_bytes(f"{staging}/{name}", data)
             phases["plots"] = time.monotonic() - plotted
+            storage.write_text(f"{staging}/{REPORT_MD}", scoring_report_md(report, list(files)))
         # prepare: model, input, plan; score_and_write: the Spark job(s) that read, score
         # and write; plots: drawing and writing them. `seconds` excludes the plots.
         report["seconds_by_phase"] = {name: round(t, 3) for name, t in phases.items()}
@@ -213,7 +228,7 @@ def run_scoring(
         raise too_many_rejected(
             counts, "score.max_reject_fraction", score.max_reject_fraction, output, "predictions"
         )
-    return ScoreResult(output, source.layout, counts, seconds, report, evaluation)
+    return ScoreResult(output, source.layout, counts, seconds, report, evaluation, watched_result)
 
 
 @contextmanager
