@@ -116,7 +116,7 @@ MODEL = OutputKind(
     "train",
     "a model directory",
     METADATA_FILE,
-    (METADATA_FILE, "model.*", "*.png", CHECKPOINTS_DIR, "logs"),
+    (METADATA_FILE, "model.*", "model_card.md", "*.png", CHECKPOINTS_DIR, "logs"),
     partial=_interrupted_training,
 )
 TUNE = OutputKind(

@@ -112,6 +112,12 @@ def model_card(
                 "",
             ]
         calibration = validation.get("calibration")
+        if not calibration and validation.get("ece") is not None:
+            lines += [
+                f"Expected calibration error {validation['ece']:.4f} (no temperature scaling: "
+                f"train.calibrate is off).",
+                "",
+            ]
         if calibration:
             lines += [
                 f"Expected calibration error {calibration['ece_before']:.4f} before temperature "
