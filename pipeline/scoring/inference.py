@@ -84,7 +84,8 @@ def predict_digits(
     `features` must hold a non-null array<float> of FEATURE_DIM values per row (validated
     features); every other column passes through unchanged, `label` last. Inference runs
     in the executors, one call per Arrow batch (``spark.sql.execution.arrow.maxRecordsPerBatch``
-    rows), with the model limited to `threads` threads per task.
+    rows), with the model limited to `threads` threads per task. `watch`, (an accumulator of
+    vectors, a `pipeline.monitoring.watch.WatchShape`), collects calibration and drift sums.
     """
     schema, ids, label = prediction_schema(features.schema)
     score = functools.partial(
@@ -137,6 +138,7 @@ def score_row_groups(
     ``plan.tasks[i]``: a rerun or a retried task reads the same row groups. `metrics`,
     (a `MetricSums` accumulator, confidence threshold, bins), collects the evaluation's
     sums as the batches are scored; Spark applies a task's update once, when it succeeds.
+    `watch` does the same for calibration and drift (see `predict_digits`).
     """
     score = functools.partial(
         executor.score_files,
