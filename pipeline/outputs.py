@@ -4,7 +4,7 @@ A job replaces only what this pipeline wrote. Before Spark does any work, `check
 accepts an output path only when it is absent, an empty directory, or an earlier output
 of the same kind: recognised by the marker that kind writes (the ``_report.json`` of an
 ingest or scoring run names its job; a model directory has ``metadata.json``, or only the
-``checkpoints/`` of an interrupted training run; a search directory has ``results.md``)
+``checkpoints/`` of an interrupted training run; a search directory has ``_tune.json``)
 and holding nothing but the entries that kind writes. Anything else is refused with
 `OutputPathError` (exit 2), naming what is there: there is no option that deletes it.
 An output may not overlap an input either, nor be the working directory, one of its
@@ -34,6 +34,7 @@ from pipeline.storage import SUCCESS_MARKER, Storage
 
 REPORT_FILE = "_report.json"
 GENERATE_FILE = "_generate.json"
+TUNE_FILE = "_tune.json"
 METADATA_FILE = "metadata.json"
 CHECKPOINTS_DIR = "checkpoints"
 
@@ -122,8 +123,8 @@ MODEL = OutputKind(
 TUNE = OutputKind(
     "tune",
     "a search directory",
-    "results.md",
-    ("results.*", "best.yaml", "*.png", "trials"),
+    TUNE_FILE,
+    (TUNE_FILE, "study.db", ".search.lock", "results.*", "best.yaml", "*.png", "trials", "confirm"),
 )
 KINDS = (INGEST, SCORE, EXPLAIN, GENERATE, MODEL, TUNE)
 

@@ -17,8 +17,7 @@ import numpy as np
 from pipeline.contract import IMAGE_SIDE
 
 __all__ = [
-    "Bar",
-    "bars_png",
+    "Entry",
     "class_attributions_png",
     "confidence_png",
     "confusion_png",
@@ -26,13 +25,14 @@ __all__ = [
     "errors_png",
     "first_layer_png",
     "history_png",
+    "ranking_png",
     "reliability_png",
 ]
 
 
 @dataclass(frozen=True)
-class Bar:
-    """One horizontal bar: a value, an optional ± error, highlighted when `reference`."""
+class Entry:
+    """One row of a ranking: a value, an optional ± error, highlighted when `reference`."""
 
     label: str
     value: float
@@ -103,45 +103,39 @@ def confidence_png(histogram: Sequence[int], *, threshold: float, rows: int, bel
     return _png(figure)
 
 
-def bars_png(
-    bars: Sequence[Bar],
+def ranking_png(
+    entries: Sequence[Entry],
     *,
     title: str,
     xlabel: str,
     band: tuple[float, float] | None = None,
     band_label: str = "",
 ) -> bytes:
-    """Horizontal bars, the first at the top, each with its value written beside it.
-
-    A bar's `error` draws a ± error bar; reference bars are orange. `band` shades an
-    interval across the whole plot (e.g. the reference's mean ± its spread).
-    """
-    figure = _figure(8, 1.4 + 0.35 * max(len(bars), 1), layout="constrained")
+    """One row per entry, the first at the top: a dot at its value with a ± error bar
+    when it has one, the value written beside it; reference entries in orange. `band`
+    shades an interval across the plot (e.g. the reference's mean ± its spread)."""
+    figure = _figure(8, 1.4 + 0.4 * max(len(entries), 1), layout="constrained")
     axes = figure.subplots()
-    positions = list(range(len(bars)))[::-1]
-    values = [b.value for b in bars]
-    errors = [b.error or 0.0 for b in bars]
-    colours = ["tab:orange" if b.reference else "tab:blue" for b in bars]
     if band is not None:
-        axes.axvspan(band[0], band[1], color="tab:orange", alpha=0.15, label=band_label or None)
-    axes.barh(
-        positions,
-        values,
-        xerr=errors if any(errors) else None,
-        color=colours,
-        capsize=3 if any(errors) else 0,
-        error_kw={"elinewidth": 1},
-    )
-    axes.set_yticks(positions, [b.label for b in bars], fontsize=8)
-    for y, bar in zip(positions, bars, strict=True):
-        text = f" {bar.value:.4f}" + (f" ± {bar.error:.4f}" if bar.error else "")
-        axes.text(bar.value + (bar.error or 0.0), y, text, va="center", fontsize=8)
-    if values:
-        low = min([v - e for v, e in zip(values, errors, strict=True)] + list(band or ()))
-        high = max([v + e for v, e in zip(values, errors, strict=True)] + list(band or ()))
-        span = max(high - low, 0.01)
-        axes.set_xlim(max(0.0, low - span), min(1.0, high + 0.6 * span) if high <= 1 else high)
+        axes.axvspan(band[0], band[1], color="tab:orange", alpha=0.18, label=band_label or None)
+    positions = list(range(len(entries)))[::-1]
+    for y, entry in zip(positions, entries, strict=True):
+        colour = "tab:orange" if entry.reference else "tab:blue"
+        axes.errorbar(
+            entry.value, y, xerr=entry.error, fmt="o", color=colour, capsize=4, markersize=6
+        )
+        text = f"  {entry.value:.4f}" + (f" ± {entry.error:.4f}" if entry.error else "")
+        axes.text(entry.value + (entry.error or 0.0), y, text, va="center", fontsize=8)
+    axes.set_yticks(positions, [e.label for e in entries], fontsize=8)
+    if entries:
+        ends = [e.value - (e.error or 0.0) for e in entries] + list(band or ())
+        ends += [e.value + (e.error or 0.0) for e in entries]
+        low, high = min(ends), max(ends)
+        span = max(high - low, 0.005)
+        axes.set_xlim(low - 0.15 * span, high + 0.45 * span)
+        axes.set_ylim(-0.7, len(entries) - 0.3)
     axes.set_xlabel(xlabel)
+    axes.grid(axis="x", alpha=0.3)
     axes.set_title(title, fontsize=9)
     if band is not None and band_label:
         axes.legend(loc="lower right", fontsize=8)

@@ -193,7 +193,7 @@ def _record_trial(client, experiment_id: str, parent_id: str, trial) -> None:
         "reference": str(trial.trial.reference).lower(),
         "status": trial.status,
     }
-    if not trial.ok:
+    if trial.status == "failed":
         tags["error_type"] = trial.error_type or ""
         tags["error"] = (trial.error or "")[:5000]
     run = client.create_run(experiment_id, run_name=f"trial {trial.trial.number:03d}", tags=tags)
@@ -211,7 +211,8 @@ def _record_trial(client, experiment_id: str, parent_id: str, trial) -> None:
         trial.history,
         summary,
     )
-    client.set_terminated(run.info.run_id, "FINISHED" if trial.ok else "FAILED")
+    status = {"ok": "FINISHED", "pruned": "KILLED"}.get(trial.status, "FAILED")
+    client.set_terminated(run.info.run_id, status)
 
 
 def flatten(values: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

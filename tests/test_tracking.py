@@ -134,7 +134,9 @@ def test_tuning_run_is_recorded_with_nested_trials(spark, ingested_sample, tmp_p
             "tune": {
                 "strategy": "grid",
                 "epochs": 2,
-                "space": {"hidden_units": [[16], [32]], "learning_rate": [0.05]},
+                "space": {"hidden_units": [[16], [32], [24]], "learning_rate": [0.05]},
+                "confirm_top": 1,
+                "confirm_seeds": 2,
             },
             "tracking": _tracking(tmp_path, "tune-test"),
         }

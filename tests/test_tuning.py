@@ -1,94 +1,86 @@
-"""Structure search: space expansion and validation (pure), and a small search end to end."""
+"""Structure search: the space (pure), the study directory, the decision rule, and small
+searches end to end (pruning, confirmation, resuming after a kill, best.yaml)."""
 
 from __future__ import annotations
 
+import json
 import math
+import sqlite3
+import subprocess
+from pathlib import Path
 
 import pytest
 import yaml
 
 from pipeline.config import Config, TrainSettings, TuneSettings, load_config
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, OutputPathError, TrainingError
 from pipeline.tuning import (
     BEST_FILE,
     PLOT_FILE,
     RESULTS_MD,
     RESULTS_PARQUET,
+    STUDY_FILE,
     TRIALS_DIR,
-    grid,
-    plan_trials,
+    Confirmation,
+    Trial,
+    best_config_yaml,
+    choose,
+    reference_trial,
     run_tuning,
-    sample,
+    trial_settings,
 )
-from tests.faults import break_trials
+from pipeline.tuning.confirm import confirmation_seeds
+from pipeline.tuning.space import grid_choices, suggest, trial_base
+from tests.faults import REPO, break_trials, job_env, kill_process_group, submit, wait_for
 
-SPACE = {"hidden_units": [[32], [64], [64, 32]], "learning_rate": [0.01, 0.05], "dropout": [0.0]}
+CONF_DIR = REPO / "conf"
 
 
 # -- the space ------------------------------------------------------------------------------
-def test_grid_is_the_full_product_in_order():
-    combos = grid(SPACE)
-    assert len(combos) == 3 * 2 * 1
-    assert combos[0] == {"hidden_units": [32], "learning_rate": 0.01, "dropout": 0.0}
-    assert combos[-1] == {"hidden_units": [64, 32], "learning_rate": 0.05, "dropout": 0.0}
-    assert len({repr(c) for c in combos}) == len(combos)
+def test_the_documented_space_file_is_the_default_space():
+    documented = load_config(files=[CONF_DIR / "search-space.yaml"]).tune.space
+    assert documented == TuneSettings().space
+    # and the default space is good for digits: wide layers, dropout searched
+    space = TuneSettings().space
+    assert min(units[0] for units in space["hidden_units"]) >= 256
+    assert space["dropout"].high >= 0.3
 
 
-def test_sample_is_seeded_and_without_replacement():
-    first = sample(SPACE, 4, seed=1)
-    assert first == sample(SPACE, 4, seed=1)
-    assert len({repr(c) for c in first}) == 4
-    assert all(c in grid(SPACE) for c in first)
-    # asking for more than the space holds gives the whole space once, in some order
-    everything = sample(SPACE, 100, seed=3)
-    assert sorted(map(repr, everything)) == sorted(map(repr, grid(SPACE)))
-    assert any(sample(SPACE, 6, seed=s) != sample(SPACE, 6, seed=1) for s in range(2, 6))
+def test_suggest_decodes_list_candidates_and_draws_ranges():
+    import optuna
 
-
-def test_sample_of_a_huge_space_stays_distinct():
-    space = {"batch_size": list(range(1, 1001)), "epochs": list(range(1, 1001))}
-    drawn = sample(space, 50, seed=0)
-    assert len({(c["batch_size"], c["epochs"]) for c in drawn}) == 50
-
-
-def test_default_space_includes_the_reference_and_stays_small():
-    tune = TuneSettings()
-    reference = TrainSettings()
-    for key, candidates in tune.space.items():
-        assert getattr(reference, key) in candidates, key
-    trials = plan_trials(reference, tune)
-    assert len(trials) == tune.trials <= 10
-    assert trials[0].reference and trials[0].params == {}
-    assert trials[0].settings.hidden_units == [32] and trials[0].settings.activation == "relu"
+    space = TuneSettings(
+        space={
+            "hidden_units": [[64], [128, 64]],
+            "learning_rate": {"low": 0.001, "high": 0.1, "log": True},
+            "batch_size": {"low": 16, "high": 128, "step": 16},
+        }
+    ).space
+    labels = grid_choices({"hidden_units": space["hidden_units"]})["hidden_units"]
+    fixed = optuna.trial.FixedTrial(
+        {"hidden_units": labels[1], "learning_rate": 0.02, "batch_size": 48}
+    )
+    params = suggest(fixed, space)
+    assert params == {"hidden_units": [128, 64], "learning_rate": 0.02, "batch_size": 48}
+    assert isinstance(params["batch_size"], int)
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=3))
+    drawn = [suggest(study.ask(), space) for _ in range(20)]
+    assert all(0.001 <= p["learning_rate"] <= 0.1 for p in drawn)
+    assert {p["batch_size"] % 16 for p in drawn} == {0}
+    assert len({p["learning_rate"] for p in drawn}) == 20
 
 
 def test_trials_are_one_worker_with_validation_and_early_stopping():
-    tune = TuneSettings(space=SPACE, strategy="grid", epochs=3)
+    tune = TuneSettings(epochs=3)
     train = TrainSettings(workers=4, validation_path="elsewhere")
-    trials = plan_trials(train, tune)
-    for trial in trials:
-        s = trial.settings
-        assert (s.workers, s.epochs, s.validation_path) == (1, 3, None)
-        assert s.validation_fraction == tune.validation_fraction
-        assert s.early_stopping.enabled
-    # the reference ([32], lr 0.01, dropout 0) is in the grid: it is not trained twice
-    assert len(trials) == 6
-    assert len({t.settings.model_dump_json() for t in trials}) == len(trials)
-    assert [t.number for t in trials] == list(range(len(trials)))
-
-
-def test_combinations_train_settings_reject_together_are_skipped():
-    space = {"hidden_units": [[32], [64, 32]], "activation": ["relu", ["relu", "tanh"]]}
-    trials = plan_trials(TrainSettings(), TuneSettings(space=space, strategy="grid"))
-    shapes = {(tuple(t.settings.hidden_units), str(t.settings.activation)) for t in trials}
-    assert ((32,), "['relu', 'tanh']") not in shapes
-    assert ((64, 32), "['relu', 'tanh']") in shapes
-
-
-def test_random_budget_counts_the_reference():
-    trials = plan_trials(TrainSettings(), TuneSettings(space=SPACE, trials=4, seed=7))
-    assert len(trials) == 4 and trials[0].reference
-    assert not any(t.reference for t in trials[1:])
+    settings = trial_settings(trial_base(train, tune), {"dropout": 0.3, "augment.enabled": True})
+    assert (settings.workers, settings.epochs, settings.validation_path) == (1, 3, None)
+    assert settings.validation_fraction == tune.validation_fraction
+    assert settings.early_stopping == tune.early_stopping
+    assert settings.dropout == 0.3 and settings.augment.enabled  # a nested setting
+    reference = reference_trial(train, tune)
+    assert reference.reference and reference.name == "ref" and reference.params == {}
+    assert reference.settings.hidden_units == train.hidden_units
 
 
 @pytest.mark.parametrize(
@@ -97,11 +89,18 @@ def test_random_budget_counts_the_reference():
         ("tune.space={hidden_unitz: [[32]]}", ["tune.space.hidden_unitz", "hidden_units"]),
         ("tune.space={workers: [1, 2]}", ["tune.space.workers"]),
         ("tune.space={seed: [1, 2]}", ["tune.space.seed"]),
+        ("tune.space={early_stopping.patience: [1, 2]}", ["tune.space.early_stopping"]),
+        ("tune.space={augment.max_spin: [1, 2]}", ["tune.space.augment.max_spin"]),
         ("tune.space={learning_rate: [0.01, -1]}", ["tune.space.learning_rate", "-1"]),
         ("tune.space={activation: [relu, swoosh]}", ["tune.space.activation", "swoosh"]),
         ("tune.space={hidden_units: [[]]}", ["tune.space.hidden_units"]),
         ("tune.space={dropout: []}", ["tune.space.dropout", "no candidate"]),
+        ("tune.space={dropout: {low: 0.5, high: 0.1}}", ["tune.space.dropout", "below high"]),
+        ("tune.space={dropout: {low: 0.0, high: 1.5}}", ["tune.space.dropout", "1.5"]),
+        ("tune.space={l2: {low: 0, high: 0.1, log: true}}", ["low > 0"]),
+        ("tune.space={activation: {low: 0, high: 1}}", ["tune.space.activation"]),
         ("tune.strategy=bayes", ["tune.strategy"]),
+        ("tune.confirm_seeds=1", ["tune.confirm_seeds"]),
     ],
 )
 def test_invalid_spaces_fail_at_load_naming_the_key(override, names):
@@ -109,6 +108,11 @@ def test_invalid_spaces_fail_at_load_naming_the_key(override, names):
         load_config(overrides=[override])
     for name in names:
         assert name in str(info.value)
+
+
+def test_grid_needs_candidate_lists():
+    with pytest.raises(ConfigError, match="grid needs candidate lists; dropout"):
+        load_config(overrides=["tune.strategy=grid", "tune.space={dropout: {low: 0, high: 0.5}}"])
 
 
 def test_space_candidates_are_coerced_and_deduplicated():
@@ -122,164 +126,255 @@ def test_a_later_layer_replaces_the_space_whole(tmp_path):
     assert load_config(files=[conf]).tune.space == {"batch_size": [32, 64]}
 
 
-def test_judged_epoch_is_the_one_training_restored():
+# -- confirmation: the decision -------------------------------------------------------------
+def _confirmed(accuracies, reference=False, number=1) -> Confirmation:
+    settings = TrainSettings(hidden_units=[32] if reference else [256])
+    trial = Trial(-1 if reference else number, {}, settings, reference=reference)
+    seeds = tuple(range(43, 43 + len(accuracies)))
+    return Confirmation(trial, seeds, tuple(accuracies), (5,) * len(accuracies))
+
+
+def test_a_winner_must_beat_the_reference_by_more_than_the_noise():
+    reference = _confirmed([0.920, 0.925, 0.915], reference=True)  # 0.920 ± 0.005
+    clear = _confirmed([0.950, 0.955, 0.945], number=4)  # 0.950 ± 0.005
+    noisy = _confirmed([0.960, 0.900, 0.930], number=7)  # 0.930 ± 0.030
+    winner, reason = choose([noisy, clear], reference)
+    assert winner is clear and "best.yaml names trial 004" in reason
+    assert "margin +0.0300, noise 0.0100" in reason
+    winner, reason = choose([noisy], reference)
+    assert winner is None and "within the noise: best.yaml keeps the reference" in reason
+    # the best mean is judged, not the one that would pass
+    better_but_noisy = _confirmed([0.990, 0.900, 0.990], number=9)
+    assert choose([clear, better_but_noisy], reference)[0] is None
+    # one seed shows no spread: not enough to name a winner
+    assert choose([_confirmed([0.99], number=2)], reference)[0] is None
+    assert choose([clear], _confirmed([0.92], reference=True))[0] is None
+
+
+def test_confirmation_seeds_never_repeat_the_search_seed():
+    assert confirmation_seeds(42, 3) == [43, 44, 45]
+
+
+def test_best_yaml_trains_the_winner_on_all_the_data_and_loads_unchanged(tmp_path):
     from types import SimpleNamespace
 
-    from pipeline.tuning.search import _judged_epoch
-
-    history = [{"epoch": float(e)} for e in (1, 2, 3, 4)]
-    trial = plan_trials(TrainSettings(), TuneSettings(space={"dropout": [0.0]}))[0]
-
-    def judged(**chief):
-        return _judged_epoch(
-            SimpleNamespace(fit=SimpleNamespace(workers=[chief]), history=history), trial
-        )
-
-    assert judged(stopped_early=True, best_epoch=2) == 2
-    assert judged(stopped_early=False, best_epoch=2) == 4  # ran to the end: last weights
-    no_restore = trial.settings.model_copy(
+    config = load_config(CONF_DIR, overrides=["train.workers=2"])
+    base = trial_base(config.train, config.tune)
+    settings = trial_settings(base, {"hidden_units": [512], "dropout": 0.25})
+    winner = Confirmation(Trial(3, {}, settings), (43, 44, 45), (0.95, 0.96, 0.95), (12, 20, 17))
+    reference = _confirmed([0.92, 0.93], reference=True)
+    result = SimpleNamespace(
+        output="file:/x/tune", winner=winner, decision="trial 003 wins", confirmations=[]
+    )
+    best = tmp_path / BEST_FILE
+    best.write_text(best_config_yaml(result, config))
+    assert set(yaml.safe_load(best.read_text())) == {"train"}
+    loaded = load_config(CONF_DIR, [best]).train  # the train job's own layering
+    expected = settings.model_copy(
         update={
-            "early_stopping": trial.settings.early_stopping.model_copy(
-                update={"restore_best_weights": False}
-            )
+            "workers": 2,
+            "validation_fraction": 0.0,
+            "validation_path": None,
+            "early_stopping": config.train.early_stopping,
+            "epochs": 17,  # the median epoch the confirmation runs kept
         }
     )
-    trial = type(trial)(0, {}, no_restore, True)
-    assert judged(stopped_early=True, best_epoch=2) == 4
+    assert loaded == expected
+    kept = SimpleNamespace(
+        output="file:/x", winner=None, decision="kept", confirmations=[reference]
+    )
+    best.write_text(best_config_yaml(kept, config))
+    assert load_config(CONF_DIR, [best]).train == config.train
+    assert "# Decision: kept." in best.read_text()
+
+
+# -- the search directory -------------------------------------------------------------------
+def test_a_directory_the_search_did_not_write_is_refused(spark, tmp_path):
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("keep me")
+    with pytest.raises(OutputPathError, match=r"notes\.txt"):
+        run_tuning(spark, Config(), str(tmp_path / "features"), str(foreign), fresh=True)
+    assert (foreign / "notes.txt").read_text() == "keep me"
 
 
 def test_parallelism_is_capped_by_free_slots_and_trials(spark):
     from pipeline.tuning.search import _parallelism
 
-    wanted, notes = _parallelism(spark, TuneSettings(parallelism=5), trials=8)
+    wanted, notes = _parallelism(spark, TuneSettings(parallelism=5))
     assert wanted == 2  # local[2], nothing else running
     assert "tune.parallelism 5 capped to 2" in notes[0]
-    assert _parallelism(spark, TuneSettings(), trials=8) == (2, [])
-    assert _parallelism(spark, TuneSettings(), trials=1) == (1, [])
+    assert _parallelism(spark, TuneSettings()) == (2, [])
+    assert _parallelism(spark, TuneSettings(trials=1)) == (1, [])
 
 
-# -- end to end -----------------------------------------------------------------------------
+# -- small searches end to end --------------------------------------------------------------
+def _small(**tune) -> Config:
+    return Config().with_overrides({"tune": {"confirm_top": 2, "confirm_seeds": 2, **tune}})
+
+
 @pytest.mark.slow
-def test_small_search_writes_table_plot_and_best_conf(
-    spark, ingested_sample, tmp_path, monkeypatch
-):
-    config = Config().with_overrides(
-        {
-            "tune": {
-                "strategy": "grid",
-                "epochs": 2,
-                "parallelism": 2,
-                "space": {"hidden_units": [[32], [64]], "learning_rate": [0.05]},
-            }
-        }
+def test_search_prunes_confirms_and_reports(spark, ingested_sample, tmp_path, monkeypatch):
+    # The grid sampler's seeded order (tune.seed 0): 000 takes lr 0.02 and learns, 001
+    # takes 1e-05 and barely moves (pruned against 000), 002 takes 0.05 and fails.
+    config = _small(
+        strategy="grid",
+        space={"learning_rate": [0.05, 0.00001, 0.02]},
+        epochs=12,
+        early_stopping={"enabled": False},
+        pruner="median",
+        prune_startup_trials=1,
+        prune_warmup_epochs=1,
+        parallelism=1,
     )
-    output = str(tmp_path / "tune")
-    break_trials(monkeypatch, "001")  # it fails inside the real training run
-    result = run_tuning(spark, config, ingested_sample, output)
+    break_trials(monkeypatch, "002")
+    output = tmp_path / "tune"
+    result = run_tuning(spark, config, ingested_sample, str(output))
 
-    assert [r.trial.number for r in result.results][-1] == 1
-    assert len(result.results) == 3
-    failed = result.failed
-    assert [r.trial.number for r in failed] == [1]
-    assert failed[0].error and failed[0].error_type
-    ok = [r for r in result.results if r.ok]
-    assert len(ok) == 2
-    for r in ok:
-        assert 0.5 < r.val_accuracy <= 1 and math.isfinite(r.val_loss)
-        assert 1 <= r.epoch <= r.epochs_run <= 2
-        assert (tmp_path / "tune" / TRIALS_DIR / f"{r.trial.number:03d}" / "model.keras").is_file()
-    assert ok[0].val_accuracy >= ok[1].val_accuracy
-    best = result.best
-    assert best is ok[0]
+    by_name = {r.trial.name: r for r in result.results}
+    rates = [by_name[n].trial.params["learning_rate"] for n in ("000", "001", "002")]
+    assert rates == [0.02, 0.00001, 0.05]
+    assert [by_name[n].status for n in ("000", "001", "002")] == ["ok", "pruned", "failed"]
+    finished, pruned, failed = by_name["000"], by_name["001"], by_name["002"]
+    assert finished.epochs_run == 12 and 0.8 < finished.val_accuracy <= 1
+    assert 1 <= pruned.epochs_run < 12  # stopped early, not after its 12 epochs
+    assert pruned.val_accuracy < finished.val_accuracy
+    assert not (output / TRIALS_DIR / "001").exists()  # no model, no checkpoints left
+    assert (output / TRIALS_DIR / "000" / "model.keras").is_file()
+    assert not (output / TRIALS_DIR / "000" / "checkpoints").exists()
+    assert failed.error_type == "InputDataError" and failed.error
 
-    table = spark.read.parquet(f"{output}/{RESULTS_PARQUET}").orderBy("rank").collect()
-    assert [row["trial"] for row in table] == [r.trial.number for r in result.results]
-    assert table[0]["val_accuracy"] == pytest.approx(best.val_accuracy)
-    assert table[-1]["status"] == "failed" and table[-1]["error"] == failed[0].error
-    assert table[-1]["error_type"] == failed[0].error_type
-    assert {row["hidden_units"][0] for row in table} == {32, 64}
+    # confirmation: the one finished trial and the reference, two new seeds each
+    assert {c.trial.name for c in result.confirmations} == {"000", "ref"}
+    for c in result.confirmations:
+        assert c.seeds == (43, 44) and len(c.accuracies) == 2 and not c.errors
+        assert all(0.5 < a <= 1 for a in c.accuracies) and c.std >= 0
+    assert [c.mean for c in result.confirmations] == sorted(
+        (c.mean for c in result.confirmations), reverse=True
+    )
+    assert any(len(set(c.accuracies)) == 2 for c in result.confirmations)  # seeds differ
+    reference = result.reference
+    assert reference.trial.settings.hidden_units == [32]
+    confirmed = next(c for c in result.confirmations if c.trial.name == "000")
+    beats = confirmed.mean - reference.mean > confirmed.std + reference.std
+    assert (result.winner is confirmed) == beats
+    # the runs are kept in the study, not as models
+    assert not (output / "confirm").exists()
+    with sqlite3.connect(output / STUDY_FILE) as db:
+        keys = {k for (k,) in db.execute("select key from study_user_attributes")}
+    assert {"confirm 000 seed 43", "confirm ref seed 44"} <= keys
 
-    markdown = (tmp_path / "tune" / RESULTS_MD).read_text()
-    rows = [line for line in markdown.splitlines() if line.startswith("| ")][1:]
-    assert len(rows) == 3
-    assert rows[0].startswith(f"| 1 | {best.trial.number:03d}")
-    assert f"{best.val_accuracy:.4f}" in rows[0]
-    assert "failed" in rows[-1] and failed[0].error_type in rows[-1]
-
-    png = (tmp_path / "tune" / PLOT_FILE).read_bytes()
+    table = spark.read.parquet(str(output / RESULTS_PARQUET)).orderBy("rank").collect()
+    assert [row["trial"] for row in table] == [0, 1, 2]
+    assert [row["status"] for row in table] == ["ok", "pruned", "failed"]
+    assert table[0]["confirmed_mean"] == pytest.approx(confirmed.mean)
+    assert table[1]["confirmed_mean"] is None
+    markdown = (output / RESULTS_MD).read_text()
+    assert f"{confirmed.mean:.4f} ± {confirmed.std:.4f}" in markdown
+    assert f"{reference.mean:.4f} ± {reference.std:.4f}" in markdown
+    assert f"Decision: {result.decision}." in markdown
+    png = (output / PLOT_FILE).read_bytes()
     assert png.startswith(b"\x89PNG") and len(png) > 2000
 
-    best_file = tmp_path / "tune" / BEST_FILE
-    assert set(yaml.safe_load(best_file.read_text())) == {"train"}
-    assert load_config(files=[best_file]).train == best.trial.settings
-    # the job's layering: the project's conf/ under it changes nothing
-    from pathlib import Path
-
-    conf_dir = Path(__file__).resolve().parent.parent / "conf"
-    assert load_config(conf_dir, [best_file]).train == best.trial.settings
+    loaded = load_config(CONF_DIR, [output / BEST_FILE]).train
+    if result.winner is None:
+        assert loaded == config.train
+    else:
+        assert loaded.learning_rate == 0.02 and loaded.validation_fraction == 0.0
+        assert loaded.epochs == result.winner.epochs_to_train
     assert not list(tmp_path.glob(".tune.staging-*"))
 
 
 @pytest.mark.slow
-def test_search_fails_only_when_every_trial_failed(spark, ingested_sample, tmp_path, monkeypatch):
-    from pipeline.errors import TrainingError
-
-    config = Config().with_overrides(
-        {"tune": {"strategy": "grid", "epochs": 1, "space": {"hidden_units": [[32]]}}}
-    )
+def test_search_fails_only_when_no_trial_finished(spark, ingested_sample, tmp_path, monkeypatch):
+    config = _small(strategy="grid", epochs=1, space={"hidden_units": [[32]]})
     output = tmp_path / "tune"
-    with pytest.raises(TrainingError, match="all 1 trials failed"):
-        break_trials(monkeypatch, "000")
+    break_trials(monkeypatch, "000")
+    with pytest.raises(TrainingError, match="no trial of the search finished"):
         run_tuning(spark, config, ingested_sample, str(output))
-    # the table of errors is still published, with no best configuration
-    assert (output / RESULTS_MD).is_file() and not (output / BEST_FILE).exists()
+    # the table of errors is still written, with no best configuration
+    assert "InputDataError" in (output / RESULTS_MD).read_text()
+    assert not (output / BEST_FILE).exists()
+
+
+def _study_trials(path: Path) -> list[tuple[int, str, str | None]]:
+    """(number, state, datetime_complete) of the trials in a study file."""
+    if not path.exists():
+        return []
+    with sqlite3.connect(path) as db:
+        try:
+            rows = db.execute("select number, state, datetime_complete from trials").fetchall()
+        except sqlite3.OperationalError:  # the tables are not made yet
+            return []
+    return sorted(rows)
 
 
 @pytest.mark.slow
-def test_tune_job_then_train_job_with_best_conf(ingested_sample, tmp_path):
-    """spark-submit jobs/tune.py (tracking on), then jobs/train.py --conf TUNE_DIR/best.yaml."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    repo = Path(__file__).resolve().parent.parent
-    submit = [str(Path(sys.executable).with_name("spark-submit")), "--master", "local[2]"]
-    env = dict(os.environ, PYSPARK_PYTHON=sys.executable, TF_CPP_MIN_LOG_LEVEL="2")
-    mlruns = (tmp_path / "mlruns").as_uri()
+def test_killed_search_resumes_then_train_job_takes_best_yaml(ingested_sample, tmp_path):
+    """spark-submit jobs/tune.py, killed after its first trial; the same command resumes
+    the study and keeps the finished trial; jobs/train.py --conf TUNE_DIR/best.yaml."""
     tune_dir = tmp_path / "tune"
-    tuned = subprocess.run(
-        [
-            *submit,
-            str(repo / "jobs" / "tune.py"),
-            "--input",
-            ingested_sample,
-            "--output",
-            str(tune_dir),
-            "--set",
-            "tune.space={hidden_units: [[32], [16]]}",
-            "--set",
-            "tune.epochs=1",
-            "--set",
-            "tracking.enabled=true",
-            "--set",
-            f"tracking.uri={mlruns}",
-        ],
+    mlruns = (tmp_path / "mlruns").as_uri()
+    args = [
+        "--input",
+        ingested_sample,
+        "--output",
+        str(tune_dir),
+        "--set",
+        "tune.strategy=grid",
+        "--set",
+        "tune.space={hidden_units: [[16], [32], [24]]}",
+        "--set",
+        "tune.epochs=2",
+        "--set",
+        "tune.parallelism=1",
+        "--set",
+        "tune.confirm_top=1",
+        "--set",
+        "tune.confirm_seeds=2",
+        "--set",
+        "tracking.enabled=true",
+        "--set",
+        f"tracking.uri={mlruns}",
+    ]
+    study = tune_dir / STUDY_FILE
+    job = submit("tune.py", *args, master="local[2]", cwd=tmp_path)
+    try:
+        wait_for(
+            lambda: any(state == "COMPLETE" for _, state, _ in _study_trials(study)),
+            timeout=400,
+            what="the first finished trial",
+            job=job,
+        )
+    finally:
+        kill_process_group(job)
+    before = [t for t in _study_trials(study) if t[1] == "COMPLETE"]
+    assert before and len(before) < 3
+
+    resumed = subprocess.run(
+        [*submit_command("tune.py"), *args],
         capture_output=True,
         text=True,
-        timeout=300,
-        env=env,
+        timeout=600,
+        env=job_env(),
         cwd=tmp_path,
     )
-    assert tuned.returncode == 0, tuned.stderr[-3000:]
-    assert "val_accuracy" in tuned.stdout and "best.yaml" in tuned.stdout
-    assert (tune_dir / BEST_FILE).is_file() and (tune_dir / "trials" / "001").is_dir()
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    after = _study_trials(study)
+    for trial in before:
+        assert trial in after  # same number, state and completion time: not trained again
+    with sqlite3.connect(study) as db:
+        params = db.execute(
+            "select t.number, p.param_value from trials t join trial_params p "
+            "on t.trial_id = p.trial_id where t.state = 'COMPLETE'"
+        ).fetchall()
+    assert len(params) == 3 and len({value for _, value in params}) == 3  # each point once
+    assert "confirmation" in resumed.stdout and "best.yaml" in resumed.stdout
     assert list((tmp_path / "mlruns").rglob("results.md")), "the tune run was not recorded"
 
     trained = subprocess.run(
         [
-            *submit,
-            str(repo / "jobs" / "train.py"),
+            *submit_command("train.py"),
             "--input",
             ingested_sample,
             "--model-dir",
@@ -290,10 +385,17 @@ def test_tune_job_then_train_job_with_best_conf(ingested_sample, tmp_path):
         capture_output=True,
         text=True,
         timeout=300,
-        env=env,
+        env=job_env(),
         cwd=tmp_path,
     )
     assert trained.returncode == 0, trained.stderr[-3000:]
-    metadata = yaml.safe_load((tmp_path / "model" / "metadata.json").read_text())
-    best = load_config(files=[tune_dir / BEST_FILE]).train
+    metadata = json.loads((tmp_path / "model" / "metadata.json").read_text())
+    best = load_config(CONF_DIR, [tune_dir / BEST_FILE]).train
     assert TrainSettings.model_validate(metadata["train"]) == best
+    assert not math.isnan(metadata["history"][-1]["loss"])
+
+
+def submit_command(job: str) -> list[str]:
+    from tests.faults import SPARK_SUBMIT
+
+    return [SPARK_SUBMIT, "--master", "local[2]", str(REPO / "jobs" / job)]

@@ -1,5 +1,6 @@
-"""What a finished search writes into ``TUNE_DIR``: the table (Parquet and markdown), the
-plot and ``best.yaml``, a conf file that ``jobs/train.py --conf`` takes unchanged."""
+"""What a search writes into ``TUNE_DIR`` besides its study and trial models: the table
+(``results.parquet``, ``results.md``), the plot and ``best.yaml``, a conf file that
+``jobs/train.py --conf`` takes unchanged."""
 
 from __future__ import annotations
 
@@ -13,14 +14,17 @@ from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import types as T
 
 from pipeline.config import Config, TrainSettings
-from pipeline.plots import Bar, bars_png
+from pipeline.plots import Entry, ranking_png
 from pipeline.storage import Storage
+from pipeline.tuning.study import CONFIRM_DIR
 
 if TYPE_CHECKING:
+    from pipeline.tuning.confirm import Confirmation
     from pipeline.tuning.search import TrialResult, TuneResult
 
 __all__ = [
     "BEST_FILE",
+    "OWNED",
     "PLOT_FILE",
     "RESULTS_MD",
     "RESULTS_PARQUET",
@@ -36,6 +40,8 @@ RESULTS_MD = "results.md"
 PLOT_FILE = "val_accuracy.png"
 BEST_FILE = "best.yaml"
 TRIALS_DIR = "trials"
+# Everything a search writes into TUNE_DIR besides its study (what --fresh deletes).
+OWNED = (TRIALS_DIR, CONFIRM_DIR, RESULTS_PARQUET, RESULTS_MD, PLOT_FILE, BEST_FILE)
 
 
 def write_outputs(
@@ -46,15 +52,18 @@ def write_outputs(
     config: Config,
     input_path: str,
 ) -> None:
-    """Write the table, the plot and (when a trial finished) ``best.yaml`` into `directory`."""
+    """Write the table, the plot and (when a trial finished) ``best.yaml`` into
+    `directory`, each file replaced whole."""
     keys = list(config.tune.space)
-    results_frame(spark, result.results, keys).coalesce(1).write.mode("overwrite").parquet(
-        f"{directory}/{RESULTS_PARQUET}"
-    )
+    confirmed = {c.trial.number: c for c in result.confirmations if not c.trial.reference}
+    if result.results:
+        results_frame(spark, result.results, keys, confirmed).coalesce(1).write.mode(
+            "overwrite"
+        ).parquet(f"{directory}/{RESULTS_PARQUET}")
     storage.write_text(f"{directory}/{RESULTS_MD}", results_markdown(result, config, input_path))
-    storage.write_bytes(f"{directory}/{PLOT_FILE}", accuracy_png(result.results))
-    if result.best is not None:
-        storage.write_text(f"{directory}/{BEST_FILE}", best_config_yaml(result.best, result.output))
+    if result.confirmations:
+        storage.write_bytes(f"{directory}/{PLOT_FILE}", accuracy_png(result))
+        storage.write_text(f"{directory}/{BEST_FILE}", best_config_yaml(result, config))
 
 
 def finite(value: float | None) -> bool:
@@ -62,7 +71,10 @@ def finite(value: float | None) -> bool:
 
 
 def _value(settings: TrainSettings, key: str) -> Any:
-    return settings.model_dump(mode="json")[key]
+    value: Any = settings.model_dump(mode="json")
+    for part in key.split("."):
+        value = value[part]
+    return value
 
 
 def _column_type(values: list[Any]) -> T.DataType:
@@ -85,87 +97,133 @@ def _cell(value: Any, data_type: T.DataType) -> Any:
     return value
 
 
-def results_frame(spark: SparkSession, results: list[TrialResult], keys: list[str]) -> DataFrame:
-    """The results as a small DataFrame: a few dozen rows, made on the driver."""
+def results_frame(
+    spark: SparkSession,
+    results: list[TrialResult],
+    keys: list[str],
+    confirmed: dict[int, Confirmation],
+) -> DataFrame:
+    """The search trials as a small DataFrame (made on the driver), best first; a space
+    key ``section.field`` is the column ``section_field``."""
     types = {k: _column_type([_value(r.trial.settings, k) for r in results]) for k in keys}
     fields = [
         T.StructField("rank", T.IntegerType(), False),
         T.StructField("trial", T.IntegerType(), False),
-        T.StructField("reference", T.BooleanType(), False),
         T.StructField("structure", T.StringType(), False),
-        *(T.StructField(k, types[k], True) for k in keys),
+        *(T.StructField(k.replace(".", "_"), types[k], True) for k in keys),
         T.StructField("val_accuracy", T.DoubleType(), True),
         T.StructField("val_loss", T.DoubleType(), True),
         T.StructField("epoch", T.IntegerType(), True),
         T.StructField("epochs_run", T.IntegerType(), False),
         T.StructField("train_seconds", T.DoubleType(), False),
         T.StructField("status", T.StringType(), False),
+        T.StructField("confirmed_mean", T.DoubleType(), True),
+        T.StructField("confirmed_std", T.DoubleType(), True),
         T.StructField("error_type", T.StringType(), True),
         T.StructField("error", T.StringType(), True),
         T.StructField("params", T.StringType(), False),
-        T.StructField("model_dir", T.StringType(), False),
+        T.StructField("model_dir", T.StringType(), True),
     ]
-    rows = [
-        (
-            rank,
-            r.trial.number,
-            r.trial.reference,
-            r.trial.structure,
-            *(_cell(_value(r.trial.settings, k), types[k]) for k in keys),
-            r.val_accuracy,
-            r.val_loss,
-            r.epoch,
-            r.epochs_run,
-            float(r.seconds),
-            r.status,
-            r.error_type,
-            r.error,
-            json.dumps(r.trial.params, sort_keys=True),
-            r.model_dir,
+    rows = []
+    for rank, r in enumerate(results, start=1):
+        c = confirmed.get(r.trial.number)
+        rows.append(
+            (
+                rank,
+                r.trial.number,
+                r.trial.structure,
+                *(_cell(_value(r.trial.settings, k), types[k]) for k in keys),
+                r.val_accuracy,
+                r.val_loss,
+                r.epoch,
+                r.epochs_run,
+                float(r.seconds),
+                r.status,
+                c.mean if c is not None and c.accuracies else None,
+                c.std if c is not None and c.measured else None,
+                r.error_type,
+                r.error,
+                json.dumps(r.trial.params, sort_keys=True),
+                r.model_dir if r.ok else None,
+            )
         )
-        for rank, r in enumerate(results, start=1)
-    ]
     return spark.createDataFrame(rows, T.StructType(fields))
 
 
 def _md_value(value: Any) -> str:
     if isinstance(value, float):
-        return f"{value:g}"
+        return f"{value:.3g}"
     if isinstance(value, list):
         return "[" + ", ".join(str(v) for v in value) + "]"
     return str(value)
 
 
 def results_markdown(result: TuneResult, config: Config, input_path: str) -> str:
-    """The results as a markdown table, best first, with the search's settings above it."""
+    """The confirmation table and the decision, then every search trial, best first."""
     tune = config.tune
     keys = list(tune.space)
-    ok = [r for r in result.results if r.ok]
+    counts = {s: sum(1 for r in result.results if r.status == s) for s in ("ok", "pruned")}
+    stopping = tune.early_stopping
+    pruning = (
+        f", pruned by the {tune.pruner} rule after a warm-up of {tune.prune_warmup_epochs} epochs"
+        if tune.pruner != "none"
+        else ""
+    )
     lines = [
         "# Structure search",
         "",
-        f"{len(result.results)} trials ({tune.strategy}, {len(ok)} finished, "
-        f"{len(result.failed)} failed), {result.parallelism} at a time, on `{input_path}`; "
-        f"each judged on a {tune.validation_fraction:g} validation split"
+        f"{len(result.results)} trials ({tune.strategy}: {counts['ok']} finished, "
+        f"{counts['pruned']} pruned, {len(result.failed)} failed), {result.parallelism} at "
+        f"a time, on `{input_path}`; each judged on a {tune.validation_fraction:g} validation "
+        "split"
         + (
-            f" with early stopping on {tune.early_stopping.monitor} "
-            f"(patience {tune.early_stopping.patience})"
-            if tune.early_stopping.enabled
+            f" with early stopping on {stopping.monitor} (patience {stopping.patience})"
+            if stopping.enabled
             else ""
         )
-        + f". Search took {result.seconds:.0f} s.",
+        + f"{pruning}. The search took {result.seconds / 60:.1f} minutes.",
         "",
     ]
+    if result.confirmations:
+        seeds = sorted({s for c in result.confirmations for s in c.seeds})
+        lines += [
+            "## Confirmation",
+            "",
+            f"The best {_trials(len(result.confirmations) - 1)} and the reference, each retrained "
+            f"with seeds {', '.join(map(str, seeds))} (new initial weights, batch order and "
+            "validation rows), ranked by mean validation accuracy:",
+            "",
+            "| rank | trial | structure | settings | mean ± std | per seed | search | epochs |",
+            "|---:|---|---|---|---:|---|---:|---|",
+        ]
+        for rank, c in enumerate(result.confirmations, start=1):
+            spread = f" ± {c.std:.4f}" if c.measured else ""
+            cells = [
+                str(rank),
+                c.trial.name + (" (reference)" if c.trial.reference else ""),
+                c.trial.structure,
+                _distinct(c.trial.params),
+                f"{c.mean:.4f}{spread}" if c.accuracies else "failed",
+                ", ".join(f"{a:.4f}" for a in c.accuracies),
+                f"{c.search_accuracy:.4f}" if finite(c.search_accuracy) else "",
+                ", ".join(map(str, c.epochs)),
+            ]
+            lines.append("| " + " | ".join(cells).replace("\n", " ") + " |")
+        lines += ["", f"Decision: {result.decision}.", ""]
+        for c in result.confirmations:
+            for error in c.errors:
+                lines.append(f"- {c.trial.name} failed on a seed: {_short(error)}")
+        lines.append("")
+    lines += ["## Search trials", ""]
     headers = ["rank", "trial", *keys, "val_accuracy", "val_loss", "epoch", "seconds", "status"]
     lines.append("| " + " | ".join(headers) + " |")
     numeric = {"rank", "val_accuracy", "val_loss", "seconds"}
     lines.append("|" + "|".join("---:" if h in numeric else "---" for h in headers) + "|")
     for rank, r in enumerate(result.results, start=1):
-        trial = r.trial.name + (" (reference)" if r.trial.reference else "")
-        status = r.status if r.ok else f"failed: {r.error_type}: {_short(r.error)}"
+        status = r.status if r.status != "failed" else f"failed: {r.error_type}: {_short(r.error)}"
         cells = [
             str(rank),
-            trial,
+            r.trial.name,
             *(_md_value(_value(r.trial.settings, k)) for k in keys),
             f"{r.val_accuracy:.4f}" if finite(r.val_accuracy) else "",
             f"{r.val_loss:.4f}" if finite(r.val_loss) else "",
@@ -174,66 +232,97 @@ def results_markdown(result: TuneResult, config: Config, input_path: str) -> str
             status.replace("|", "\\|"),
         ]
         lines.append("| " + " | ".join(cells) + " |")
-    lines.append("")
-    best = result.best
-    if best is not None:
-        lines.append(
-            f"Best: trial {best.trial.name} ({best.trial.structure}), val_accuracy "
-            f"{best.val_accuracy:.4f}; its train section is `{BEST_FILE}`."
-        )
-        reference = next((r for r in result.results if r.trial.reference and r.ok), None)
-        if reference is not None and reference is not best:
-            lines.append(
-                f"Reference (trial {reference.trial.name}): val_accuracy "
-                f"{reference.val_accuracy:.4f}."
-            )
-    lines.append(
-        "`epoch` is the epoch whose weights the model holds, of the epochs run; "
-        "`seconds` is training time."
-    )
+    lines += [
+        "",
+        "`epoch` is the epoch whose weights the model holds, of the epochs run (a pruned "
+        "trial: its last); `seconds` is training time.",
+    ]
     lines += [f"Note: {note}." for note in result.notes]
     return "\n".join(lines) + "\n"
 
 
+def _trials(count: int) -> str:
+    return "trial" if count == 1 else f"{count} trials"
+
+
 def _short(text: str | None, limit: int = 160) -> str:
-    text = text or ""
+    text = " ".join((text or "").split())
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def accuracy_png(results: Sequence[TrialResult]) -> bytes:
-    """A horizontal bar per finished trial, best at the top; the reference in orange."""
-    ok = [r for r in results if r.ok and finite(r.val_accuracy)]
-    bars = [
-        Bar(
-            f"{r.trial.name} {r.trial.structure} "
-            + ("(reference)" if r.trial.reference else _distinct(r)),
-            float(r.val_accuracy or 0.0),
-            reference=r.trial.reference,
-        )
-        for r in ok
-    ]
-    failed = len(results) - len(ok)
-    return bars_png(
-        bars,
-        title="Structure search: validation accuracy by trial (reference in orange)"
-        + (f"; {failed} failed, not shown" if failed else ""),
-        xlabel="validation accuracy",
-    )
-
-
-def _distinct(result: TrialResult) -> str:
+def _distinct(params: dict[str, Any]) -> str:
     shown = {"hidden_units", "activation"}
-    return " ".join(f"{k}={_md_value(v)}" for k, v in result.trial.params.items() if k not in shown)
+    return " ".join(f"{k}={_md_value(v)}" for k, v in params.items() if k not in shown)
 
 
-def best_config_yaml(best: TrialResult, output: str) -> str:
-    """The best trial's train section as a conf file for ``jobs/train.py --conf``."""
-    header = (
-        f"# Best trial {best.trial.name} of the structure search in {output}:\n"
-        f"# {best.trial.structure}, val_accuracy {best.val_accuracy:.4f} at epoch {best.epoch}.\n"
-        "# spark-submit jobs/train.py --input FEATURES --model-dir MODEL --conf best.yaml\n"
+def accuracy_png(result: TuneResult) -> bytes:
+    """The confirmed trials and the reference: mean ± std over the seeds, best at the top,
+    with the reference's mean ± std as a band."""
+    shown = [c for c in result.confirmations if c.accuracies]
+    bars = [
+        Entry(
+            f"{c.trial.name} {c.trial.structure}"
+            + (" (reference)" if c.trial.reference else f" {_distinct(c.trial.params)}"),
+            c.mean,
+            error=c.std if c.measured else None,
+            reference=c.trial.reference,
+        )
+        for c in shown
+    ]
+    reference = result.reference
+    band = (
+        (reference.mean - reference.std, reference.mean + reference.std)
+        if reference is not None and reference.measured
+        else None
     )
-    body = yaml.safe_dump(
-        {"train": best.trial.settings.model_dump(mode="json")}, sort_keys=False, width=100
+    seeds = max((len(c.seeds) for c in shown), default=0)
+    verdict = f"trial {result.winner.trial.name} wins" if result.winner else "the reference is kept"
+    return ranking_png(
+        bars,
+        title=f"Confirmation: validation accuracy, mean ± std over {seeds} seeds; {verdict}",
+        xlabel="validation accuracy",
+        band=band,
+        band_label="reference mean ± std",
     )
-    return header + body
+
+
+def best_config_yaml(result: TuneResult, config: Config) -> str:
+    """``best.yaml``: the winner's train section for training on all the data, or the
+    reference's when no trial beat it by more than the noise."""
+    winner = result.winner
+    decision = "\n# ".join(_wrap(f"Decision: {result.decision}."))
+    if winner is None:
+        header = f"# Structure search in {result.output}.\n# {decision}\n"
+        settings = config.train
+    else:
+        header = (
+            f"# Structure search in {result.output}: trial {winner.trial.name} "
+            f"({winner.trial.structure}).\n# {decision}\n"
+            f"# Its train section for the final model: all the data (the train section's "
+            f"own\n# validation and workers), {winner.epochs_to_train} epochs (the median "
+            "epoch its confirmation runs kept).\n"
+        )
+        settings = winner.trial.settings.model_copy(
+            update={
+                "workers": config.train.workers,
+                "validation_fraction": config.train.validation_fraction,
+                "validation_path": config.train.validation_path,
+                "early_stopping": config.train.early_stopping,
+                "seed": config.train.seed,
+                "epochs": winner.epochs_to_train,
+            }
+        )
+    usage = "# spark-submit jobs/train.py --input FEATURES --model-dir MODEL --conf best.yaml\n"
+    body = yaml.safe_dump({"train": settings.model_dump(mode="json")}, sort_keys=False, width=100)
+    return header + usage + body
+
+
+def _wrap(text: str, width: int = 88) -> Sequence[str]:
+    lines, line = [], ""
+    for word in text.split():
+        if line and len(line) + 1 + len(word) > width:
+            lines.append(line)
+            line = word
+        else:
+            line = f"{line} {word}" if line else word
+    return [*lines, line] if line else lines

@@ -1,49 +1,76 @@
-"""Running a search: each trial a one-task Spark job of the ordinary training code.
+"""Running a search: an Optuna study whose trials are Spark jobs of the ordinary training
+code, then the confirmation of its best trials against the reference.
 
-`run_tuning` trains the planned trials with `run_training` from a pool of driver threads:
-each trial reads the same features itself, so ``tune.parallelism`` trials run at once as
-Spark tasks. ``TUNE_DIR`` is published in one piece (see `pipeline.tuning.report`).
+`run_tuning` asks the study's sampler (TPE, random or grid) for trials and trains
+``tune.parallelism`` of them at once, each a one-task Spark job reading the features
+itself. Every epoch's validation accuracy goes to the study's pruner, which stops trials
+that trail the others. The search ends at ``tune.trials`` or when what is left of
+``tune.budget_minutes`` is needed to confirm; then the best ``tune.confirm_top`` trials
+and the reference are retrained with ``tune.confirm_seeds`` seeds each and ``TUNE_DIR``'s
+reports are written (see `pipeline.tuning.report`).
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import shutil
+import statistics
 import time
-from collections.abc import Mapping
-from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
 from pyspark.sql import SparkSession
 
-from pipeline import training
-from pipeline.config import Config, TuneSettings
-from pipeline.errors import PipelineError, SlotsBusy, TrainingError
+from pipeline.artifact import CHECKPOINTS_DIR
+from pipeline.config import Config, TrainSettings, TuneSettings
+from pipeline.errors import PipelineError, TrainingError
+from pipeline.outputs import TUNE, check_output
 from pipeline.storage import Storage
 from pipeline.training.distributed import busy_tasks, task_slots
-from pipeline.tuning.report import RESULTS_MD, TRIALS_DIR, finite, write_outputs
-from pipeline.tuning.space import Trial, plan_trials
+from pipeline.tuning.confirm import Confirmation, choose, run_confirmation
+from pipeline.tuning.report import OWNED, RESULTS_MD, TRIALS_DIR, finite, write_outputs
+from pipeline.tuning.runs import train_run
+from pipeline.tuning.space import (
+    Trial,
+    grid_choices,
+    grid_size,
+    reference_trial,
+    suggest,
+    trial_base,
+    trial_settings,
+)
+from pipeline.tuning.study import (
+    ELAPSED_ATTR,
+    INTERRUPTED_ATTR,
+    counted_trials,
+    local_path,
+    open_study,
+    quiet_optuna,
+    requeue_interrupted,
+    search_dir,
+)
 
 log = logging.getLogger(__name__)
 
 __all__ = ["TrialResult", "TuneResult", "run_tuning"]
 
-# A trial refused because another trial's job held the slot it needed is tried again.
-_SLOT_RETRIES = 5
-_SLOT_RETRY_SECONDS = 3.0
+_INVALID_ATTR = "invalid"
 
 
 @dataclass(frozen=True)
 class TrialResult:
-    """How a trial ended. Metrics are those of the epoch whose weights the model holds."""
+    """How a search trial ended: ``ok``, ``pruned`` or ``failed``. Metrics are those of
+    the epoch whose weights the model holds (for a pruned trial, its last epoch)."""
 
     trial: Trial
     model_dir: str
-    status: str  # "ok" or "failed"
+    status: str
     val_accuracy: float | None = None
     val_loss: float | None = None
-    epoch: int | None = None  # the judged epoch
+    epoch: int | None = None
     epochs_run: int = 0
     seconds: float = 0.0
     history: tuple[dict[str, float], ...] = ()
@@ -58,125 +85,316 @@ class TrialResult:
 @dataclass(frozen=True)
 class TuneResult:
     output: str
-    results: list[TrialResult]  # best first; failed trials last
+    results: list[TrialResult]  # finished trials best first, then pruned, then failed
+    confirmations: list[Confirmation]  # best mean first; the reference among them
+    winner: Confirmation | None  # what best.yaml names; None: it keeps the reference
+    decision: str
     parallelism: int
-    seconds: float
+    seconds: float  # of the whole search, resumed runs included
     notes: list[str]
 
     @property
     def best(self) -> TrialResult | None:
+        """The search's best finished trial (before confirmation)."""
         return self.results[0] if self.results and self.results[0].ok else None
 
     @property
     def failed(self) -> list[TrialResult]:
-        return [r for r in self.results if not r.ok]
+        return [r for r in self.results if r.status == "failed"]
+
+    @property
+    def pruned(self) -> list[TrialResult]:
+        return [r for r in self.results if r.status == "pruned"]
+
+    @property
+    def reference(self) -> Confirmation | None:
+        return next((c for c in self.confirmations if c.trial.reference), None)
 
 
-def run_tuning(spark: SparkSession, config: Config, input_path: str, output: str) -> TuneResult:
-    """Train every trial of the search on the features at `input_path`; publish `output`.
+def run_tuning(
+    spark: SparkSession, config: Config, input_path: str, output: str, fresh: bool = False
+) -> TuneResult:
+    """Search ``tune.space`` on the features at `input_path`, keeping the study in `output`.
 
-    A trial that fails is recorded with its error and the others go on; `TrainingError`
-    only when every trial failed (after publishing the table of errors).
+    Resumes the study `output` holds unless `fresh`. A trial that fails is recorded with
+    its error and the others go on; `TrainingError` when no trial finished (after writing
+    the table of errors).
     """
-    started = time.monotonic()
     tune = config.tune
-    trials = plan_trials(config.train, tune)
     storage = Storage(spark)
-    output = storage.qualify(output).rstrip("/")
     input_path = storage.qualify(input_path)
-    storage.clear_stale_staging(output)
-    staging = storage.staging_dir(output)
-    parallelism, notes = _parallelism(spark, tune, len(trials))
-    log.info(
-        "%s search: %d trials, %d at a time, %d epochs at most each",
-        tune.strategy,
-        len(trials),
-        parallelism,
-        max(t.settings.epochs for t in trials),
-    )
+    output = check_output(storage, output, TUNE, {"--input": input_path})
+    base = trial_base(config.train, tune)
+    reference = reference_trial(config.train, tune)
+    setup = {
+        "input": input_path,
+        "train": base,
+        "space": {k: _dumped(v) for k, v in tune.space.items()},
+        "strategy": tune.strategy,
+        "seed": tune.seed,
+    }
+    quiet_optuna()
+    with search_dir(local_path(output), OWNED, fresh) as directory:
+        grid = grid_choices(tune.space) if tune.strategy == "grid" else None
+        study = open_study(directory, tune, setup, grid)
+        notes: list[str] = []
+        if requeue_interrupted(study):
+            notes.append("the search resumed after an interruption")
+        parallelism, slot_notes = _parallelism(spark, tune)
+        notes += slot_notes
+        clock = _Clock(study, tune.budget_minutes)
+        _search(spark, config, study, base, input_path, directory, parallelism, clock)
 
-    done: list[TrialResult] = []
-    with ThreadPoolExecutor(parallelism, thread_name_prefix="trial") as pool:
-        futures = [
-            pool.submit(_run_trial, spark, config, trial, input_path, staging, output)
-            for trial in trials
-        ]
-        for future in as_completed(futures):
-            result = future.result()
-            done.append(result)
-            _log_result(result, len(done), len(trials))
-
-    results = sorted(done, key=_rank_key)
-    tune_result = TuneResult(output, results, parallelism, time.monotonic() - started, notes)
-    write_outputs(spark, storage, staging, tune_result, config, input_path)
-    storage.publish(staging, output)
-    if tune_result.best is None:
-        first = results[0]
-        raise TrainingError(
-            f"all {len(results)} trials failed; trial {first.trial.name}: "
-            f"{first.error_type}: {first.error} (every error: {output}/{RESULTS_MD})"
-        )
-    return tune_result
-
-
-def _run_trial(
-    spark: SparkSession, config: Config, trial: Trial, input_path: str, staging: str, output: str
-) -> TrialResult:
-    """Train one trial; any error it raises becomes a failed `TrialResult`."""
-    trial_config = config.model_copy(update={"train": trial.settings})
-    started = time.monotonic()
-    for attempt in range(_SLOT_RETRIES + 1):
-        try:
-            result = training.run_training(
+        results = _results(study, output)
+        invalid = _invalid(study)
+        if invalid:
+            notes.append(f"{invalid} sampled combinations that train settings reject were skipped")
+        finished = [r for r in results if r.ok]
+        confirmations: list[Confirmation] = []
+        winner, decision = None, "no trial finished: nothing to confirm"
+        if finished:
+            top = _distinct(finished)[: tune.confirm_top]
+            confirmations = run_confirmation(
                 spark,
-                trial_config,
+                config,
+                study,
+                [(r.trial, r.val_accuracy) for r in top] + [(reference, None)],
                 input_path,
-                f"{staging}/{TRIALS_DIR}/{trial.name}",
-                workers=1,
-                fresh=True,
-                on_epoch=lambda record: _log_epoch(trial.name, record),
+                directory,
+                parallelism,
             )
-            break
-        except SlotsBusy as exc:
-            # Another trial's short jobs (counting rows) may hold the slot for a moment.
-            if attempt == _SLOT_RETRIES:
-                return _failed(trial, output, exc, time.monotonic() - started)
-            log.info("trial %s waits for a free task slot", trial.name)
-            time.sleep(_SLOT_RETRY_SECONDS)
-        except PipelineError as exc:
-            return _failed(trial, output, exc, time.monotonic() - started)
-        except Exception as exc:  # anything else one trial raises must not sink the search
-            log.warning("trial %s failed unexpectedly", trial.name, exc_info=True)
-            return _failed(trial, output, exc, time.monotonic() - started)
-    history = tuple(dict(h) for h in result.history)
-    judged = _judged_epoch(result, trial)
-    record = next((h for h in history if int(h["epoch"]) == judged), {})
-    return TrialResult(
-        trial=trial,
-        model_dir=f"{output}/{TRIALS_DIR}/{trial.name}",
-        status="ok",
-        val_accuracy=record.get("val_accuracy"),
-        val_loss=record.get("val_loss"),
-        epoch=judged,
-        epochs_run=result.metadata.epochs_completed,
-        seconds=round(result.metadata.training_seconds or result.seconds, 3),
-        history=history,
+            winner, decision = choose(
+                [c for c in confirmations if not c.trial.reference],
+                next(c for c in confirmations if c.trial.reference),
+            )
+        clock.save()
+        result = TuneResult(
+            output=output,
+            results=results,
+            confirmations=confirmations,
+            winner=winner,
+            decision=decision,
+            parallelism=parallelism,
+            seconds=clock.elapsed(),
+            notes=notes,
+        )
+        write_outputs(spark, storage, output, result, config, input_path)
+        log.info("%s", decision)
+    if not finished:
+        first = next(iter(results), None)
+        detail = f"; trial {first.trial.name}: {first.error_type}: {first.error}" if first else ""
+        raise TrainingError(
+            f"no trial of the search finished ({len(results)} ended){detail} "
+            f"(every trial: {output}/{RESULTS_MD})"
+        )
+    return result
+
+
+def _search(
+    spark: SparkSession,
+    config: Config,
+    study: Any,
+    base: dict[str, Any],
+    input_path: str,
+    directory: Path,
+    parallelism: int,
+    clock: _Clock,
+) -> None:
+    """Run the study's trials until ``tune.trials``, the grid or the budget is used up."""
+    import optuna
+
+    tune = config.tune
+    remaining = tune.trials - counted_trials(study)
+    size = grid_size(tune.space) if tune.strategy == "grid" else None
+    if size is not None:
+        remaining = min(remaining, size - counted_trials(study))
+    if remaining <= 0 or clock.left() <= 0:
+        log.info("the search is complete (%d trials in the study)", counted_trials(study))
+        return
+    log.info(
+        "%s search: %d trials to run, %d at a time, %d epochs at most each%s",
+        tune.strategy,
+        remaining,
+        parallelism,
+        tune.epochs,
+        f", {clock.left() / 60:.1f} minutes left" if math.isfinite(clock.left()) else "",
+    )
+
+    def objective(trial: optuna.Trial) -> float:
+        name = f"{trial.number:03d}"
+        params = suggest(trial, tune.space)
+        trial.set_user_attr("params", params)
+        try:
+            settings = trial_settings(base, params)
+        except ValidationError as exc:
+            trial.set_user_attr(_INVALID_ATTR, exc.errors()[0]["msg"])
+            log.info("trial %s skipped: %s", name, exc.errors()[0]["msg"])
+            return math.nan  # a failed trial, which the samplers leave aside
+        trial.set_user_attr("settings", settings.model_dump(mode="json"))
+
+        def should_stop(record: dict[str, float]) -> bool:
+            trial.report(record["val_accuracy"], int(record["epoch"]))
+            return trial.should_prune()
+
+        model_dir = directory / TRIALS_DIR / name
+        try:
+            run = train_run(spark, config, settings, input_path, str(model_dir), name, should_stop)
+        except KeyboardInterrupt:
+            trial.set_user_attr(INTERRUPTED_ATTR, True)
+            raise
+        except Exception as exc:  # one trial's failure must not sink the search
+            if not isinstance(exc, PipelineError):
+                log.warning("trial %s failed unexpectedly", name, exc_info=True)
+            trial.set_user_attr("error_type", type(exc).__name__)
+            trial.set_user_attr("error", " ".join(str(exc).split())[:2000] or type(exc).__name__)
+            log.warning("trial %s failed: %s: %s", name, type(exc).__name__, exc)
+            return math.nan
+        trial.set_user_attr("history", run.history)
+        trial.set_user_attr("val_loss", run.val_loss)
+        trial.set_user_attr("epoch", run.epoch)
+        trial.set_user_attr("epochs_run", run.epochs_run)
+        trial.set_user_attr("seconds", round(run.seconds, 3))
+        if run.stopped:
+            shutil.rmtree(model_dir, ignore_errors=True)  # the run's checkpoints, no model
+            log.info(
+                "trial %s pruned after epoch %d: val_accuracy %.4f",
+                name,
+                run.epochs_run,
+                run.val_accuracy or 0.0,
+            )
+            raise optuna.TrialPruned()
+        _drop_checkpoints(model_dir)
+        log.info(
+            "trial %s (%s) done: val_accuracy %.4f at epoch %s of %d",
+            name,
+            Trial(trial.number, params, settings).structure,
+            run.val_accuracy or 0.0,
+            run.epoch,
+            run.epochs_run,
+        )
+        return float(run.val_accuracy) if run.val_accuracy is not None else math.nan
+
+    def budget(study: Any, _trial: Any) -> None:
+        clock.save()
+        reserve = _confirmation_estimate(study, tune, parallelism)
+        if clock.left() <= reserve:
+            log.info(
+                "the budget's last %.1f minutes go to confirmation: no new trials",
+                clock.left() / 60,
+            )
+            study.stop()
+
+    timeout = clock.left() if math.isfinite(clock.left()) else None
+    study.optimize(
+        objective,
+        n_trials=remaining,
+        timeout=timeout,
+        n_jobs=parallelism,
+        callbacks=[budget],
     )
 
 
-def _judged_epoch(result: training.TrainResult, trial: Trial) -> int | None:
-    """The epoch whose weights the trained model holds: the best epoch when training
-    stopped early and restored it, else the last epoch (as the training loop decided)."""
-    chief = result.fit.workers[0]
-    if not result.history:
-        return None
-    stopping = trial.settings.early_stopping
-    if chief.get("stopped_early") and stopping.restore_best_weights and chief.get("best_epoch"):
-        return int(chief["best_epoch"])
-    return int(result.history[-1]["epoch"])
+class _Clock:
+    """Time spent on the search, resumed runs included, against ``tune.budget_minutes``."""
+
+    def __init__(self, study: Any, budget_minutes: float | None) -> None:
+        self._study = study
+        self._before = float(study.user_attrs.get(ELAPSED_ATTR, 0.0))
+        self._started = time.monotonic()
+        self._budget = budget_minutes * 60 if budget_minutes else math.inf
+
+    def elapsed(self) -> float:
+        return self._before + time.monotonic() - self._started
+
+    def left(self) -> float:
+        return self._budget - self.elapsed()
+
+    def save(self) -> None:
+        self._study.set_user_attr(ELAPSED_ATTR, round(self.elapsed(), 1))
 
 
-def _parallelism(spark: SparkSession, tune: TuneSettings, trials: int) -> tuple[int, list[str]]:
+def _confirmation_estimate(study: Any, tune: TuneSettings, parallelism: int) -> float:
+    """Seconds the confirmation is expected to take, plus one trial's time for the trials
+    still running: each run as long as the trial it repeats took in the search, the
+    reference as the quickest finished trial."""
+    from optuna.trial import TrialState
+
+    finished = [
+        t
+        for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        if t.value is not None and math.isfinite(t.value)
+    ]
+    if not finished:
+        return 0.0
+    durations = {t.number: t.duration.total_seconds() for t in finished if t.duration}
+    if not durations:
+        return 0.0
+    top = sorted(finished, key=lambda t: -t.value)[: tune.confirm_top]
+    runs = sum(durations.get(t.number, 0.0) for t in top) + min(durations.values())
+    return runs * tune.confirm_seeds / parallelism + statistics.median(durations.values())
+
+
+def _results(study: Any, output: str) -> list[TrialResult]:
+    """The study's trials as results, ranked; interrupted and invalid ones left out."""
+    from optuna.trial import TrialState
+
+    status = {TrialState.COMPLETE: "ok", TrialState.PRUNED: "pruned", TrialState.FAIL: "failed"}
+    results = []
+    for t in study.get_trials(deepcopy=False, states=tuple(status)):
+        attrs = t.user_attrs
+        if attrs.get(INTERRUPTED_ATTR) or _INVALID_ATTR in attrs or "settings" not in attrs:
+            continue
+        trial = Trial(t.number, attrs["params"], TrainSettings.model_validate(attrs["settings"]))
+        state = status[t.state]
+        if state == "ok" and not (t.value is not None and math.isfinite(t.value)):
+            state = "failed"
+        accuracy = t.value if state == "ok" else None
+        if state == "pruned" and t.intermediate_values:
+            accuracy = t.intermediate_values[max(t.intermediate_values)]
+        results.append(
+            TrialResult(
+                trial=trial,
+                model_dir=f"{output}/{TRIALS_DIR}/{trial.name}",
+                status=state,
+                val_accuracy=accuracy,
+                val_loss=attrs.get("val_loss"),
+                epoch=attrs.get("epoch"),
+                epochs_run=int(attrs.get("epochs_run", 0)),
+                seconds=float(attrs.get("seconds", 0.0)),
+                history=tuple(attrs.get("history", ())),
+                error=attrs.get("error"),
+                error_type=attrs.get("error_type"),
+            )
+        )
+    return sorted(results, key=_rank_key)
+
+
+def _invalid(study: Any) -> int:
+    return sum(1 for t in study.get_trials(deepcopy=False) if _INVALID_ATTR in t.user_attrs)
+
+
+def _distinct(results: list[TrialResult]) -> list[TrialResult]:
+    """Results with settings not seen in an earlier (better) one."""
+    seen: set[str] = set()
+    kept = []
+    for r in results:
+        key = r.trial.settings.model_dump_json()
+        if key not in seen:
+            seen.add(key)
+            kept.append(r)
+    return kept
+
+
+def _drop_checkpoints(model_dir: Path) -> None:
+    """A finished trial keeps its model, not its per-epoch checkpoints."""
+    shutil.rmtree(model_dir / CHECKPOINTS_DIR, ignore_errors=True)
+
+
+def _dumped(spec: Any) -> Any:
+    return spec.model_dump(mode="json") if hasattr(spec, "model_dump") else spec
+
+
+def _parallelism(spark: SparkSession, tune: TuneSettings) -> tuple[int, list[str]]:
     """Trials at once: ``tune.parallelism`` or the free task slots, never more than either."""
     slots, how = task_slots(spark)
     busy = busy_tasks(spark)
@@ -189,52 +407,13 @@ def _parallelism(spark: SparkSession, tune: TuneSettings, trials: int) -> tuple[
             f"({slots} in all, {busy} busy; {how})"
         )
         log.warning("%s", notes[-1])
-    return max(1, min(wanted, free, trials)), notes
-
-
-def _failed(trial: Trial, output: str, exc: BaseException, seconds: float) -> TrialResult:
-    message = " ".join(str(exc).split())[:2000] or type(exc).__name__
-    return TrialResult(
-        trial=trial,
-        model_dir=f"{output}/{TRIALS_DIR}/{trial.name}",
-        status="failed",
-        seconds=round(seconds, 3),
-        error=message,
-        error_type=type(exc).__name__,
-    )
-
-
-def _log_epoch(name: str, record: Mapping[str, Any]) -> None:
-    parts = [f"trial {name} epoch {int(record['epoch'])}/{int(record.get('epochs', 0))}"]
-    parts += [f"{k} {record[k]:.4f}" for k in ("loss", "val_loss", "val_accuracy") if k in record]
-    log.info("%s", "  ".join(parts))
-
-
-def _log_result(result: TrialResult, count: int, total: int) -> None:
-    if result.ok:
-        log.info(
-            "trial %s (%s) done [%d/%d]: val_accuracy %.4f at epoch %s, %.1f s",
-            result.trial.name,
-            result.trial.structure,
-            count,
-            total,
-            result.val_accuracy or 0.0,
-            result.epoch,
-            result.seconds,
-        )
-    else:
-        log.warning(
-            "trial %s failed [%d/%d]: %s: %s",
-            result.trial.name,
-            count,
-            total,
-            result.error_type,
-            result.error,
-        )
+    return max(1, min(wanted, free, tune.trials)), notes
 
 
 def _rank_key(result: TrialResult) -> tuple:
-    """Best first: highest validation accuracy, then lowest loss; failed trials last."""
-    accuracy = result.val_accuracy if result.ok and finite(result.val_accuracy) else -1.0
+    """Finished trials first, best validation accuracy first, then lowest loss; then
+    pruned trials (by their last accuracy), then failed ones."""
+    order = {"ok": 0, "pruned": 1, "failed": 2}[result.status]
+    accuracy = result.val_accuracy if finite(result.val_accuracy) else -1.0
     loss = result.val_loss if finite(result.val_loss) else math.inf
-    return (-accuracy, loss, result.trial.number)
+    return (order, -accuracy, loss, result.trial.number)

@@ -1,36 +1,45 @@
-"""The search space as pure functions: candidates -> combinations -> validated trials.
+"""The search space: what a trial may vary, and how a sampled point becomes train settings.
 
-``tune.space`` maps train settings to candidate values. `grid` and `sample` expand it into
-combinations; `plan_trials` turns those into `Trial`s whose `TrainSettings` are validated,
-distinct and set up the way every trial is judged (one worker, the tune section's epochs,
-validation split and early stopping).
+``tune.space`` maps train settings (``section.field`` for a nested one) to a list of
+candidates or a numeric range. `suggest` asks an Optuna trial for one point of it;
+`trial_settings` lays that point over the train section every trial starts from (one
+worker, the tune section's epochs, validation split and early stopping) and validates it.
+Pure functions: nothing here trains or touches Spark.
 """
 
 from __future__ import annotations
 
-import itertools
-import logging
-import math
-import random
-from collections.abc import Iterator, Mapping, Sequence
+import copy
+import json
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from pydantic import ValidationError
+from pydantic import TypeAdapter
 
-from pipeline.config import TrainSettings, TuneSettings
-from pipeline.errors import ConfigError
+from pipeline.config import SearchRange, TrainSettings, TuneSettings, train_setting
 
-log = logging.getLogger(__name__)
+if TYPE_CHECKING:
+    import optuna
 
-__all__ = ["Trial", "grid", "plan_trials", "sample", "trial_base"]
+__all__ = [
+    "Trial",
+    "grid_choices",
+    "reference_trial",
+    "suggest",
+    "trial_base",
+    "trial_settings",
+]
 
-_SHUFFLE_LIMIT = 100_000  # combinations shuffled outright; above it, sampled by rejection
+REFERENCE_NAME = "ref"
 
 
 @dataclass(frozen=True)
 class Trial:
-    """One point of the search: the train settings it overrides, and all of them."""
+    """One point of the search: the train settings it overrides, and all of them.
+
+    The reference (the train section unchanged) is a trial too, numbered -1.
+    """
 
     number: int
     params: dict[str, Any]
@@ -39,8 +48,8 @@ class Trial:
 
     @property
     def name(self) -> str:
-        """``NNN``: the trial's folder under ``TUNE_DIR/trials/``."""
-        return f"{self.number:03d}"
+        """``NNN`` (its folder under ``TUNE_DIR/trials/``), or ``ref`` for the reference."""
+        return REFERENCE_NAME if self.reference else f"{self.number:03d}"
 
     @property
     def structure(self) -> str:
@@ -49,44 +58,6 @@ class Trial:
         activations = self.settings.activations()
         names = activations[0] if len(set(activations)) == 1 else "/".join(activations)
         return f"{units} {names}"
-
-
-def grid(space: Mapping[str, Sequence[Any]]) -> list[dict[str, Any]]:
-    """Every combination of the candidates, the first key varying slowest."""
-    keys = list(space)
-    return [dict(zip(keys, values, strict=True)) for values in itertools.product(*space.values())]
-
-
-def sample(space: Mapping[str, Sequence[Any]], count: int, seed: int) -> list[dict[str, Any]]:
-    """`count` distinct combinations drawn at random without replacement (fewer if the
-    space holds fewer). The same seed gives the same draws in the same order."""
-    return list(itertools.islice(_random_combinations(space, seed), count))
-
-
-def _random_combinations(space: Mapping[str, Sequence[Any]], seed: int) -> Iterator[dict]:
-    keys = list(space)
-    sizes = [len(space[k]) for k in keys]
-    total = math.prod(sizes)
-    rng = random.Random(seed)
-    if total <= _SHUFFLE_LIMIT:
-        order: Iterator[int] = iter(rng.sample(range(total), total))
-    else:
-        order = _distinct_randrange(rng, total)
-    for index in order:
-        combination = {}
-        for key, size in zip(reversed(keys), reversed(sizes), strict=True):
-            index, position = divmod(index, size)
-            combination[key] = space[key][position]
-        yield {k: combination[k] for k in keys}
-
-
-def _distinct_randrange(rng: random.Random, total: int) -> Iterator[int]:
-    seen: set[int] = set()
-    while len(seen) < total:
-        index = rng.randrange(total)
-        if index not in seen:
-            seen.add(index)
-            yield index
 
 
 def trial_base(train: TrainSettings, tune: TuneSettings) -> dict[str, Any]:
@@ -102,44 +73,66 @@ def trial_base(train: TrainSettings, tune: TuneSettings) -> dict[str, Any]:
     }
 
 
-def plan_trials(train: TrainSettings, tune: TuneSettings) -> list[Trial]:
-    """The trials of a search, numbered from 0, each with validated, distinct settings.
+def trial_settings(base: Mapping[str, Any], params: Mapping[str, Any]) -> TrainSettings:
+    """`params` (``key`` or ``section.field`` -> value) over `base`, validated.
 
-    Trial 0 is the train section unchanged when ``tune.include_reference``. Combinations
-    that `TrainSettings` rejects together (an activation list that does not match the
-    layers) and combinations equal to an earlier trial are skipped; the random strategy
-    draws further ones in their place, up to ``tune.trials`` in all.
+    Raises pydantic's `ValidationError` for values train settings reject together (an
+    activation list that does not match the layers).
     """
-    base = trial_base(train, tune)
-    if tune.strategy == "grid":
-        combinations: Iterator[dict[str, Any]] = iter(grid(tune.space))
-        budget = None
-    else:
-        combinations = _random_combinations(tune.space, tune.seed)
-        budget = tune.trials
-    trials: list[Trial] = []
-    seen: set[str] = set()
+    merged = copy.deepcopy(dict(base))
+    for key, value in params.items():
+        *sections, field = key.split(".")
+        target = merged
+        for section in sections:
+            target = target.setdefault(section, {})
+        target[field] = value
+    return TrainSettings.model_validate(merged)
 
-    def add(params: dict[str, Any], reference: bool) -> None:
-        settings = TrainSettings.model_validate({**base, **params})
-        key = settings.model_dump_json()
-        if key not in seen:
-            seen.add(key)
-            trials.append(Trial(len(trials), params, settings, reference))
 
-    if tune.include_reference:
-        add({}, reference=True)
-    skipped = 0
-    for params in combinations:
-        if budget is not None and len(trials) >= budget:
-            break
-        try:
-            add(params, reference=False)
-        except ValidationError as exc:
-            skipped += 1
-            log.debug("skipping %s: %s", params, exc.errors()[0]["msg"])
-    if skipped:
-        log.info("skipped %d combinations that train settings reject together", skipped)
-    if not trials:
-        raise ConfigError("tune.space yields no valid combination of train settings")
-    return trials
+def reference_trial(train: TrainSettings, tune: TuneSettings) -> Trial:
+    """The train section unchanged, judged the way every trial is."""
+    return Trial(-1, {}, trial_settings(trial_base(train, tune), {}), reference=True)
+
+
+def suggest(trial: optuna.Trial, space: Mapping[str, list[Any] | SearchRange]) -> dict[str, Any]:
+    """One point of `space`, drawn by `trial`'s sampler: setting -> value."""
+    params: dict[str, Any] = {}
+    for key, spec in space.items():
+        if isinstance(spec, SearchRange):
+            if _integer(key):
+                params[key] = trial.suggest_int(
+                    key, round(spec.low), round(spec.high), step=round(spec.step or 1), log=spec.log
+                )
+            else:
+                params[key] = trial.suggest_float(
+                    key, spec.low, spec.high, step=spec.step, log=spec.log
+                )
+        else:
+            labels = [_label(candidate) for candidate in spec]
+            chosen = trial.suggest_categorical(key, labels)
+            params[key] = spec[labels.index(chosen)]
+    return params
+
+
+def grid_choices(space: Mapping[str, list[Any] | SearchRange]) -> dict[str, list[Any]]:
+    """The space as Optuna's grid sampler takes it (every entry a candidate list)."""
+    return {key: [_label(c) for c in spec] for key, spec in space.items()}  # type: ignore[union-attr]
+
+
+def grid_size(space: Mapping[str, list[Any] | SearchRange]) -> int | None:
+    """Combinations in a space of candidate lists; None when it holds a range."""
+    size = 1
+    for spec in space.values():
+        if isinstance(spec, SearchRange):
+            return None
+        size *= len(spec)
+    return size
+
+
+def _label(candidate: Any) -> Any:
+    """Optuna's categorical choices are scalars: a list candidate goes in as its JSON."""
+    return json.dumps(candidate) if isinstance(candidate, (list, dict)) else candidate
+
+
+def _integer(key: str) -> bool:
+    return TypeAdapter(train_setting(key)).json_schema().get("type") == "integer"
