@@ -10,6 +10,7 @@ probability rows (10 floats each) reach the driver, never features.
 
 from __future__ import annotations
 
+import json
 import logging
 from typing import Any
 
@@ -77,6 +78,48 @@ def model_extras(
         MODEL_CARD: model_card(metadata.model_dump(mode="json"), summary, command).encode(),
     }
     return metadata, files
+
+
+def training_extras(
+    spark: SparkSession,
+    config: Config,
+    prepared: DataFrame,
+    metadata: Metadata,
+    model_bytes: bytes,
+) -> tuple[Metadata, dict[str, bytes]]:
+    """`model_extras` of the DataFrame training prepared (`features`, `label_onehot` and
+    the validation flag): its training rows profiled, its validation rows, if any, used."""
+    from pipeline.training.data import VALIDATION_FLAG
+
+    train = config.train
+    has_validation = bool(train.validation_path or train.validation_fraction)
+    flag = F.col(VALIDATION_FLAG)
+    validation = prepared.filter(flag) if has_validation else None
+    return model_extras(
+        spark,
+        config,
+        prepared.filter(~flag),
+        validation,
+        metadata,
+        model_bytes,
+        _train_command(metadata, config),
+    )
+
+
+def _train_command(metadata: Metadata, config: Config) -> str:
+    """The train job's command line for these settings (non-default ones as --set)."""
+    from pipeline.config import TrainSettings
+
+    defaults = TrainSettings().model_dump(mode="json")
+    changed = [
+        f"--set train.{key}={json.dumps(value)}"
+        for key, value in config.train.model_dump(mode="json").items()
+        if value != defaults.get(key)
+    ]
+    path = (metadata.data or {}).get("path", "FEATURES")
+    return " \\\n  ".join(
+        [f"spark-submit jobs/train.py --input {path} --model-dir MODEL --fresh", *changed]
+    )
 
 
 def _with_label(df: DataFrame) -> DataFrame:

@@ -173,10 +173,17 @@ def run_training(
         versions=_versions(spark),
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
     )
+    from pipeline.monitoring.training import training_extras
     from pipeline.plots import history_png
 
+    # The data profile, temperature, first-layer picture and model card.
+    metadata, extras = training_extras(spark, config, data, metadata, fit.model_bytes)
     write_model_dir(
-        storage, model_dir, metadata, fit.model_bytes, {"history.png": history_png(fit.history)}
+        storage,
+        model_dir,
+        metadata,
+        fit.model_bytes,
+        {"history.png": history_png(fit.history), **extras},
     )
     return TrainResult(model_dir, metadata, fit, time.monotonic() - started)
 
