@@ -239,8 +239,8 @@ def test_model_card_and_report_say_what_the_json_says():
     card = model_card(metadata, validation, "spark-submit jobs/train.py --input f --model-dir m")
     for expected in (
         "[64]",
-        "4,800 training rows",
-        "| 1 | 0.5000 | 0.8100",
+        "4,800 input rows",
+        "| 1 | 0.5 | 0.81",
         "0.0800 before",
         "temperature 1.700",
         "ink on a black background",

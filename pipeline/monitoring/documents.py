@@ -54,7 +54,8 @@ def model_card(
         "",
         "## Data",
         "",
-        f"{data.get('rows', '?'):,} training rows from `{data.get('path', '?')}` "
+        f"{data.get('rows', '?'):,} input rows from `{data.get('path', '?')}`, validation "
+        f"rows split off by train.validation_fraction included "
         f"(fingerprint sha256 `{str(data.get('sha256', '?'))[:16]}…`)."
         if isinstance(data.get("rows"), int)
         else "No data fingerprint recorded.",
@@ -63,7 +64,7 @@ def model_card(
     counts = data.get("class_counts") or {}
     if counts:
         lines += [
-            _table([[k, v] for k, v in counts.items()], ["class", "training rows"]),
+            _table([[k, v] for k, v in counts.items()], ["class", "input rows"]),
             "",
         ]
     splits = [
@@ -242,7 +243,7 @@ def scoring_report_md(report: Mapping[str, Any], pictures: Sequence[str] = ()) -
 
 def _value(value: Any) -> str:
     if isinstance(value, float):
-        return f"{value:.4f}"
+        return f"{value:.4g}"
     return str(value)
 
 
