@@ -49,8 +49,8 @@ run: $(VENV)/.installed check-java
 	  --output $(OUT)/explanations
 	@echo
 	@echo "features:    $(OUT)/features     (_report.json, _rejected/)"
-	@echo "model:       $(OUT)/model        (model.keras, metadata.json, history.png)"
-	@echo "predictions: $(OUT)/predictions  (_report.json, _confusion_matrix.png, _confidence_histogram.png)"
+	@echo "model:       $(OUT)/model        (model.keras, metadata.json, model_card.md, history.png, first_layer.png)"
+	@echo "predictions: $(OUT)/predictions  (_report.json, _report.md, _confusion_matrix.png, _confidence_histogram.png, _calibration.png, _drift.png)"
 	@echo "explanations: $(OUT)/explanations (_report.json, _class_attributions.png, _errors.png, _first_layer.png)"
 
 ## test: the test suite (the slow subprocess and multi-process tests included)
