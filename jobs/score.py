@@ -25,7 +25,10 @@ def main(args) -> int:
     print()
     print(console_summary(result.evaluation))
     plots = "_confusion_matrix.png, " if result.evaluation.has_labels else ""
-    print(f"\nreport: {result.output}/_report.json   plots: {plots}_confidence_histogram.png")
+    print(
+        f"\nreport: {result.output}/_report.json (_report.md to read)   "
+        f"plots: {plots}_confidence_histogram.png"
+    )
     print(f"rejected rows: {result.output}/_rejected/")
     if result.evaluation.accuracy is not None:
         print(f"accuracy: {result.evaluation.accuracy:.4f}")
@@ -35,7 +38,12 @@ def main(args) -> int:
     if watch is not None and watch.drift is not None:
         print(watch.drift.summary())
     elif watch is not None:
-        print("drift: not measured (the model records no training profile)")
+        why = (
+            "score.drift.enabled is false"
+            if not config.score.drift.enabled
+            else "the model records no training profile: retrain it"
+        )
+        print(f"drift: not measured ({why})")
     return 0
 
 
