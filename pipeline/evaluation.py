@@ -36,6 +36,7 @@ from pipeline.contract import (
 )
 from pipeline.errors import InputDataError
 from pipeline.ingest import REPORT_FILE
+from pipeline.outputs import SCORE, check_output
 from pipeline.plots import confidence_png, confusion_png
 from pipeline.quarantine import REJECTED_DIR
 from pipeline.sources import read_parquet, translate_read_errors
@@ -322,7 +323,7 @@ def run_evaluation(spark: SparkSession, config: Config, pred_path: str) -> Evalu
     """
     started = time.monotonic()
     storage = Storage(spark)
-    output = storage.qualify(pred_path).rstrip("/")
+    output = check_output(storage, pred_path, SCORE, option="--predictions")
     report_path = f"{output}/{REPORT_FILE}"
     report = storage.read_json(report_path) if storage.exists(report_path) else {}
     if report.get("status") == "failed":

@@ -193,6 +193,17 @@ def check_contents(storage: Storage, output: str, kind: OutputKind, shown: str =
         )
 
 
+def publish(
+    storage: Storage, staging: str, output: str, kind: OutputKind, option: str = "--output"
+) -> None:
+    """Move the finished `staging` directory to `output`, checking `output` once more first.
+
+    For a job whose staging does not fit one block (`staged_output` calls it too).
+    """
+    check_contents(storage, output, kind, f"{option} {output}")
+    storage.publish(staging, output)
+
+
 @contextmanager
 def staged_output(
     storage: Storage, output: str, kind: OutputKind, option: str = "--output"
@@ -210,8 +221,7 @@ def staged_output(
     staging = storage.staging_dir(output)
     try:
         yield staging
-        check_contents(storage, output, kind, f"{option} {output}")
-        storage.publish(staging, output)
+        publish(storage, staging, output, kind, option)
     except BaseException:
         storage.delete(staging)
         raise

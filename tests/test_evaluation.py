@@ -129,7 +129,9 @@ def test_run_evaluation_recomputes_an_existing_pred(spark, tmp_path, known):
         pa.table({"id": [1000, 1001], REJECT_REASON: ["wrong_length", "pixels_null"]}),
         pred / REJECTED_DIR / "part-0.parquet",
     )
-    (pred / "_report.json").write_text(json.dumps({"status": "ok", "model_dir": "m"}))
+    (pred / "_report.json").write_text(
+        json.dumps({"status": "ok", "job": "score", "model_dir": "m"})
+    )
     config = Config().with_overrides({"score": {"confidence_threshold": 0.9}})
 
     result = run_evaluation(spark, config, str(pred))
