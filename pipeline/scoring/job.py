@@ -31,7 +31,6 @@ from pyspark.errors import PythonException
 from pyspark.sql import DataFrame, Observation, SparkSession
 from pyspark.sql import functions as F
 
-from pipeline import __version__
 from pipeline.artifact import Metadata
 from pipeline.config import Config
 from pipeline.contract import LABEL, REJECT_REASON, Layout
@@ -50,10 +49,12 @@ from pipeline.ingest import REPORT_FILE, ingest_report, read_features
 from pipeline.monitoring.documents import REPORT_MD, scoring_report_md
 from pipeline.monitoring.drift import DataProfile
 from pipeline.monitoring.watch import Watch, WatchShape, watch_from_sums
+from pipeline.outputs import SCORE, check_output, staged_output
 from pipeline.quarantine import (
     REJECTED_DIR,
     StageResult,
     drop_accepted,
+    stage_report,
     too_many_rejected,
     write_with_quarantine,
 )
@@ -89,7 +90,9 @@ def run_scoring(
     """Score `input_path` (raw or ingested) with the model in `model_dir` into `output_path`."""
     started = time.monotonic()
     storage = Storage(spark)
-    output = storage.qualify(output_path)
+    output = check_output(
+        storage, output_path, SCORE, {"--input": input_path, "--model-dir": model_dir}
+    )
     metadata, model_bytes = read_verified_model(storage, model_dir)
     score = config.score
     raw = read_features(spark, input_path)
@@ -162,64 +165,70 @@ def run_scoring(
         def metric_results() -> dict:
             return metric_values(sums.value, source.has_label, score.confidence_bins)
 
-    staging = storage.staging_dir(output)
     phases = {"prepare": time.monotonic() - started}
     try:
-        with (
-            translate_read_errors(input_path),
-            translate_task_errors(input_path),
-            arrow_batch_rows(spark, score.batch_size),
-        ):
-            counts = write_with_quarantine(
-                validated,
-                to_output=to_output,
-                rejected_columns=rejected_columns,
-                output_path=staging,
-                rejected_path=f"{staging}/{REJECTED_DIR}",
-                max_rows_per_file=score.max_rows_per_file,
+        with staged_output(storage, output, SCORE) as staging:
+            with (
+                translate_read_errors(input_path),
+                translate_task_errors(input_path),
+                arrow_batch_rows(spark, score.batch_size),
+            ):
+                counts = write_with_quarantine(
+                    validated,
+                    to_output=to_output,
+                    rejected_columns=rejected_columns,
+                    output_path=staging,
+                    rejected_path=f"{staging}/{REJECTED_DIR}",
+                    max_rows_per_file=score.max_rows_per_file,
+                )
+            phases["score_and_write"] = time.monotonic() - started - phases["prepare"]
+            if counts.rows_in == 0:
+                raise InputDataError(f"{input_path} holds no rows: nothing to score")
+            if plan is not None and counts.rows_in != plan.rows:
+                raise DataQualityError(
+                    f"the file footers of {input_path} list {plan.rows} rows but {counts.rows_in} "
+                    f"were scored; the input changed while it was read, rerun on stable input"
+                )
+            evaluation = summarize(
+                metric_results(),
+                source.has_label,
+                score.confidence_threshold,
+                score.confidence_bins,
             )
-        phases["score_and_write"] = time.monotonic() - started - phases["prepare"]
-        if counts.rows_in == 0:
-            raise InputDataError(f"{input_path} holds no rows: nothing to score")
-        if plan is not None and counts.rows_in != plan.rows:
-            raise DataQualityError(
-                f"the file footers of {input_path} list {plan.rows} rows but {counts.rows_in} "
-                f"were scored; the input changed while it was read, rerun on stable input"
+            if evaluation.rows != counts.rows_out:
+                raise DataQualityError(
+                    f"{counts.rows_out} rows were validated but {evaluation.rows} scored; "
+                    f"the input changed while it was read, rerun on stable input"
+                )
+            seconds = time.monotonic() - started
+            report = _report(
+                input_path, output, model_dir, metadata, source, counts, config, seconds
             )
-        evaluation = summarize(
-            metric_results(), source.has_label, score.confidence_threshold, score.confidence_bins
-        )
-        if evaluation.rows != counts.rows_out:
-            raise DataQualityError(
-                f"{counts.rows_out} rows were validated but {evaluation.rows} scored; "
-                f"the input changed while it was read, rerun on stable input"
+            report["evaluation"] = evaluation.as_dict()
+            watched_result = watch_from_sums(
+                watched.value,
+                shape,
+                score,
+                training_profile,
+                source.has_label,
+                metadata.temperature,
             )
-        seconds = time.monotonic() - started
-        report = _report(input_path, output, model_dir, metadata, source, counts, config, seconds)
-        report["evaluation"] = evaluation.as_dict()
-        watched_result = watch_from_sums(
-            watched.value, shape, score, training_profile, source.has_label, metadata.temperature
-        )
-        report.update(watched_result.as_dict())
-        failed = counts.rejected_fraction > score.max_reject_fraction
-        if failed:
-            report["status"] = "failed"
-            drop_accepted(storage, staging)
-        else:
-            plotted = time.monotonic()
-            files = {**evaluation_files(evaluation), **watched_result.files(training_profile)}
-            for name, data in files.items():
-                storage.write_bytes(f"{staging}/{name}", data)
-            phases["plots"] = time.monotonic() - plotted
-            storage.write_text(f"{staging}/{REPORT_MD}", scoring_report_md(report, list(files)))
-        # prepare: model, input, plan; score_and_write: the Spark job(s) that read, score
-        # and write; plots: drawing and writing them. `seconds` excludes the plots.
-        report["seconds_by_phase"] = {name: round(t, 3) for name, t in phases.items()}
-        storage.write_json(f"{staging}/{REPORT_FILE}", report)
-        storage.publish(staging, output)
-    except BaseException:
-        storage.delete(staging)
-        raise
+            report.update(watched_result.as_dict())
+            failed = counts.rejected_fraction > score.max_reject_fraction
+            if failed:
+                report["status"] = "failed"
+                drop_accepted(storage, staging)
+            else:
+                plotted = time.monotonic()
+                files = {**evaluation_files(evaluation), **watched_result.files(training_profile)}
+                for name, data in files.items():
+                    storage.write_bytes(f"{staging}/{name}", data)
+                phases["plots"] = time.monotonic() - plotted
+                storage.write_text(f"{staging}/{REPORT_MD}", scoring_report_md(report, list(files)))
+            # prepare: model, input, plan; score_and_write: the Spark job(s) that read, score
+            # and write; plots: drawing and writing them. `seconds` excludes the plots.
+            report["seconds_by_phase"] = {name: round(t, 3) for name, t in phases.items()}
+            storage.write_json(f"{staging}/{REPORT_FILE}", report)
     finally:
         validated.unpersist()
         model.handle.unpersist()
@@ -281,20 +290,17 @@ def _report(
     config: Config,
     seconds: float,
 ) -> dict:
-    return {
-        "status": "ok",
-        "input": input_path,
-        "output": output,
-        "model_dir": model_dir,
-        "model_sha256": metadata.model_sha256,
-        "layout": source.layout,
-        "label_column": LABEL if source.has_label else None,
-        "id_columns": list(source.ids),
-        **counts.as_dict(),
-        "rejected_fraction": round(counts.rejected_fraction, 6),
-        "seconds": round(seconds, 3),
-        "rows_per_second": round(counts.rows_in / seconds, 1) if seconds else None,
-        "preprocessing": source.preprocessing,
-        "score": config.score.model_dump(mode="json"),
-        "version": __version__,
-    }
+    return stage_report(
+        SCORE.job,
+        input_path,
+        output,
+        source.layout,
+        counts,
+        seconds,
+        model_dir=model_dir,
+        model_sha256=metadata.model_sha256,
+        label_column=LABEL if source.has_label else None,
+        id_columns=list(source.ids),
+        preprocessing=source.preprocessing,
+        score=config.score.model_dump(mode="json"),
+    )
