@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pipeline.config import IngestSettings, TrainSettings
 from pipeline.contract import FEATURE_DIM, NUM_CLASSES
 from pipeline.errors import ModelError
+from pipeline.outputs import MODEL, publish
 
 MODEL_FILE = "model.keras"
 METADATA_FILE = "metadata.json"
@@ -264,7 +265,7 @@ def write_model_dir(
             if storage.exists(f"{model_dir}/{keep}"):
                 storage.rename(f"{model_dir}/{keep}", f"{staging}/{keep}")
                 moved.append(keep)
-        storage.publish(staging, model_dir)
+        publish(storage, staging, model_dir, MODEL, "--model-dir")
     except BaseException:
         for keep in moved:  # put the checkpoints back where the next run looks for them
             if not storage.exists(f"{model_dir}/{keep}"):
