@@ -22,7 +22,8 @@ def main(args) -> int:
     last = metadata.history[-1] if metadata.history else {}
     rows = [
         ["workers", metadata.workers],
-        ["sync", metadata.train.sync if metadata.workers > 1 else "single"],
+        # The same word as metadata.json's train.sync; one worker needs no collectives.
+        ["sync", metadata.train.sync + (" (one worker)" if metadata.workers == 1 else "")],
         ["epochs completed", metadata.epochs_completed],
         ["input rows", metadata.data.get("rows", 0)],
     ]

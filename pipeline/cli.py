@@ -21,7 +21,7 @@ EXIT_CODES_HELP = """exit codes:
   4  unusable input (missing columns, unknown layout, corrupt file)
   5  data quality (too many rejected rows, counts that do not reconcile)
   6  model refused (missing, tampered with, or does not fit the data)
-  7  training failed (worker lost, collective timed out)
+  7  training failed (worker lost, a worker stalled)
 """
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -37,6 +38,33 @@ BASE_FILE = "base.yaml"
 LOCAL_FILE = "local.yaml"
 # Mappings that a later layer replaces whole instead of merging key by key.
 _REPLACED = ("conf", "space")
+
+
+# Keys renamed in a section, old -> new; the old name works, with a warning, for one release.
+_RENAMES = {"train": {"collective_timeout_s": "stall_timeout_s"}}
+
+
+def _renamed(section: Mapping[str, Any], name: str) -> dict[str, Any]:
+    """`section` (of the config section `name`) with old key names replaced by new ones."""
+    section = dict(section)
+    for old, new in _RENAMES.get(name, {}).items():
+        if old in section:
+            warnings.warn(
+                f"{name}.{old} is deprecated and will be removed in the next release: "
+                f"set {name}.{new} instead",
+                FutureWarning,
+                stacklevel=2,
+            )
+            section[new] = section.pop(old)
+    return section
+
+
+def _renamed_layer(layer: Mapping[str, Any]) -> dict[str, Any]:
+    """One config layer with old key names replaced, before it is merged over the others."""
+    return {
+        key: _renamed(value, key) if key in _RENAMES and isinstance(value, Mapping) else value
+        for key, value in layer.items()
+    }
 
 
 class _Section(BaseModel):
@@ -148,13 +176,21 @@ class TrainSettings(_Section):
     memory_budget_mb: int = Field(
         1024, ge=0, description="per worker: keep the partition in memory up to this, else spill"
     )
-    collective_timeout_s: float = Field(
-        300.0, gt=0, description="a worker with no progress for this long fails the job"
+    stall_timeout_s: float = Field(
+        300.0,
+        gt=0,
+        description="several workers: one that makes no progress for this long (waiting on a "
+        "stalled peer) fails the job",
     )
     tensorboard: bool = False
     calibrate: bool = Field(
         False, description="fit a softmax temperature on the validation data; scoring applies it"
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed_keys(cls, data: Any) -> Any:
+        return _renamed(data, "train") if isinstance(data, Mapping) else data
 
     @model_validator(mode="after")
     def _activations_match_layers(self) -> TrainSettings:
@@ -473,7 +509,9 @@ class Config(_Section):
 
     def with_overrides(self, overrides: Mapping[str, Any]) -> Config:
         """A copy with nested overrides applied and validated again."""
-        return _validate(_deep_merge(self.model_dump(), overrides), source="overrides")
+        return _validate(
+            _deep_merge(self.model_dump(), _renamed_layer(overrides)), source="overrides"
+        )
 
 
 def load_config(
@@ -498,7 +536,7 @@ def load_config(
 
     merged: dict[str, Any] = {}
     for _source, layer in layers:
-        merged = _deep_merge(merged, layer)
+        merged = _deep_merge(merged, _renamed_layer(layer))
     sources = ", ".join(source for source, _ in layers) or "defaults"
     return _validate(merged, source=sources)
 

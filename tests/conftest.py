@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import os
+import subprocess
 import sys
 
 import numpy as np
@@ -13,6 +15,47 @@ from pipeline.sample import sample_path
 
 os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """Tests marked `cluster` are skipped where extra executor JVMs cannot start."""
+    if item.get_closest_marker("cluster") is not None:
+        problem = _cluster_problem()
+        if problem:
+            pytest.skip(f"no Spark cluster can start here: {problem}")
+
+
+# Two executor JVMs of one core each run a two-task job, or say why not.
+_CLUSTER_PROBE = """
+from pyspark.sql import SparkSession
+spark = (SparkSession.builder.master("local-cluster[2,1,1024]")
+         .config("spark.ui.enabled", "false").getOrCreate())
+hosts = spark.sparkContext.parallelize(range(2), 2).map(lambda _: __import__("os").getpid())
+print("executor python workers:", len(set(hosts.collect())))
+spark.stop()
+"""
+
+
+@functools.cache
+def _cluster_problem() -> str | None:
+    """Why `local-cluster` cannot start on this machine, or None; checked once per run."""
+    from tests.faults import job_env
+
+    try:
+        probe = subprocess.run(
+            [sys.executable, "-c", _CLUSTER_PROBE],
+            capture_output=True,
+            text=True,
+            timeout=240,
+            env=job_env(),
+            check=False,
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"local-cluster[2,1,1024] did not come up ({exc})"
+    if probe.returncode != 0 or "executor python workers:" not in probe.stdout:
+        lines = (probe.stderr or probe.stdout).strip().splitlines() or ["no output"]
+        return f"local-cluster[2,1,1024] did not come up: {lines[-1][:300]}"
+    return None
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,5 @@
-"""Helpers for the fault-injection tests: run a job in a subprocess and hurt it on cue."""
+"""Helpers for tests that run the jobs as users do (``spark-submit`` subprocesses) and for
+the fault tests that hurt them on cue: kill executors, kill or pause training workers."""
 
 from __future__ import annotations
 
@@ -20,6 +21,8 @@ LOCAL_CLUSTER = "local-cluster[2,1,1024]"  # two real executor JVMs with one cor
 
 
 def job_env(**extra: str) -> dict[str, str]:
+    """The environment a job runs in: this interpreter for Spark's Python workers, the
+    project's Spark configuration, TensorFlow's C++ log quiet; `extra` on top."""
     env = dict(
         os.environ,
         PYSPARK_PYTHON=sys.executable,
@@ -30,16 +33,35 @@ def job_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def submit(
-    job: str, *args: str, master: str = LOCAL_CLUSTER, conf=(), cwd=None
-) -> subprocess.Popen:
-    """Start ``spark-submit jobs/JOB`` in its own process group."""
+def job_command(job: str, *args: str, master: str = "local[2]", conf=()) -> list[str]:
+    """``spark-submit --master MASTER [--conf K=V ...] jobs/JOB ARGS``."""
     command = [SPARK_SUBMIT, "--master", master]
     for item in conf:
         command += ["--conf", item]
-    command += [str(REPO / "jobs" / job), *args]
+    return [*command, str(REPO / "jobs" / job), *args]
+
+
+def run_job(
+    job: str, *args: str, master: str = "local[2]", conf=(), env=None, cwd=None, timeout=600
+) -> subprocess.CompletedProcess:
+    """Run ``spark-submit jobs/JOB`` to the end; its output captured as text."""
+    return subprocess.run(
+        job_command(job, *args, master=master, conf=conf),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env or job_env(),
+        cwd=cwd,
+        check=False,
+    )
+
+
+def submit(
+    job: str, *args: str, master: str = LOCAL_CLUSTER, conf=(), cwd=None
+) -> subprocess.Popen:
+    """Start ``spark-submit jobs/JOB`` in its own process group (stdout and stderr merged)."""
     return subprocess.Popen(
-        command,
+        job_command(job, *args, master=master, conf=conf),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -62,6 +84,27 @@ def executors(job: subprocess.Popen) -> list[psutil.Process]:
                 found.append(child)
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
+    return found
+
+
+def training_workers(root: psutil.Process | None = None) -> dict[int, psutil.Process]:
+    """The TensorFlow worker processes (``python -m pipeline.training.worker SPEC``) below
+    `root` (default: this process), by rank, read from the spec path on their command line
+    (``.../digits-train-RANK-.../spec.json``)."""
+    root = root or psutil.Process()
+    found = {}
+    try:
+        children = root.children(recursive=True)
+    except psutil.NoSuchProcess:
+        return {}
+    for child in children:
+        try:
+            command = child.cmdline()
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+        if "pipeline.training.worker" in command and child.status() != psutil.STATUS_ZOMBIE:
+            spec = Path(command[-1]).parent.name  # digits-train-RANK-XXXX
+            found[int(spec.split("-")[2])] = child
     return found
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.faults import REPO, SPARK_SUBMIT, job_env
+from tests.faults import job_env, run_job
 
 pytestmark = [pytest.mark.slow, pytest.mark.cluster]
 
@@ -103,20 +103,13 @@ def cluster(tmp_path_factory):
 
 
 def _submit(url: str, job: str, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [
-            SPARK_SUBMIT,
-            "--master",
-            url,
-            "--conf",
-            "spark.executor.memory=1g",
-            str(REPO / "jobs" / job),
-            *args,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=900,
+    return run_job(
+        job,
+        *args,
+        master=url,
+        conf=["spark.executor.memory=1g"],
         env=job_env(SPARK_LOCAL_IP="127.0.0.1"),
+        timeout=900,
     )
 
 
@@ -154,6 +147,7 @@ def test_ingest_train_score_on_a_standalone_cluster(cluster, tmp_path, sample_fi
     assert train.returncode == 0, (train.stdout + train.stderr)[-4000:]
     metadata = json.loads((model / "metadata.json").read_text())
     assert metadata["workers"] == 2 and metadata["epochs_completed"] == 3
+    assert metadata["data"]["rows"] == _parquet_rows(features / "split=train")
 
     score = _submit(
         cluster,
@@ -167,6 +161,14 @@ def test_ingest_train_score_on_a_standalone_cluster(cluster, tmp_path, sample_fi
     )
     assert score.returncode == 0, (score.stdout + score.stderr)[-4000:]
     scored = json.loads((predictions / "_report.json").read_text())
-    test_rows = sum(1 for _ in (features / "split=test").glob("*.parquet")) and scored["rows_in"]
-    assert scored["rows_out"] == test_rows > 400
+    test_rows = _parquet_rows(features / "split=test")  # counted from the files themselves
+    assert scored["rows_in"] == scored["rows_out"] == test_rows > 400
+    assert _parquet_rows(predictions) == test_rows
     assert scored["evaluation"]["accuracy"] > 0.85
+
+
+def _parquet_rows(directory: Path) -> int:
+    """Rows in the Parquet files of `directory` and below, from their footers."""
+    import pyarrow.parquet as pq
+
+    return sum(pq.read_metadata(p).num_rows for p in directory.rglob("*.parquet"))

@@ -3,22 +3,16 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
+from tests.faults import REPO, run_job
+from tests.faults import job_env as _env
+
 JOBS = sorted(p.name for p in (REPO / "jobs").glob("*.py"))
-SPARK_SUBMIT = str(Path(sys.executable).with_name("spark-submit"))
-
-
-def _env(**extra: str) -> dict[str, str]:
-    env = dict(os.environ, PYSPARK_PYTHON=sys.executable, TF_CPP_MIN_LOG_LEVEL="2")
-    env.update(extra)
-    return env
 
 
 def _python_job(name: str, *args: str, env=None, timeout=120) -> subprocess.CompletedProcess:
@@ -70,22 +64,8 @@ def test_missing_java_is_one_clear_line(tmp_path):
 @pytest.mark.slow
 def test_spark_submit_ingest_on_the_sample(tmp_path, sample_file):
     out = tmp_path / "features"
-    result = subprocess.run(
-        [
-            SPARK_SUBMIT,
-            "--master",
-            "local[2]",
-            str(REPO / "jobs" / "ingest.py"),
-            "--input",
-            sample_file,
-            "--output",
-            str(out),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=_env(),
-        cwd=tmp_path,
+    result = run_job(
+        "ingest.py", "--input", sample_file, "--output", str(out), cwd=tmp_path, timeout=300
     )
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((out / "_report.json").read_text())
@@ -99,22 +79,15 @@ def test_spark_submit_ingest_reports_a_corrupt_file_and_exits_4(tmp_path):
     raw = tmp_path / "raw"
     raw.mkdir()
     (raw / "bad.parquet").write_bytes(b"PAR1" + b"\0" * 100 + b"PAR1")
-    result = subprocess.run(
-        [
-            SPARK_SUBMIT,
-            "--master",
-            "local[1]",
-            str(REPO / "jobs" / "ingest.py"),
-            "--input",
-            str(raw),
-            "--output",
-            str(tmp_path / "out"),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=_env(),
+    result = run_job(
+        "ingest.py",
+        "--input",
+        str(raw),
+        "--output",
+        str(tmp_path / "out"),
+        master="local[1]",
         cwd=tmp_path,
+        timeout=300,
     )
     assert result.returncode == 4, result.stderr[-3000:]
     # spark-submit merges the Python driver's stderr into its stdout

@@ -5,10 +5,7 @@ from __future__ import annotations
 import importlib.util
 import itertools
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -515,28 +512,21 @@ def test_features_matrix_is_a_view_of_the_arrow_values():
 
 @pytest.mark.slow
 def test_spark_submit_score_and_evaluate(tmp_path, ingested_holdout, trained_model_dir):
+    from tests.faults import run_job
+
     out = tmp_path / "pred"
-    env = {**os.environ, "PYSPARK_PYTHON": sys.executable}
-    submit = str(Path(sys.executable).parent / "spark-submit")
-    base = [submit, "--master", "local[2]", "--conf", "spark.ui.enabled=false"]
-    score = subprocess.run(
-        [
-            *base,
-            str(ROOT / "jobs" / "score.py"),
-            "--input",
-            ingested_holdout,
-            "--model-dir",
-            trained_model_dir,
-            "--output",
-            str(out),
-            "--set",
-            "spark.show_progress=false",
-        ],
-        capture_output=True,
-        text=True,
-        env=env,
+    score = run_job(
+        "score.py",
+        "--input",
+        ingested_holdout,
+        "--model-dir",
+        trained_model_dir,
+        "--output",
+        str(out),
+        "--set",
+        "spark.show_progress=false",
+        conf=["spark.ui.enabled=false"],
         timeout=300,
-        check=False,
     )
     assert score.returncode == 0, score.stderr[-3000:]
     report = json.loads((out / "_report.json").read_text())

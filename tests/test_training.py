@@ -2,21 +2,24 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
-import time
+import signal
 
 import numpy as np
+import psutil
 import pytest
 
 from pipeline.artifact import model_from_bytes, read_model_dir
 from pipeline.config import Config, TrainSettings
 from pipeline.contract import FEATURES, LABEL_ONEHOT, NUM_CLASSES
-from pipeline.errors import ConfigError, EnvironmentProblem, TrainingError
+from pipeline.errors import ConfigError, EnvironmentProblem, InputDataError, TrainingError
 from pipeline.storage import Storage
 from pipeline.training import fit_partitions, run_training
 from pipeline.training.data import VALIDATION_FLAG
+from tests import faults
 
 BATCH = 32
 
@@ -116,11 +119,18 @@ def test_uneven_partitions_finish_with_the_same_steps_everywhere(spark, tmp_path
     assert fit.history[-1]["loss"] < fit.history[0]["loss"]
 
 
+@pytest.mark.slow
+def test_a_worker_without_rows_stops_the_stage_with_an_input_error(spark, tmp_path, blocks):
+    a, _ = blocks
+    settings = TrainSettings(workers=2, epochs=1)
+    with pytest.raises(InputDataError, match=r"worker\(s\) \[1\] received no training rows"):
+        fit_partitions(spark, _frame(spark, [a, []]), settings, checkpoint_dir=str(tmp_path))
+    assert not list(tmp_path.glob("epoch-*"))
+
+
 def test_too_few_slots_fail_fast_naming_the_slots_and_the_setting(spark, tmp_path, ingested_sample):
-    started = time.monotonic()
     with pytest.raises(EnvironmentProblem) as caught:
         run_training(spark, Config(), ingested_sample, str(tmp_path / "model"), workers=3)
-    assert time.monotonic() - started < 10
     message = str(caught.value)
     assert "--workers 3 needs 3 free task slots" in message
     assert "has 2 (master local[" in message
@@ -133,14 +143,27 @@ def test_killed_worker_is_retried_and_resumes_from_its_checkpoint(
     spark, tmp_path, ingested_sample, caplog
 ):
     model_dir = tmp_path / "model"
-    config = Config().with_overrides({"train": {"epochs": 3, "workers": 2}})
+    config = Config().with_overrides({"train": {"epochs": 4, "workers": 2}})
+    killed: list[int] = []
+
+    def kill_the_last_worker(record):
+        # Runs on the driver when worker 0 reports epoch 1, after writing its checkpoint:
+        # the last worker's TensorFlow process dies, as a crashed or OOM-killed one would.
+        if not killed:
+            victim = faults.training_workers()[1]
+            victim.kill()
+            killed.append(victim.pid)
+
     with caplog.at_level(logging.INFO, logger="pipeline.training"):
-        result = run_training(spark, config, ingested_sample, str(model_dir), _fail_at_epoch=1)
-    assert (model_dir / "checkpoints" / "_fault-injected").exists()  # the fault did happen
-    assert result.fit.resumed_from == [1]
-    assert "resuming from the checkpoint of epoch 1" in caplog.text
-    assert [h["epoch"] for h in result.history] == [1.0, 2.0, 3.0]
-    assert result.metadata.epochs_completed == 3
+        result = run_training(
+            spark, config, ingested_sample, str(model_dir), on_epoch=kill_the_last_worker
+        )
+    assert killed  # the fault did happen
+    (resumed,) = result.fit.resumed_from
+    assert 1 <= resumed < 4  # exact sync: the others could not finish without it
+    assert f"resuming from the checkpoint of epoch {resumed}" in caplog.text
+    assert [h["epoch"] for h in result.history] == [1.0, 2.0, 3.0, 4.0]
+    assert result.metadata.epochs_completed == 4
     assert len({w["weights_digest"] for w in result.fit.workers}) == 1
     # the published directory is complete and verifies
     metadata, _ = read_model_dir(Storage(spark), str(model_dir))
@@ -171,7 +194,7 @@ def test_rerun_resumes_fresh_starts_over_and_epochs_never_go_back(spark, tmp_pat
 
 
 @pytest.mark.slow
-def test_resuming_with_another_model_is_refused(spark, tmp_path, ingested_sample):
+def test_resuming_with_another_model_or_on_other_data_is_refused(spark, tmp_path, ingested_sample):
     model_dir = str(tmp_path / "model")
     run_training(
         spark, Config().with_overrides({"train": {"epochs": 1}}), ingested_sample, model_dir
@@ -179,15 +202,24 @@ def test_resuming_with_another_model_is_refused(spark, tmp_path, ingested_sample
     other = Config().with_overrides({"train": {"epochs": 2, "hidden_units": [16]}})
     with pytest.raises(ConfigError, match=r"train.hidden_units.*--fresh"):
         run_training(spark, other, ingested_sample, model_dir)
+    fewer = str(tmp_path / "fewer")
+    spark.read.parquet(ingested_sample).limit(5000).write.parquet(fewer)
+    longer = Config().with_overrides({"train": {"epochs": 2}})
+    with pytest.raises(ConfigError, match=r"\(epoch 1\) trained on other data .*--fresh"):
+        run_training(spark, longer, fewer, model_dir)
+    assert not (tmp_path / "model" / "checkpoints" / "epoch-0002.npz").exists()
 
 
 @pytest.mark.slow
-def test_validation_early_stopping_and_the_artifact(spark, tmp_path, ingested_sample):
+def test_validation_early_stopping_tensorboard_and_the_artifact(spark, tmp_path, ingested_sample):
     model_dir = tmp_path / "model"
+    # A learning rate this high makes the validation loss rise after the first epochs:
+    # with a patience of 1, training must stop before the last epoch.
     config = Config().with_overrides(
         {
             "train": {
-                "epochs": 3,
+                "epochs": 6,
+                "learning_rate": 0.5,
                 "validation_fraction": 0.2,
                 "early_stopping": {"enabled": True, "monitor": "val_loss", "patience": 1},
                 "tensorboard": True,
@@ -200,23 +232,44 @@ def test_validation_early_stopping_and_the_artifact(spark, tmp_path, ingested_sa
     worker = result.fit.workers[0]
     assert 0.15 * 6000 < worker["validation_rows"] < 0.25 * 6000
     assert worker["train_rows"] + worker["validation_rows"] == 6000
+    val_losses = [h["val_loss"] for h in history]
+    assert worker["stopped_early"] and len(history) < 6
+    assert val_losses[-1] > val_losses[-2]  # stopped on the first epoch without progress
+    assert worker["best_epoch"] == len(history) - 1 == 1 + val_losses.index(min(val_losses))
 
     metadata = json.loads((model_dir / "metadata.json").read_text())
     assert metadata["feature_dim"] == 784 and metadata["classes"] == NUM_CLASSES
+    assert metadata["epochs_completed"] == len(history)
     assert metadata["data"]["rows"] == 6000 and metadata["data"]["files"]
     assert len(metadata["data"]["sha256"]) == 64
     assert metadata["versions"]["tensorflow"] and metadata["versions"]["spark"]
     assert metadata["preprocessing"]["layout"] == "auto"
     assert metadata["samples_per_second"] > 0
     assert (model_dir / "history.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert any((model_dir / "logs").iterdir())
-    val_losses = [h["val_loss"] for h in history]
-    assert worker["best_epoch"] == 1 + val_losses.index(min(val_losses))
-    assert worker["stopped_early"] == (len(history) < 3)
     loaded_metadata, model_bytes = read_model_dir(Storage(spark), str(model_dir))
     model = model_from_bytes(loaded_metadata, model_bytes)
     assert len(model.get_weights()) == 4
     assert os.path.exists(model_dir / "checkpoints")
+
+    scalars = _tensorboard_scalars(model_dir / "logs")
+    for key in ("loss", "accuracy", "val_loss", "val_accuracy", "samples_per_second"):
+        steps = [step for step, _ in scalars[f"epoch_{key}"]]
+        assert steps == list(range(1, len(history) + 1)), key  # one scalar per epoch
+    for (_, logged), record in zip(scalars["epoch_val_loss"], history, strict=True):
+        assert logged == pytest.approx(record["val_loss"], rel=1e-6)
+
+
+def _tensorboard_scalars(logs) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar in the event files under `logs`, by tag: [(step, value)] in order."""
+    import tensorflow as tf
+
+    scalars: dict[str, list[tuple[int, float]]] = {}
+    for path in sorted(logs.rglob("events.out.tfevents.*")):
+        for event in tf.compat.v1.train.summary_iterator(str(path)):
+            for value in event.summary.value:
+                number = float(tf.make_ndarray(value.tensor))
+                scalars.setdefault(value.tag, []).append((event.step, number))
+    return scalars
 
 
 def _tiny_two_worker_frame(spark, sample_pixels, rows: int = 256):
@@ -237,55 +290,42 @@ def test_grpc_servers_use_the_reserved_ports_of_their_executors(spark, tmp_path,
         host, port = worker["address"].rsplit(":", 1)
         listen_ports = {a.rsplit(":", 1)[1] for a in worker["grpc_listen"]}
         assert listen_ports == {port}  # one server, on the port in TF_CONFIG
-        # TensorFlow 2.21 binds its gRPC server to every interface ("0.0.0.0:" + port is
-        # hard-coded in GrpcServer::Init); the cluster spec names the executor's address.
-        assert {a.rsplit(":", 1)[0] for a in worker["grpc_listen"]} <= {host, "::", "0.0.0.0"}
+        hosts = {a.rsplit(":", 1)[0] for a in worker["grpc_listen"]}
+        assert hosts <= {host, "::", "0.0.0.0"}
+        # A known limit: TensorFlow 2.21 binds its gRPC server to every interface
+        # ("0.0.0.0:" + port is hard-coded in GrpcServer::Init) whatever the cluster spec
+        # says. When this fails, TensorFlow has fixed it: require hosts == {host} instead.
+        assert hosts & {"::", "0.0.0.0"}
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    reason="TensorFlow's GrpcServer listens on 0.0.0.0:<port> whatever the cluster spec says",
-)
-def test_grpc_servers_listen_on_the_executor_address_only(spark, tmp_path, sample_pixels):
-    settings = TrainSettings(workers=2, epochs=1, sync="local_sgd")
-    fit = fit_partitions(
-        spark, _tiny_two_worker_frame(spark, sample_pixels), settings, checkpoint_dir=str(tmp_path)
-    )
-    for worker in fit.workers:
-        host = worker["address"].rsplit(":", 1)[0]
-        assert {a.rsplit(":", 1)[0] for a in worker["grpc_listen"]} == {host}
-
-
-@pytest.mark.slow
-def test_a_stalled_worker_fails_the_job_within_the_collective_timeout(
-    spark, tmp_path, ingested_sample
-):
-    timeout = 5.0
+def test_a_stalled_worker_fails_the_job_naming_the_stall_timeout(spark, tmp_path, ingested_sample):
     config = Config().with_overrides(
-        {
-            "train": {
-                "epochs": 3,
-                "workers": 2,
-                "sync": "local_sgd",
-                "collective_timeout_s": timeout,
-            }
-        }
+        {"train": {"epochs": 4, "workers": 2, "sync": "local_sgd", "stall_timeout_s": 5}}
     )
-    epoch_ends: list[float] = []
-    with pytest.raises(TrainingError) as caught:
-        run_training(
-            spark,
-            config,
-            ingested_sample,
-            str(tmp_path / "model"),
-            on_epoch=lambda record: epoch_ends.append(time.monotonic()),
-            _stall_at_epoch=1,
-        )
-    failed = time.monotonic()
-    assert len(epoch_ends) == 1  # epoch 1 finished, then worker 1 stopped answering
-    assert failed - epoch_ends[0] < timeout + 20  # the bound, plus stopping the stage
+    paused: list = []
+
+    def pause_the_last_worker(record):
+        # Runs on the driver when worker 0 reports epoch 1: the last worker's TensorFlow
+        # process stops (SIGSTOP), alive but never reaching another collective.
+        if not paused:
+            victim = faults.training_workers()[1]
+            victim.send_signal(signal.SIGSTOP)
+            paused.append(victim)
+
+    try:
+        with pytest.raises(TrainingError) as caught:
+            run_training(
+                spark, config, ingested_sample, str(tmp_path / "model"),
+                on_epoch=pause_the_last_worker,
+            )  # fmt: skip
+    finally:
+        for process in paused:  # the stage's end normally takes it down with its task
+            with contextlib.suppress(psutil.NoSuchProcess):
+                process.kill()
+    assert paused  # the fault did happen
     message = str(caught.value)
-    assert "train.collective_timeout_s = 5 s" in message and "stalled" in message
+    assert "train.stall_timeout_s = 5 s" in message and "stalled" in message
     assert not (tmp_path / "model" / "model.keras").exists()
-    assert (tmp_path / "model" / "checkpoints" / "epoch-0001.npz").exists()
+    checkpoints = sorted(p.name for p in (tmp_path / "model" / "checkpoints").iterdir())
+    assert "epoch-0001.npz" in checkpoints and "epoch-0004.npz" not in checkpoints

@@ -3,25 +3,18 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
-SPARK_SUBMIT = str(Path(sys.executable).with_name("spark-submit"))
+from tests.faults import job_command, job_env, run_job
 
 
 @pytest.mark.slow
 def test_spark_submit_train_two_workers_on_the_sample(tmp_path, ingested_sample):
     model_dir = tmp_path / "model"
-    command = [
-        SPARK_SUBMIT,
-        "--master",
-        "local[2]",
-        str(REPO / "jobs" / "train.py"),
+    result = run_job(
+        "train.py",
         "--input",
         ingested_sample,
         "--model-dir",
@@ -32,10 +25,7 @@ def test_spark_submit_train_two_workers_on_the_sample(tmp_path, ingested_sample)
         "train.epochs=4",
         "--set",
         "train.validation_fraction=0.2",
-    ]
-    env = dict(os.environ, PYSPARK_PYTHON=sys.executable, TF_CPP_MIN_LOG_LEVEL="2")
-    result = subprocess.run(
-        command, capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path
+        cwd=tmp_path,
     )
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-3000:]
@@ -64,14 +54,10 @@ def test_two_training_jobs_on_one_host_at_once_neither_clash_nor_cross_talk(
 ):
     """Two spark-submit jobs, two workers each, started together: four gRPC servers on
     four ports, and each job's model is its own (its own seed, its own cluster)."""
-    env = dict(os.environ, PYSPARK_PYTHON=sys.executable, TF_CPP_MIN_LOG_LEVEL="2")
     jobs = {}
     for seed in (1, 2):
-        command = [
-            SPARK_SUBMIT,
-            "--master",
-            "local[2]",
-            str(REPO / "jobs" / "train.py"),
+        command = job_command(
+            "train.py",
             "--input",
             ingested_sample,
             "--model-dir",
@@ -84,13 +70,13 @@ def test_two_training_jobs_on_one_host_at_once_neither_clash_nor_cross_talk(
             f"train.seed={seed}",
             "--set",
             "train.sync=local_sgd",
-        ]
+        )
         jobs[seed] = subprocess.Popen(
             command,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
-            env=env,
+            env=job_env(),
             cwd=tmp_path,
         )
     outputs = {seed: job.communicate(timeout=600)[0] for seed, job in jobs.items()}

@@ -140,7 +140,6 @@ def test_checkpoints_round_trip_and_keep_the_newest(tmp_path):
     assert state["epoch"] == 3
     np.testing.assert_array_equal(arrays["w000"], [3, 3, 3])
     assert not [p for p in (tmp_path / "checkpoints").iterdir() if p.name.startswith(".tmp")]
-    assert store.claim_once("marker") and not store.claim_once("marker")
 
 
 def test_a_damaged_checkpoint_says_to_start_fresh():
@@ -199,3 +198,17 @@ def test_early_stopping_on_accuracy_wants_it_higher():
     assert stopper.update(1, {"val_accuracy": 0.8})[0]
     assert stopper.update(2, {"val_accuracy": 0.9})[0]
     assert stopper.update(3, {"val_accuracy": 0.85}) == (False, True)
+
+
+def test_the_old_name_of_the_stall_timeout_still_works_with_a_warning():
+    from pipeline.config import Config, load_config
+
+    with pytest.warns(FutureWarning, match="train.collective_timeout_s is deprecated"):
+        config = load_config(overrides=["train.collective_timeout_s=7"])
+    assert config.train.stall_timeout_s == 7
+    with pytest.warns(FutureWarning):
+        assert (
+            Config().with_overrides({"train": {"collective_timeout_s": 9}}).train.stall_timeout_s
+            == 9
+        )
+    assert "collective_timeout_s" not in Config().model_dump()["train"]

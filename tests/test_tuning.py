@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import math
 import sqlite3
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -31,7 +30,7 @@ from pipeline.tuning import (
 )
 from pipeline.tuning.confirm import confirmation_seeds
 from pipeline.tuning.space import grid_choices, suggest, trial_base
-from tests.faults import REPO, break_trials, job_env, kill_process_group, submit, wait_for
+from tests.faults import REPO, break_trials, kill_process_group, run_job, submit, wait_for
 
 CONF_DIR = REPO / "conf"
 
@@ -351,14 +350,7 @@ def test_killed_search_resumes_then_train_job_takes_best_yaml(ingested_sample, t
     before = [t for t in _study_trials(study) if t[1] == "COMPLETE"]
     assert before and len(before) < 3
 
-    resumed = subprocess.run(
-        [*submit_command("tune.py"), *args],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=job_env(),
-        cwd=tmp_path,
-    )
+    resumed = run_job("tune.py", *args, timeout=600, cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     after = _study_trials(study)
     for trial in before:
@@ -372,20 +364,15 @@ def test_killed_search_resumes_then_train_job_takes_best_yaml(ingested_sample, t
     assert "confirmation" in resumed.stdout and "best.yaml" in resumed.stdout
     assert list((tmp_path / "mlruns").rglob("results.md")), "the tune run was not recorded"
 
-    trained = subprocess.run(
-        [
-            *submit_command("train.py"),
-            "--input",
-            ingested_sample,
-            "--model-dir",
-            str(tmp_path / "model"),
-            "--conf",
-            str(tune_dir / BEST_FILE),
-        ],
-        capture_output=True,
-        text=True,
+    trained = run_job(
+        "train.py",
+        "--input",
+        ingested_sample,
+        "--model-dir",
+        str(tmp_path / "model"),
+        "--conf",
+        str(tune_dir / BEST_FILE),
         timeout=300,
-        env=job_env(),
         cwd=tmp_path,
     )
     assert trained.returncode == 0, trained.stderr[-3000:]
@@ -393,9 +380,3 @@ def test_killed_search_resumes_then_train_job_takes_best_yaml(ingested_sample, t
     best = load_config(CONF_DIR, [tune_dir / BEST_FILE]).train
     assert TrainSettings.model_validate(metadata["train"]) == best
     assert not math.isnan(metadata["history"][-1]["loss"])
-
-
-def submit_command(job: str) -> list[str]:
-    from tests.faults import SPARK_SUBMIT
-
-    return [SPARK_SUBMIT, "--master", "local[2]", str(REPO / "jobs" / job)]

@@ -2,9 +2,11 @@
 
 A checkpoint is one ``.npz`` file, ``epoch-0003.npz``, holding the model weights, the
 optimizer's variables (step counter and momentum), the best weights seen so far (for
-early stopping) and a JSON state: epoch, history, early-stopping counters, the seed and
-the config fingerprint. The data position needs no more than that: a worker's batch order
-in an epoch is a function of (seed, worker, epoch).
+early stopping) and a JSON state: epoch, history, early-stopping counters, the seed, the
+settings that fix the model and its training (`resume_key`) and the fingerprint of the
+data it was trained on. The data position needs no more than that: a worker's batch
+order in an epoch is a function of (seed, worker, epoch). `check_resumable` refuses, on
+the driver, to resume from a checkpoint of other settings or other data.
 
 Worker 0 writes it from the executor through ``pyarrow.fs`` (local paths, ``hdfs://``,
 ``s3://``): into a hidden temporary name, then moved into place, so a reader sees a
@@ -16,17 +18,34 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import re
 import uuid
 import zipfile
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from pipeline.errors import TrainingError
+from pipeline.errors import ConfigError, TrainingError
 from pipeline.rowgroups import arrow_uri  # the one Hadoop-to-pyarrow URI converter
 
+if TYPE_CHECKING:
+    from pipeline.config import TrainSettings
+    from pipeline.storage import Storage
+
+log = logging.getLogger(__name__)
+
 KEEP = 2
+# Settings that may change between a checkpoint and the run resuming from it.
+RESUMABLE_CHANGES = {
+    "epochs",
+    "workers",
+    "steps_per_call",
+    "memory_budget_mb",
+    "stall_timeout_s",
+    "tensorboard",
+    "early_stopping",
+}
 _NAME = re.compile(r"^epoch-(\d{4,})\.npz$")
 _STATE_KEY = "__state__"
 
@@ -97,11 +116,44 @@ class CheckpointDir:
             self._fs.delete_file(f"{self._root}/{checkpoint_name(old)}")
         return final
 
-    def claim_once(self, marker: str) -> bool:
-        """True the first time `marker` is claimed in this directory (test fault injection)."""
-        path = f"{self._root}/_{marker}"
-        if self._fs.get_file_info(path).type != 0:  # FileType.NotFound == 0
-            return False
-        with self._fs.open_output_stream(path) as stream:
-            stream.write(b"claimed\n")
-        return True
+
+def resume_key(settings: TrainSettings) -> dict[str, Any]:
+    """The settings a checkpoint must share with the run that resumes from it."""
+    dumped = settings.model_dump(mode="json")
+    return {k: v for k, v in dumped.items() if k not in RESUMABLE_CHANGES}
+
+
+def check_resumable(
+    storage: Storage, checkpoint_dir: str, settings: TrainSettings, fingerprint: str
+) -> None:
+    """Refuse to resume from a checkpoint written with another model or optimizer, or on
+    other data (its data fingerprint differs from `fingerprint`)."""
+    if not storage.exists(checkpoint_dir):
+        return
+    found = [(epoch_of(p), p) for p, _ in storage.list_files(checkpoint_dir)]
+    found = sorted((e, p) for e, p in found if e is not None)
+    if not found:
+        return
+    epoch, path = found[-1]
+    state, _ = decode(storage.read_bytes(path), path)
+    before = state.get("settings") or {}
+    now = resume_key(settings)
+    changed = sorted(k for k in now if k in before and before[k] != now[k])
+    if changed:
+        differs = f"with other settings ({', '.join(f'train.{k}' for k in changed)} differ)"
+    elif state.get("fingerprint") and state["fingerprint"] != fingerprint:
+        differs = (
+            f"on other data (data fingerprint {state['fingerprint'][:12]}…, this input's is "
+            f"{fingerprint[:12]}…)"
+        )
+    else:
+        differs = ""
+    if differs:
+        raise ConfigError(
+            f"{checkpoint_dir} holds a checkpoint (epoch {epoch}) trained {differs}: "
+            f"rerun with --fresh to start over, or use another model directory"
+        )
+    if epoch >= settings.epochs:
+        log.info("checkpoint of epoch %d already reaches train.epochs = %d", epoch, settings.epochs)
+    else:
+        log.info("found the checkpoint of epoch %d: training resumes from it", epoch)

@@ -1,12 +1,13 @@
-"""Where a batch enters TensorFlow: a worker's partition, from Arrow record batches to tensors.
+"""A worker's rows: from Arrow record batches to the NumPy blocks its tensor store holds.
 
 A barrier task receives its Spark partition as a stream of Arrow record batches and
 spools them, batch by batch, into local Arrow IPC files (`spool_partition`): the task
-never holds more than one record batch. The worker's TensorFlow process opens the files
-with `LocalData` and copies the rows into a tensor store, one record batch at a time:
-the whole partition once, when it fits the memory budget (epochs 2..n read no disk), or
-else one shuffle window after another, streamed back from the local file, so a worker's
-memory stays bounded whatever the data's size.
+never holds more than one record batch. The worker process opens the files with
+`LocalData` and hands the trainer NumPy blocks, one record batch at a time: the whole
+partition once, when it fits the memory budget (epochs 2..n read no disk), or else one
+shuffle window after another, streamed back from the local file, so a worker's memory
+stays bounded whatever the data's size. This module never touches TensorFlow: the
+trainer copies the blocks into its tensor store (`pipeline.training.loop`).
 
 No batch is assembled in Python: `epoch_segments` plans an epoch as row positions only.
 Each `Segment` names the rows to place in the store (none when the whole partition is

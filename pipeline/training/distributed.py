@@ -1,4 +1,4 @@
-"""The Spark side of training: slot check, the barrier stage, and progress to the driver.
+"""The Spark side of training: task slots, and the barrier task each worker runs.
 
 ``df.mapInArrow(task, schema, barrier=True)`` runs one task per worker on the DataFrame's
 partitions. Each task spools its partition to local Arrow files, reserves a port on its
@@ -11,9 +11,10 @@ yields one small row: worker 0's model bytes and history, the others' statistics
 A failed barrier ResultStage is never retried by Spark, so the barrier stage is followed
 by a shuffle (``repartition(1)``), which makes it a ShuffleMapStage: when a worker dies,
 Spark reruns the whole stage (up to ``spark.stage.maxConsecutiveAttempts`` times) and the
-workers resume from the newest checkpoint. A collective that times out
-(``train.collective_timeout_s``: a worker stalled) is not retried: the task tells the
-driver, which cancels the stage and raises `TrainingError`.
+workers resume from the newest checkpoint. A worker that sees no progress for
+``train.stall_timeout_s`` (a peer stalled, and a collective waits for it) is not retried:
+its task tells the driver through the progress channel, which cancels the stage and
+raises `TrainingError`; so does a task that finds no training rows (`InputDataError`).
 
 Ports: the reservation socket stays bound (never listening) until the worker exits, and
 TensorFlow's server shares the port with it (``SO_REUSEPORT``), so two jobs on one host
@@ -35,21 +36,27 @@ import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import pyarrow as pa
 
-from pipeline.errors import EnvironmentProblem, InputDataError, SlotsBusy, TrainingError
+from pipeline.errors import (
+    EnvironmentProblem,
+    InputDataError,
+    PipelineError,
+    SlotsBusy,
+    TrainingError,
+)
+from pipeline.training.progress import send_once
 
 log = logging.getLogger(__name__)
 
 RESULT_SCHEMA = "rank int, model binary, info string"
 # Exit codes of the worker process (pipeline.training.worker) that the task explains.
 BIND_FAILED_EXIT = 75  # its gRPC port was taken
-COLLECTIVE_TIMEOUT_EXIT = 76  # no progress within train.collective_timeout_s: a peer stalled
+STALLED_EXIT = 76  # its watchdog saw no progress for train.stall_timeout_s: a peer stalled
 _RESULT_ARROW_SCHEMA = pa.schema(
     [pa.field("rank", pa.int32()), pa.field("model", pa.binary()), pa.field("info", pa.string())]
 )
@@ -102,50 +109,6 @@ def busy_tasks(spark) -> int:
     return busy
 
 
-# -- driver: progress ---------------------------------------------------------------------
-class ProgressListener:
-    """A socket on the driver that worker 0 sends one JSON line per epoch to."""
-
-    def __init__(self, host: str, on_message: Callable[[dict[str, Any]], None]) -> None:
-        self._on_message = on_message
-        self._server = socket.create_server((host, 0))
-        self._server.settimeout(0.5)
-        self.address = (host, self._server.getsockname()[1])
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._serve, daemon=True, name="train-progress")
-
-    def __enter__(self) -> ProgressListener:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join(timeout=5)
-        self._server.close()
-
-    def _serve(self) -> None:
-        while not self._stop.is_set():
-            try:
-                conn, _ = self._server.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            threading.Thread(target=self._read, args=(conn,), daemon=True).start()
-
-    def _read(self, conn: socket.socket) -> None:
-        with conn, conn.makefile("r", encoding="utf-8") as lines:
-            for line in lines:
-                try:
-                    message = json.loads(line)
-                except json.JSONDecodeError:
-                    continue
-                try:
-                    self._on_message(message)
-                except Exception:  # a broken console must not stop training
-                    log.exception("progress handler failed")
-
-
 # -- executor: the barrier task -----------------------------------------------------------
 def make_task(spec: dict[str, Any]) -> Callable[[Iterator[pa.RecordBatch]], Iterator]:
     """The function each barrier task runs. `spec` holds plain values only."""
@@ -160,6 +123,22 @@ def make_task(spec: dict[str, Any]) -> Callable[[Iterator[pa.RecordBatch]], Iter
         workdir = tempfile.mkdtemp(prefix=f"digits-train-{rank}-", dir=_local_dir())
         try:
             yield _run_worker(spec, context, rank, workers, batches, workdir)
+        except PipelineError as exc:
+            # The driver learns the error's type and message from here, not from Spark's
+            # text; a final one (a retry would fail the same way) stops the stage at once.
+            final = isinstance(exc, (InputDataError, _Stalled))
+            kind = "InputDataError" if isinstance(exc, InputDataError) else "TrainingError"
+            send_once(
+                spec.get("progress"),
+                {
+                    "event": "error",
+                    "type": kind,
+                    "message": str(exc),
+                    "final": final,
+                    "rank": rank,
+                },
+            )
+            raise
         finally:
             shutil.rmtree(workdir, ignore_errors=True)
 
@@ -257,14 +236,10 @@ def _run_worker(spec, context, rank: int, workers: int, batches, workdir: str) -
             f"training worker {rank} of {workers} could not start TensorFlow's gRPC server on "
             f"{mine['address']} (port taken); Spark retries the stage with new ports"
         )
-    if code == COLLECTIVE_TIMEOUT_EXIT:
+    if code == STALLED_EXIT:
         # The worker's watchdog saw no progress (a peer stalled): a retry would most likely
-        # stall again, so the task tells the driver, which stops the stage at once.
-        message = collective_timeout_message(
-            rank, workers, float(spec["train"]["collective_timeout_s"])
-        )
-        _notify_driver(spec.get("progress"), {"event": "fatal", "message": message})
-        raise TrainingError(message)
+        # stall again, so the driver stops the stage at once.
+        raise _Stalled(stalled_message(rank, workers, float(spec["train"]["stall_timeout_s"])))
     if code != 0:
         raise TrainingError(
             f"training worker {rank} of {workers} exited with code {code}; its log ends:\n"
@@ -294,23 +269,17 @@ def _run_worker(spec, context, rank: int, workers: int, batches, workdir: str) -
     )
 
 
-def collective_timeout_message(rank: int, workers: int, timeout_s: float) -> str:
+class _Stalled(TrainingError):
+    """A worker's watchdog ended it: no progress within train.stall_timeout_s."""
+
+
+def stalled_message(rank: int, workers: int, timeout_s: float) -> str:
     return (
-        f"worker {rank} of {workers}: a collective found no answer from the other workers "
-        f"within train.collective_timeout_s = {timeout_s:g} s (a worker stalled or was lost); "
-        f"the job stops instead of waiting. Raise train.collective_timeout_s if the workers "
-        f"are merely slow"
+        f"worker {rank} of {workers} made no progress for train.stall_timeout_s = "
+        f"{timeout_s:g} s: it waited on a collective that another worker never joined (a "
+        f"worker stalled or was lost); the job stops instead of waiting. Raise "
+        f"train.stall_timeout_s if the workers are merely slow"
     )
-
-
-def _notify_driver(address: list | None, message: dict[str, Any]) -> None:
-    if not address:
-        return
-    try:
-        with socket.create_connection((address[0], int(address[1])), timeout=10) as sock:
-            sock.sendall((json.dumps(message) + "\n").encode("utf-8"))
-    except OSError as exc:
-        log.warning("could not reach the driver's progress listener: %s", exc)
 
 
 def _executor_host(context, rank: int, workers: int) -> str:
@@ -371,11 +340,9 @@ def _tail(path: str, chars: int = _LOG_TAIL_CHARS) -> str:
         return "(no log)"
 
 
-def failure_message(exc: Exception) -> str:
-    """The useful part of a failed training stage's Java/Python error."""
-    text = str(exc)
-    found = re.findall(r"(?:TrainingError|InputDataError): (.+?)(?:\n\s*\n|SQLSTATE|$)", text, re.S)
-    if found:
-        return found[-1].strip()
+def spark_failure(exc: Exception) -> str:
+    """The first lines of a failed stage's error, for when no task reported its own."""
+    java = getattr(exc, "java_exception", None)
+    text = str(java.toString()) if java is not None else str(exc)
     lines = [line for line in text.splitlines() if line.strip() and not line.startswith("\tat ")]
     return " ".join(lines[:3])[:1500]

@@ -41,7 +41,6 @@ class Trainer:
         self.workers = workers
         self.mode = "single" if workers == 1 else settings.sync
         self.strategy = strategy
-        self.steps_done = 0
         scope = strategy.scope() if self.mode == "exact" else contextlib.nullcontext()
         with scope:
             self.model = build_model(settings)
@@ -83,12 +82,20 @@ class Trainer:
         batch = tf.cast(tf.shape(x)[0], tf.float32)
         return loss * batch, _correct(y, probabilities)
 
+    def _batch(self, rows):
+        """The training batch at store positions `rows`: (features, one-hot labels).
+
+        The one place a training batch is formed, inside the compiled loop. A transform of
+        the batch (augmentation) goes here; it must use ops XLA can compile, or run before
+        the rows reach the store.
+        """
+        return tf.gather(self._store_x, rows), tf.gather(self._store_y, rows)
+
     def _train_steps_fn(self, batches):
         loss_sum = tf.constant(0.0)
         correct = tf.constant(0.0)
         for i in tf.range(tf.shape(batches)[0]):
-            x = tf.gather(self._store_x, batches[i])
-            y = tf.gather(self._store_y, batches[i])
+            x, y = self._batch(batches[i])
             if self.mode == "exact":
                 step_loss, step_correct = self.strategy.run(self._step, args=(x, y))
                 step_loss = self.strategy.experimental_local_results(step_loss)[0]
@@ -152,7 +159,6 @@ class Trainer:
             from pipeline.errors import TrainingError
 
             raise TrainingError(f"the epoch planned {done} steps, expected {steps}")
-        self.steps_done += steps
         return loss_sum, correct
 
     # -- collectives ------------------------------------------------------------------

@@ -10,6 +10,10 @@ Python workers across tasks, and a TensorFlow process can join one collective cl
 only once, with thread pools fixed at start-up. A fresh process per task makes every
 stage attempt (and every retry after a failure) start clean, keeps TensorFlow's output
 out of the executor log, and dies with its task (``PR_SET_PDEATHSIG``).
+
+`train` reads top to bottom as the worker's steps: start TensorFlow, join the cluster,
+load the rows into the trainer's tensor store, resume, run the epochs (train, validate,
+agree on the epoch's record, stop early or not, checkpoint, report), export the model.
 """
 
 from __future__ import annotations
@@ -21,10 +25,10 @@ import logging
 import math
 import os
 import signal
-import socket
 import sys
 import threading
 import time
+from dataclasses import dataclass, field
 from typing import Any
 
 from pipeline.errors import TrainingError
@@ -49,7 +53,7 @@ def main(spec_path: str) -> int:
     _die_with_parent(spec["parent_pid"])
     peak = _PeakMemory()
     try:
-        result = _train(spec, peak)
+        result = train(spec)
     except _BindFailed as exc:
         log.error("gRPC port taken: %s", exc)
         return _exit_now(BIND_FAILED_EXIT)
@@ -67,49 +71,137 @@ def _exit_now(code: int) -> int:
     return code  # not reached
 
 
-def _train(spec: dict[str, Any], peak: _PeakMemory) -> dict[str, Any]:
-    phases: dict[str, float] = {}  # seconds spent in each phase, for the benchmark
-    phase_started = time.monotonic()
-    import tensorflow as tf
+class _Phases(dict):
+    """Seconds spent in each phase of the worker, for the benchmark."""
 
-    tf.get_logger().setLevel("ERROR")
-    threads = int(spec["threads"])
-    tf.config.threading.set_intra_op_parallelism_threads(threads)
-    tf.config.threading.set_inter_op_parallelism_threads(threads)
+    @contextlib.contextmanager
+    def timed(self, name: str):
+        started = time.monotonic()
+        try:
+            yield
+        finally:
+            self[name] = time.monotonic() - started
 
-    import keras
 
-    from pipeline.artifact import model_to_bytes
-    from pipeline.config import TrainSettings
-    from pipeline.model import build_model
-    from pipeline.training.checkpoints import CheckpointDir
-    from pipeline.training.data import LocalData, epoch_segments, store_rows
-    from pipeline.training.loop import Trainer
-    from pipeline.training.stopping import EarlyStopping
+@dataclass
+class _Progress:
+    """What the epochs have done so far (restored from a checkpoint on resume)."""
 
-    phases["import"] = time.monotonic() - phase_started
-    phase_started = time.monotonic()
+    history: list[dict[str, float]] = field(default_factory=list)
+    start_epoch: int = 0
+    best_weights: list | None = None
+    stopper: Any = None
+    stopped_early: bool = False
+    train_seconds: float = 0.0
+    samples: int = 0
+    epoch_seconds: list[float] = field(default_factory=list)
+
+
+def train(spec: dict[str, Any]) -> dict[str, Any]:
+    """The worker's whole run; the statistics that go into ``result.json``."""
+    phases = _Phases()
+    with phases.timed("import"):
+        tf = _start_tensorflow(int(spec["threads"]))
+        from pipeline.config import TrainSettings
+        from pipeline.training.checkpoints import CheckpointDir
+        from pipeline.training.progress import ProgressSender
+
     settings = TrainSettings.model_validate(spec["train"])
     workers, rank = int(spec["workers"]), int(spec["rank"])
     chief = rank == 0
-    strategy = None
-    listening: list[str] = []
-    if workers > 1:
-        try:
-            # No CommunicationOptions(timeout_seconds=...): TensorFlow starts one thread per
-            # collective call to enforce it, each sleeping for the whole timeout, which
-            # exhausts the host's threads within minutes at thousands of steps a second.
-            # `_Watchdog` bounds the wait on a stalled peer instead.
-            strategy = tf.distribute.MultiWorkerMirroredStrategy()
-        except tf.errors.OpError as exc:
-            if "could not start grpc server" in str(exc).lower():
-                raise _BindFailed(str(exc)) from None
-            raise
-        listening = _listening()
-        log.info("gRPC server of worker %d listens on %s", rank, ", ".join(listening))
-    keras.utils.set_random_seed(settings.seed)
-    phases["cluster"] = time.monotonic() - phase_started
-    phase_started = time.monotonic()
+    with phases.timed("cluster"):
+        strategy, listening = _join_cluster(tf, workers, rank)
+    with phases.timed("load"):
+        train_data, validation = _open_data(spec, settings)
+        trainer = _make_trainer(settings, workers, strategy, train_data)
+    if strategy is not None:
+        # The first collective sets up the workers' group: cluster start-up, like the
+        # server itself, so it happens before the first epoch's clock. Under local SGD it
+        # is a first average, a no-op on the identical initial weights (2w/2 == w).
+        with phases.timed("first_collective"):
+            trainer.on_progress = _Watchdog(settings.stall_timeout_s, rank).beat
+            trainer.warm_up()
+    checkpoints = CheckpointDir(spec["checkpoint_dir"])
+    with ProgressSender(spec.get("progress") if chief else None) as progress:
+        if strategy is not None:
+            cluster = json.loads(os.environ["TF_CONFIG"])["cluster"]["worker"]
+            progress.send({"event": "cluster", "workers": cluster, "listen": listening})
+        done = _resume(spec, settings, trainer, checkpoints, progress)
+        with phases.timed("epochs"), _TensorBoard.for_worker(spec, chief) as tensorboard:
+            for epoch in range(done.start_epoch + 1, settings.epochs + 1):
+                if done.stopped_early:
+                    break
+                record = _run_epoch(spec, settings, trainer, train_data, validation, epoch, done)
+                if chief:
+                    _checkpoint(spec, settings, trainer, checkpoints, epoch, done)
+                    trainer.on_progress()
+                    left = (settings.epochs - epoch) * done.epoch_seconds[-1]
+                    progress.send(
+                        {"event": "epoch", **record, "epochs": settings.epochs, "eta_s": left}
+                    )
+                    tensorboard.write(epoch, record)
+                if done.stopped_early:
+                    log.info(
+                        "early stopping after epoch %d (best epoch %s)",
+                        epoch,
+                        done.stopper.best_epoch,
+                    )
+    if chief:
+        _export_model(settings, trainer, spec["workdir"])
+    return {
+        "rank": rank,
+        "epochs_completed": done.history[-1]["epoch"] if done.history else 0,
+        "train_rows": train_data.rows,
+        "validation_rows": validation.rows,
+        "in_memory": train_data.in_memory,
+        "samples": done.samples,
+        "train_seconds": done.train_seconds,
+        "resumed_from": done.start_epoch,
+        "stopped_early": done.stopped_early,
+        "best_epoch": done.stopper.best_epoch,
+        "weights_digest": _digest(trainer.weights()),
+        "epoch_seconds": done.epoch_seconds,
+        "phases": dict(phases),
+        "grpc_listen": listening,
+        **({"history": done.history} if chief else {}),
+    }
+
+
+# -- the steps ----------------------------------------------------------------------------
+def _start_tensorflow(threads: int):
+    """TensorFlow and Keras, imported with this task's share of the cores."""
+    from pipeline.tf_runtime import tensorflow
+
+    tf = tensorflow(threads)
+    tf.get_logger().setLevel("ERROR")
+    import keras  # noqa: F401  (its import is part of the start-up being timed)
+
+    return tf
+
+
+def _join_cluster(tf, workers: int, rank: int):
+    """The collective strategy over TF_CONFIG's workers (None for one worker), and the
+    addresses this process's gRPC server listens on."""
+    if workers == 1:
+        return None, []
+    try:
+        # No CommunicationOptions(timeout_seconds=...): TensorFlow starts one thread per
+        # collective call to enforce it, each sleeping for the whole timeout, which
+        # exhausts the host's threads within minutes at thousands of steps a second.
+        # `_Watchdog` bounds the wait on a stalled peer instead.
+        strategy = tf.distribute.MultiWorkerMirroredStrategy()
+    except tf.errors.OpError as exc:
+        if "could not start grpc server" in str(exc).lower():
+            raise _BindFailed(str(exc)) from None
+        raise
+    listening = _listening()
+    log.info("gRPC server of worker %d listens on %s", rank, ", ".join(listening))
+    return strategy, listening
+
+
+def _open_data(spec: dict[str, Any], settings):
+    """This worker's spooled training and validation rows, within the memory budget."""
+    from pipeline.training.data import LocalData
 
     budget = settings.memory_budget_mb * 1024 * 1024
     train_data = LocalData(spec["train_file"], budget)
@@ -120,177 +212,144 @@ def _train(spec: dict[str, Any], peak: _PeakMemory) -> dict[str, Any]:
     validation.keep_in_memory()
     log.info(
         "worker %d/%d: %d training rows (%s), %d validation rows",
-        rank,
-        workers,
+        spec["rank"],
+        spec["workers"],
         train_data.rows,
         "in memory" if train_data.in_memory else "streamed from local disk",
         validation.rows,
     )
-    has_validation = spec["total_validation_rows"] > 0
+    return train_data, validation
 
+
+def _make_trainer(settings, workers: int, strategy, train_data):
+    """The model, its optimizer and compiled loop, with the rows in its tensor store."""
+    import keras
+
+    from pipeline.training.data import store_rows
+    from pipeline.training.loop import Trainer
+
+    keras.utils.set_random_seed(settings.seed)
     trainer = Trainer(settings, workers, strategy)
     trainer.make_store(store_rows(train_data, settings.shuffle_buffer, settings.batch_size))
     if train_data.in_memory:
         trainer.fill_store(train_data.chunks())
-    phases["load"] = time.monotonic() - phase_started
-    if strategy is not None:
-        # The first collective sets up the workers' group: cluster start-up, like the
-        # server itself, so it happens before the first epoch's clock. Under local SGD it
-        # is a first average, a no-op on the identical initial weights (2w/2 == w).
-        phase_started = time.monotonic()
-        trainer.on_progress = _Watchdog(settings.collective_timeout_s, spec).beat
-        trainer.warm_up()
-        phases["first_collective"] = time.monotonic() - phase_started
-    checkpoints = CheckpointDir(spec["checkpoint_dir"])
-    progress = _Progress(spec.get("progress")) if chief else _Progress(None)
-    if strategy is not None:
-        cluster = json.loads(os.environ["TF_CONFIG"])["cluster"]["worker"]
-        progress.send({"event": "cluster", "workers": cluster, "listen": listening})
+    return trainer
 
-    history: list[dict[str, float]] = []
-    best_weights = None
-    start_epoch = 0
-    resume = spec.get("resume_epoch")
-    if resume:
-        state, arrays = checkpoints.read(resume)
-        trainer.set_weights(_arrays(arrays, "w"))
-        trainer.set_optimizer_state(_arrays(arrays, "o"))
-        best_weights = _arrays(arrays, "b") or None
-        history, start_epoch = state["history"], state["epoch"]
-        log.info("resumed from the checkpoint of epoch %d", start_epoch)
-        progress.send({"event": "resume", "epoch": start_epoch})
 
-    steps = int(spec["steps_per_epoch"])
-    batch = settings.batch_size
-    stopping = settings.early_stopping
-    stopper = EarlyStopping.from_settings(stopping, state.get("best") if resume else None)
-    stopped_early = state_stopped = bool(resume) and bool(state.get("stopped_early"))
-    train_seconds = 0.0
-    samples = 0
-    epoch_seconds: list[float] = []
-    tensorboard = _TensorBoard(spec.get("tensorboard_dir")) if chief else None
-    epoch = start_epoch
-    loop_started = time.monotonic()
-    for epoch in range(start_epoch + 1, settings.epochs + 1):
-        if state_stopped:
-            break
-        started = time.monotonic()
-        segments = epoch_segments(
-            train_data,
-            epoch=epoch,
-            worker=rank,
-            seed=settings.seed,
-            steps=steps,
-            batch_size=batch,
-            shuffle_buffer=settings.shuffle_buffer,
-        )
-        loss_sum, correct = trainer.train(segments, steps)
-        seconds = time.monotonic() - started
-        epoch_seconds.append(seconds)
-        val = trainer.evaluate(validation.chunks()) if validation.rows else (0.0, 0.0, 0)
-        trainer.on_progress()
-        totals = trainer.allreduce_sum([loss_sum, correct, *val, seconds])
-        epoch_samples = steps * batch * workers
-        record = {
-            "epoch": float(epoch),
-            "loss": totals[0] / epoch_samples,
-            "accuracy": totals[1] / epoch_samples,
-        }
-        if has_validation:
-            record["val_loss"] = totals[2] / max(totals[4], 1.0)
-            record["val_accuracy"] = totals[3] / max(totals[4], 1.0)
-        slowest = totals[5] / workers  # mean across workers of the epoch's training time
-        record["samples_per_second"] = epoch_samples / max(seconds, slowest, 1e-9)
-        train_seconds += seconds
-        samples += steps * batch
-        history.append(record)
+def _resume(spec, settings, trainer, checkpoints, progress) -> _Progress:
+    """The state to start from: the checkpoint the workers agreed on, or a fresh start."""
+    from pipeline.training.stopping import EarlyStopping
 
-        if stopping.enabled and has_validation:
-            improved, stopped_early = stopper.update(epoch, record)
-            if improved and stopping.restore_best_weights:
-                best_weights = trainer.weights()
+    epoch = spec.get("resume_epoch")
+    if not epoch:
+        return _Progress(stopper=EarlyStopping.from_settings(settings.early_stopping))
+    state, arrays = checkpoints.read(epoch)
+    trainer.set_weights(_arrays(arrays, "w"))
+    trainer.set_optimizer_state(_arrays(arrays, "o"))
+    log.info("resumed from the checkpoint of epoch %d", state["epoch"])
+    progress.send({"event": "resume", "epoch": state["epoch"]})
+    return _Progress(
+        history=state["history"],
+        start_epoch=state["epoch"],
+        best_weights=_arrays(arrays, "b") or None,
+        stopper=EarlyStopping.from_settings(settings.early_stopping, state.get("best")),
+        stopped_early=bool(state.get("stopped_early")),
+    )
 
-        if stopped_early and best_weights is not None:
-            trainer.set_weights(best_weights)
-        if chief:
-            arrays = _named("w", trainer.weights()) | _named("o", trainer.optimizer_state())
-            if best_weights is not None:
-                arrays |= _named("b", best_weights)
-            state = {
-                "epoch": epoch,
-                "history": history,
-                "best": stopper.state(),
-                "stopped_early": stopped_early,
-                "seed": settings.seed,
-                "fingerprint": spec["fingerprint"],
-                "settings": spec["settings_key"],
-                "workers": workers,
-                "data_position": {"epoch": epoch, "rule": "batch order = f(seed, worker, epoch)"},
-            }
-            checkpoints.write(epoch, state, arrays)
-            trainer.on_progress()
-            left = (settings.epochs - epoch) * (time.monotonic() - started)
-            progress.send({"event": "epoch", **record, "epochs": settings.epochs, "eta_s": left})
-            if tensorboard is not None:
-                tensorboard.write(epoch, record)
-        if spec.get("stall_at_epoch") == epoch and rank == workers - 1:
-            _stall()
-        if spec.get("fail_at_epoch") == epoch:
-            _inject_fault(trainer, checkpoints, rank, workers)
-        if stopped_early:
-            log.info("early stopping after epoch %d (best epoch %s)", epoch, stopper.best_epoch)
-            break
 
-    phases["epochs"] = time.monotonic() - loop_started  # training, validation, checkpoints
-    result: dict[str, Any] = {
-        "rank": rank,
-        "epochs_completed": history[-1]["epoch"] if history else 0,
-        "train_rows": train_data.rows,
-        "validation_rows": validation.rows,
-        "in_memory": train_data.in_memory,
-        "samples": samples,
-        "train_seconds": train_seconds,
-        "resumed_from": start_epoch,
-        "stopped_early": stopped_early,
-        "best_epoch": stopper.best_epoch,
-        "weights_digest": _digest(trainer.weights()),
-        "epoch_seconds": epoch_seconds,
-        "phases": phases,
-        "grpc_listen": listening,
+def _run_epoch(spec, settings, trainer, train_data, validation, epoch: int, done: _Progress):
+    """Train and validate one epoch; every worker ends with the same epoch record."""
+    from pipeline.training.data import epoch_segments
+
+    workers, steps, batch = int(spec["workers"]), int(spec["steps_per_epoch"]), settings.batch_size
+    started = time.monotonic()
+    segments = epoch_segments(
+        train_data,
+        epoch=epoch,
+        worker=int(spec["rank"]),
+        seed=settings.seed,
+        steps=steps,
+        batch_size=batch,
+        shuffle_buffer=settings.shuffle_buffer,
+    )
+    loss_sum, correct = trainer.train(segments, steps)
+    seconds = time.monotonic() - started
+    val = trainer.evaluate(validation.chunks()) if validation.rows else (0.0, 0.0, 0)
+    trainer.on_progress()
+    totals = trainer.allreduce_sum([loss_sum, correct, *val, seconds])
+    epoch_samples = steps * batch * workers
+    record = {
+        "epoch": float(epoch),
+        "loss": totals[0] / epoch_samples,
+        "accuracy": totals[1] / epoch_samples,
     }
-    if chief:
-        result["history"] = history
-        plain = build_model(settings)  # outside any strategy scope, for a plain .keras file
-        plain.set_weights(trainer.weights())
-        with open(os.path.join(spec["workdir"], "model.keras"), "wb") as f:
-            f.write(model_to_bytes(plain))
-        if tensorboard is not None:
-            tensorboard.close()
-    progress.close()
-    return result
+    if spec["total_validation_rows"] > 0:
+        record["val_loss"] = totals[2] / max(totals[4], 1.0)
+        record["val_accuracy"] = totals[3] / max(totals[4], 1.0)
+    slowest = totals[5] / workers  # mean across workers of the epoch's training time
+    record["samples_per_second"] = epoch_samples / max(seconds, slowest, 1e-9)
+    done.epoch_seconds.append(seconds)
+    done.train_seconds += seconds
+    done.samples += steps * batch
+    done.history.append(record)
+    _early_stopping(settings, trainer, epoch, record, done)
+    return record
 
 
-def _inject_fault(trainer, checkpoints, rank: int, workers: int) -> None:
-    """Test only: the last worker's Spark task dies once, after this epoch's checkpoint."""
-    if workers > 1:
-        trainer.sync_point()  # worker 0 has finished writing the checkpoint
-    if rank == workers - 1 and checkpoints.claim_once("fault-injected"):
-        log.error("fault injection: killing this worker's Spark task")
-        os.kill(os.getppid(), signal.SIGKILL)
-        os._exit(1)
+def _early_stopping(settings, trainer, epoch: int, record, done: _Progress) -> None:
+    """Track the best epoch; on stopping, go back to its weights if asked to."""
+    stopping = settings.early_stopping
+    if not (stopping.enabled and "val_loss" in record):
+        return
+    improved, done.stopped_early = done.stopper.update(epoch, record)
+    if improved and stopping.restore_best_weights:
+        done.best_weights = trainer.weights()
+    if done.stopped_early and done.best_weights is not None:
+        trainer.set_weights(done.best_weights)
 
 
+def _checkpoint(spec, settings, trainer, checkpoints, epoch: int, done: _Progress) -> None:
+    """Worker 0 writes the checkpoint of `epoch`: everything a resumed run needs."""
+    arrays = _named("w", trainer.weights()) | _named("o", trainer.optimizer_state())
+    if done.best_weights is not None:
+        arrays |= _named("b", done.best_weights)
+    state = {
+        "epoch": epoch,
+        "history": done.history,
+        "best": done.stopper.state(),
+        "stopped_early": done.stopped_early,
+        "seed": settings.seed,
+        "fingerprint": spec["fingerprint"],
+        "settings": spec["settings_key"],
+        "workers": int(spec["workers"]),
+        "data_position": {"epoch": epoch, "rule": "batch order = f(seed, worker, epoch)"},
+    }
+    checkpoints.write(epoch, state, arrays)
+
+
+def _export_model(settings, trainer, workdir: str) -> None:
+    """Worker 0's weights as a plain ``model.keras`` (built outside any strategy scope)."""
+    from pipeline.artifact import model_to_bytes
+    from pipeline.model import build_model
+
+    plain = build_model(settings)
+    plain.set_weights(trainer.weights())
+    with open(os.path.join(workdir, "model.keras"), "wb") as f:
+        f.write(model_to_bytes(plain))
+
+
+# -- around the steps ---------------------------------------------------------------------
 class _Watchdog:
     """Ends the worker when training makes no progress for `timeout_s` seconds.
 
     The trainer beats after every compiled call and every collective; a worker waiting on
-    a peer that stalled stops beating, and exits with the collective-timeout code, which
-    its Spark task reports to the driver.
+    a peer that stalled stops beating, and exits with `STALLED_EXIT`, which its Spark task
+    reports to the driver.
     """
 
-    def __init__(self, timeout_s: float, spec: dict[str, Any]) -> None:
+    def __init__(self, timeout_s: float, rank: int) -> None:
         self._timeout = timeout_s
-        self._spec = spec
+        self._rank = rank
         self._last = time.monotonic()
         threading.Thread(target=self._watch, daemon=True, name="watchdog").start()
 
@@ -298,27 +357,20 @@ class _Watchdog:
         self._last = time.monotonic()
 
     def _watch(self) -> None:
-        from pipeline.training.distributed import COLLECTIVE_TIMEOUT_EXIT
+        from pipeline.training.distributed import STALLED_EXIT
 
         while True:
             time.sleep(min(1.0, self._timeout / 10))
             idle = time.monotonic() - self._last
             if idle > self._timeout:
                 log.error(
-                    "worker %s: no progress for %.0f s (train.collective_timeout_s = %g): "
+                    "worker %s: no progress for %.0f s (train.stall_timeout_s = %g): "
                     "a collective is waiting for a worker that stalled or was lost",
-                    self._spec["rank"],
+                    self._rank,
                     idle,
                     self._timeout,
                 )
-                _exit_now(COLLECTIVE_TIMEOUT_EXIT)
-
-
-def _stall() -> None:
-    """Test only: this worker stops answering (alive, never reaching another collective)."""
-    log.error("fault injection: this worker stalls")
-    while True:
-        time.sleep(60)
+                _exit_now(STALLED_EXIT)
 
 
 def _listening() -> list[str]:
@@ -365,43 +417,32 @@ def _die_with_parent(parent_pid: int) -> None:
     threading.Thread(target=watch, daemon=True, name="parent-watch").start()
 
 
-class _Progress:
-    """Worker 0's epoch lines to the driver's listener; training goes on if it is gone."""
-
-    def __init__(self, address: list | None) -> None:
-        self._sock = None
-        if address:
-            try:
-                self._sock = socket.create_connection((address[0], int(address[1])), timeout=10)
-            except OSError as exc:
-                log.warning("no progress to the driver (%s)", exc)
-
-    def send(self, message: dict[str, Any]) -> None:
-        if self._sock is None:
-            return
-        try:
-            self._sock.sendall((json.dumps(message) + "\n").encode("utf-8"))
-        except OSError as exc:
-            log.warning("progress connection lost (%s)", exc)
-            self._sock = None
-
-    def close(self) -> None:
-        if self._sock is not None:
-            with contextlib.suppress(OSError):
-                self._sock.close()
-
-
 class _TensorBoard:
-    """Per-epoch scalars written locally and copied to ``MODEL/logs/`` after each epoch."""
+    """Per-epoch scalars written locally and copied to ``MODEL/logs/`` after each epoch.
+
+    Only worker 0 with ``train.tensorboard`` on writes anything; otherwise `write` does
+    nothing and no local directory is made. The local directory goes when it closes.
+    """
 
     def __init__(self, target: str | None) -> None:
-        import tempfile
-
-        import tensorflow as tf
-
         self._target = target
-        self._local = tempfile.mkdtemp(prefix="digits-tb-")
-        self._writer = tf.summary.create_file_writer(self._local) if target else None
+        self._local = self._writer = None
+        if target:
+            import tempfile
+
+            import tensorflow as tf
+
+            self._local = tempfile.mkdtemp(prefix="digits-tb-")
+            self._writer = tf.summary.create_file_writer(self._local)
+
+    @classmethod
+    @contextlib.contextmanager
+    def for_worker(cls, spec: dict[str, Any], chief: bool):
+        board = cls(spec.get("tensorboard_dir") if chief else None)
+        try:
+            yield board
+        finally:
+            board.close()
 
     def write(self, epoch: int, record: dict[str, float]) -> None:
         if self._writer is None:
@@ -430,6 +471,12 @@ class _TensorBoard:
     def close(self) -> None:
         if self._writer is not None:
             self._writer.close()
+            self._writer = None
+        if self._local is not None:
+            import shutil
+
+            shutil.rmtree(self._local, ignore_errors=True)
+            self._local = None
 
 
 class _PeakMemory:

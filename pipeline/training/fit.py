@@ -1,0 +1,177 @@
+"""The driver half of the barrier stage: `fit_partitions` trains on a DataFrame's partitions.
+
+It opens the progress channel, runs one barrier task per worker over the DataFrame
+(`pipeline.training.distributed` holds the task), turns a failed stage into the error the
+tasks reported, and returns worker 0's model bytes, its history and every worker's
+statistics: nothing else reaches the driver.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from py4j.protocol import Py4JError
+from pyspark.errors import PySparkException
+from pyspark.sql import DataFrame, SparkSession
+
+from pipeline.config import TrainSettings
+from pipeline.errors import InputDataError, TrainingError
+from pipeline.training.checkpoints import resume_key
+from pipeline.training.distributed import RESULT_SCHEMA, check_slots, make_task, spark_failure
+from pipeline.training.progress import ProgressListener, log_epoch
+
+log = logging.getLogger("pipeline.training")
+
+# The errors a barrier task reports through the progress channel, by type name.
+_TASK_ERRORS: dict[str, type[Exception]] = {
+    "InputDataError": InputDataError,
+    "TrainingError": TrainingError,
+}
+
+
+@dataclass(frozen=True)
+class FitResult:
+    """What the barrier stage hands back to the driver."""
+
+    model_bytes: bytes
+    history: list[dict[str, float]]
+    workers: list[dict[str, Any]]  # per-worker statistics, by rank
+    seconds: float
+    resumed_from: list[int] = field(default_factory=list)
+
+    @property
+    def epochs_completed(self) -> int:
+        return int(self.history[-1]["epoch"]) if self.history else 0
+
+    @property
+    def samples_per_second(self) -> float:
+        """Training samples per second of training time, all workers together."""
+        samples = sum(w["samples"] for w in self.workers)
+        seconds = max((w["train_seconds"] for w in self.workers), default=0.0)
+        return samples / seconds if seconds else 0.0
+
+
+def fit_partitions(
+    spark: SparkSession,
+    data: DataFrame,
+    settings: TrainSettings,
+    *,
+    checkpoint_dir: str,
+    fingerprint: str = "",
+    tensorboard_dir: str | None = None,
+    on_epoch: Callable[[dict[str, Any]], None] | None = None,
+) -> FitResult:
+    """Train on `data` (from `prepare_training_data`) with ``settings.workers`` workers.
+
+    Each worker consumes one partition. A DataFrame that already has exactly that many
+    partitions is used as it is (its partitions may be uneven); any other is
+    repartitioned. Checkpoints go to `checkpoint_dir` (any URI pyarrow can write), each
+    recording `fingerprint` as the data it was trained on.
+    """
+    check_slots(spark, settings.workers)
+    return run_stage(
+        spark,
+        data,
+        settings,
+        checkpoint_dir=checkpoint_dir,
+        fingerprint=fingerprint,
+        tensorboard_dir=tensorboard_dir,
+        on_epoch=on_epoch,
+    )
+
+
+def run_stage(
+    spark: SparkSession,
+    data: DataFrame,
+    settings: TrainSettings,
+    *,
+    checkpoint_dir: str,
+    fingerprint: str,
+    tensorboard_dir: str | None,
+    on_epoch: Callable[[dict[str, Any]], None] | None,
+) -> FitResult:
+    """`fit_partitions` once the task slots have been checked."""
+    started = time.monotonic()
+    workers = settings.workers
+    if data.rdd.getNumPartitions() != workers:
+        data = data.repartition(workers)
+    resumed: list[int] = []
+    errors: list[dict[str, Any]] = []
+    console = on_epoch or log_epoch
+    sc = spark.sparkContext
+    group = f"train-{uuid.uuid4().hex[:8]}"
+
+    def on_message(message: dict[str, Any]) -> None:
+        event = message.get("event")
+        if event == "resume":
+            resumed.append(int(message["epoch"]))
+            log.info("resuming from the checkpoint of epoch %d", message["epoch"])
+        elif event == "epoch":
+            console(message)
+        elif event == "cluster":
+            log.info(
+                "TensorFlow cluster %s; worker 0's gRPC server listens on %s",
+                ", ".join(message["workers"]),
+                ", ".join(message["listen"]) or "?",
+            )
+        elif event == "error":
+            errors.append(message)
+            if message.get("final"):
+                # A retry would fail the same way: stop the stage now rather than let
+                # Spark rerun it spark.stage.maxConsecutiveAttempts times.
+                sc.cancelJobGroup(group)
+
+    spec = {
+        "train": settings.model_dump(mode="json"),
+        "workers": workers,
+        "checkpoint_dir": checkpoint_dir,
+        "fingerprint": fingerprint,
+        "tensorboard_dir": tensorboard_dir,
+        "settings_key": resume_key(settings),
+    }
+    host = sc.getConf().get("spark.driver.host", "127.0.0.1")
+    with ProgressListener(host, on_message) as listener:
+        spec["progress"] = list(listener.address)
+        sc.setJobGroup(group, f"train {workers} worker(s), {settings.epochs} epochs")
+        try:
+            rows = (
+                data.mapInArrow(make_task(spec), RESULT_SCHEMA, barrier=workers > 1)
+                # The shuffle makes the barrier stage a ShuffleMapStage, which Spark retries.
+                .repartition(1)
+                .collect()
+            )
+        except (Py4JError, PySparkException) as exc:  # the stage failed for good
+            raise _stage_error(errors, exc) from None
+        finally:
+            sc.setLocalProperty("spark.jobGroup.id", None)
+    infos = sorted((json.loads(r["info"]) for r in rows), key=lambda i: i["rank"])
+    chief = next((r for r in rows if r["rank"] == 0), None)
+    if chief is None or chief["model"] is None:
+        raise TrainingError(f"worker 0 returned no model ({len(rows)} results)")
+    for info in infos:
+        if info["resumed_from"] and info["resumed_from"] not in resumed:
+            resumed.append(info["resumed_from"])
+    return FitResult(
+        model_bytes=bytes(chief["model"]),
+        history=infos[0]["history"],
+        workers=infos,
+        seconds=time.monotonic() - started,
+        resumed_from=resumed,
+    )
+
+
+def _stage_error(errors: list[dict[str, Any]], exc: Exception) -> Exception:
+    """The error to raise for a failed stage: the first final error a task reported, else
+    the last one, else what Spark says."""
+    reported = next((e for e in errors if e.get("final")), errors[-1] if errors else None)
+    if reported is None:
+        return TrainingError(f"training failed: {spark_failure(exc)}")
+    kind = _TASK_ERRORS.get(str(reported.get("type")), TrainingError)
+    message = str(reported.get("message"))
+    return kind(message if kind is InputDataError else f"training failed: {message}")
