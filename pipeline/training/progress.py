@@ -19,6 +19,8 @@ from collections.abc import Callable
 from typing import Any
 
 log = logging.getLogger(__name__)
+# The console's epoch lines and the stage's news come from the training stage itself.
+console = logging.getLogger("pipeline.training")
 
 
 # -- driver end ---------------------------------------------------------------------------
@@ -67,7 +69,7 @@ class ProgressListener:
 
 def log_epoch(record: dict[str, Any]) -> None:
     """The default console: one log line per epoch."""
-    log.info("%s", format_epoch(record))
+    console.info("%s", format_epoch(record))
 
 
 def format_epoch(record: dict[str, Any]) -> str:
