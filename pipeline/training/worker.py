@@ -451,7 +451,7 @@ class _TensorBoard:
         from pyarrow import fs
         from tensorflow.core.framework import summary_pb2
 
-        from pipeline.training.checkpoints import arrow_uri
+        from pipeline.rowgroups import arrow_uri
 
         # tf.summary.scalar needs the tensorboard package; this is the same event it writes.
         metadata = summary_pb2.SummaryMetadata(
