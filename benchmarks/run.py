@@ -1,10 +1,12 @@
 """Run every stage's benchmark in one invocation and write the results.
 
     python benchmarks/run.py --rows 1000000 --repeats 3 [--stages ingest train score]
+        [--process-rows 300000 --process-small-rows 60000 --process-epochs 10]
 
 Each stage lives in ``benchmarks/<stage>_bench.py`` and exposes
 ``run(rows: int, repeats: int, **optional) -> dict``; the optional keywords it may accept
-are ``spark`` (a shared SparkSession), ``data_dir`` and ``layouts``. Inside the returned
+are ``spark`` (a shared SparkSession), ``data_dir`` and ``layouts``, plus any keywords
+given for that stage alone in ``stage_options``. Inside the returned
 dict a measured figure is a dict with ``median``, ``min`` and ``max`` (and ``runs``), and a
 ratio is any key that starts with ``ratio``. A stage whose module is missing or fails is
 recorded as skipped or failed; the other stages still run.
@@ -35,7 +37,7 @@ from typing import Any
 log = logging.getLogger("benchmarks")
 
 HERE = Path(__file__).resolve().parent
-STAGES = ("ingest", "train", "score", "explain", "memory")
+STAGES = ("ingest", "train", "score", "explain", "memory", "process")
 PACKAGES = ("pyspark", "tensorflow", "keras", "pandas", "pyarrow", "numpy", "pillow")
 
 
@@ -74,6 +76,7 @@ def run_all(
     rows_by_stage: dict[str, int] | None = None,
     layouts: Sequence[str] = ("array",),
     data_dir: str | None = None,
+    stage_options: dict[str, dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """Run the stages' benchmarks in turn; returns the whole results document."""
     if str(HERE) not in sys.path:
@@ -94,6 +97,7 @@ def run_all(
             continue
         accepted = inspect.signature(module.run).parameters
         kwargs = {k: v for k, v in optional.items() if k in accepted and v is not None}
+        kwargs |= (stage_options or {}).get(stage, {})
         log.info("%s: %d rows, %d repeats", stage, stage_rows, repeats)
         try:
             figures = module.run(rows=stage_rows, repeats=repeats, **kwargs)
@@ -199,6 +203,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--data-dir", default=None, help="generated data (default benchmarks/data)")
     parser.add_argument("--out", default=str(HERE / "results"))
+    parser.add_argument(
+        "--process-rows",
+        type=int,
+        default=300_000,
+        help="whole-process stage: rows of the large train and score runs",
+    )
+    parser.add_argument(
+        "--process-small-rows",
+        type=int,
+        default=60_000,
+        help="whole-process stage: rows of the train run against the reference script",
+    )
+    parser.add_argument(
+        "--process-epochs", type=int, default=10, help="whole-process stage: training epochs"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     logging.getLogger("py4j").setLevel(logging.WARNING)
@@ -206,7 +225,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.warning("--repeats %d: the results ask for at least 3 runs per figure", args.repeats)
 
     rows_by_stage = {"train": args.train_rows} if args.train_rows else {}
-    doc = run_all(args.rows, args.repeats, args.stages, rows_by_stage, args.layouts, args.data_dir)
+    rows_by_stage["process"] = args.process_rows
+    process = {"small_rows": args.process_small_rows, "epochs": args.process_epochs}
+    doc = run_all(
+        args.rows,
+        args.repeats,
+        args.stages,
+        rows_by_stage,
+        args.layouts,
+        args.data_dir,
+        stage_options={"process": process},
+    )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "latest.json").write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")

@@ -1,0 +1,455 @@
+"""What users wait for: whole ``spark-submit`` jobs against whole baseline processes.
+
+    python benchmarks/process_bench.py --rows 300000 --small-rows 60000 --epochs 10 --repeats 3
+
+Every figure is one process timed from its start to its exit, launched as a user launches
+it: the project's ``spark-submit --master local[*]`` with ``SPARK_CONF_DIR`` at the
+project's ``conf/`` and ``PYSPARK_PYTHON`` at this interpreter. The data is made once,
+outside the timing, by the project's own jobs (``jobs/generate.py`` then ``jobs/ingest.py``,
+array layout) and reused between runs: ``--small-rows`` and ``--rows`` training rows
+(generate seed 0) and ``--heldout-rows`` held-out rows (seed 1: other augmentations of
+the embedded digits). Each repeat runs, in turn, so that load from other jobs on the
+machine falls on every contender alike:
+
+- ``reference_small``: the reference Keras script as a process
+  (``benchmarks/reference_train.py``: import TensorFlow, pyarrow read, ``model.fit``, save)
+  on the small rows;
+- ``train_small``: ``jobs/train.py`` on the same rows, one worker, ``--epochs`` epochs;
+- ``train``: ``jobs/train.py`` on ``--rows`` rows, one worker, held-out rows as
+  ``train.validation_path``; its own SGD-step seconds come from its ``metadata.json``
+  (the ``steps`` phase when the job records phases, else ``training_seconds``);
+- ``train_2_workers``: the same with ``--workers 2`` and every other setting default;
+- ``score``: ``jobs/score.py`` on the ``--rows`` features with the model of the first
+  ``train`` run;
+- ``copy``: ``benchmarks/spark_baselines.py copy``: Spark reads the features, writes them;
+- ``mllib``: ``benchmarks/spark_baselines.py mllib-score``: MLlib's
+  ``MultilayerPerceptronClassifier`` ([784, 32, 10]) loaded, ``transform`` and write; it is
+  fitted once beforehand on ``--fit-rows`` rows, outside the timing.
+
+Ratios are taken within a repeat and summarised as median, min and max. The jobs' own
+phase seconds (``metadata.json`` of training, ``_report.json`` of scoring) are reported
+under ``phases`` when the jobs record them. `run()` is the entry point of
+``benchmarks/run.py`` (stage ``process``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("benchmarks.process")
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+DEFAULT_DATA_DIR = HERE / "data"
+# Whole-process ratios the pipeline aims at: at most these, except the two-worker speed-up
+# (at least) and its held-out accuracy (within this many points of one worker's).
+TARGETS = {
+    "ratio_train_small_vs_reference": 0.5,
+    "ratio_train_vs_steps": 2.0,
+    "ratio_score_vs_copy": 0.6,
+    "ratio_score_vs_mllib": 0.5,
+    "ratio_2_workers_vs_1_samples_per_second": 1.2,
+    "accuracy_points_2_workers_minus_1": 0.5,
+}
+_WITHIN = {"accuracy_points_2_workers_minus_1"}
+# Figures of a run that are settings, not measurements.
+_SETTINGS = {"workers", "sync", "steps_from"}
+_AT_LEAST = {"ratio_2_workers_vs_1_samples_per_second"}
+
+
+class ProcessFailed(RuntimeError):
+    """A timed or preparatory process exited with an error."""
+
+
+def run(
+    rows: int = 300_000,
+    repeats: int = 3,
+    data_dir: str | Path | None = None,
+    small_rows: int = 60_000,
+    epochs: int = 10,
+    heldout_rows: int = 10_000,
+    fit_rows: int = 6_000,
+) -> dict[str, Any]:
+    """Time every contender `repeats` times; returns the figures for ``benchmarks/run.py``."""
+    data_dir = Path(data_dir or DEFAULT_DATA_DIR).resolve()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="process-bench-", dir=data_dir))
+    try:
+        small = _features(data_dir, work, small_rows, seed=0)
+        large = _features(data_dir, work, rows, seed=0)
+        heldout = _features(data_dir, work, heldout_rows, seed=1)
+        mllib_model = _mllib_model(data_dir, work, heldout, fit_rows)
+        samples = _measure(work, small, large, heldout, mllib_model, epochs, repeats)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return _result(samples, rows, small_rows, heldout_rows, fit_rows, epochs, repeats)
+
+
+def _measure(
+    work: Path, small: str, large: str, heldout: str, mllib_model: str, epochs: int, repeats: int
+) -> dict[str, list[dict[str, Any]]]:
+    """Every contender's figures, one dict per repeat."""
+    samples: dict[str, list[dict[str, Any]]] = {}
+    train = [
+        str(ROOT / "jobs" / "train.py"),
+        "--fresh",
+        "--set",
+        f"train.epochs={epochs}",
+        "--input",
+    ]
+    validate = ["--set", f"train.validation_path={heldout}"]
+    two = ["--workers", "2"]
+    score_model = str(work / "score-model")
+    for repeat in range(repeats):
+        log.info("repeat %d of %d", repeat + 1, repeats)
+        out = work / f"repeat-{repeat}"
+        out.mkdir()
+        runs = {
+            "reference_small": partial(_reference, out / "reference", small, epochs),
+            "train_small": partial(_train, "train_small", out / "train-small", [*train, small]),
+            "train": partial(_train, "train", out / "train", [*train, large, *validate]),
+            "train_2_workers": partial(
+                _train, "train_2_workers", out / "train-2", [*train, large, *validate, *two]
+            ),
+            "score": partial(_score, out / "score", large, score_model),
+            "copy": partial(_copy, out / "copy", large),
+            "mllib": partial(_mllib, out / "mllib", large, mllib_model),
+        }
+        for name, measure in runs.items():
+            figures = measure()
+            log.info("%s: %s", name, figures)
+            samples.setdefault(name, []).append(figures)
+            if name == "train" and repeat == 0:
+                shutil.copytree(out / "train", score_model)  # scored by every repeat
+        shutil.rmtree(out, ignore_errors=True)
+    return samples
+
+
+def _result(
+    samples: dict[str, list[dict[str, Any]]],
+    rows: int,
+    small_rows: int,
+    heldout_rows: int,
+    fit_rows: int,
+    epochs: int,
+    repeats: int,
+) -> dict[str, Any]:
+    def paired(numerator: str, key_a: str, denominator: str, key_b: str) -> dict[str, Any]:
+        pairs = zip(samples[numerator], samples[denominator], strict=True)
+        return _stats([a[key_a] / b[key_b] for a, b in pairs if a[key_a] and b[key_b]])
+
+    accuracy = [
+        100 * (two["val_accuracy"] - one["val_accuracy"])
+        for two, one in zip(samples["train_2_workers"], samples["train"], strict=True)
+        if two.get("val_accuracy") is not None and one.get("val_accuracy") is not None
+    ]
+    ratios = {
+        "ratio_train_small_vs_reference": paired(
+            "train_small", "seconds", "reference_small", "seconds"
+        ),
+        "ratio_train_vs_steps": _stats(
+            [s["seconds"] / s["steps_seconds"] for s in samples["train"] if s["steps_seconds"]]
+        ),
+        "ratio_score_vs_copy": paired("score", "seconds", "copy", "seconds"),
+        "ratio_score_vs_mllib": paired("score", "seconds", "mllib", "seconds"),
+        "ratio_2_workers_vs_1_samples_per_second": paired(
+            "train_2_workers", "samples_per_second", "train", "samples_per_second"
+        ),
+        "ratio_2_workers_vs_1_seconds": paired("train_2_workers", "seconds", "train", "seconds"),
+        "accuracy_points_2_workers_minus_1": _stats(accuracy),
+    }
+    targets = {}
+    for key, target in TARGETS.items():
+        median = ratios[key]["median"]
+        if key in _WITHIN:
+            sign, met = "within +-", abs(median) <= target
+        elif key in _AT_LEAST:
+            sign, met = ">=", median >= target
+        else:
+            sign, met = "<=", median <= target
+        targets[key] = {"target": f"{sign} {target}", "met": median == median and met}
+    return {
+        "stage": "process",
+        "rows": rows,
+        "small_rows": small_rows,
+        "heldout_rows": heldout_rows,
+        "mllib_fit_rows": fit_rows,
+        "epochs": epochs,
+        "repeats": repeats,
+        "master": "local[*]",
+        "seconds": {name: _stats([s["seconds"] for s in runs]) for name, runs in samples.items()},
+        "jobs": {
+            name: _summarise(runs, skip={"seconds", "phases"})
+            for name, runs in samples.items()
+            if name.startswith(("train", "score"))
+        },
+        "phases": {
+            name: _phase_stats([s.get("phases") or {} for s in runs])
+            for name, runs in samples.items()
+            if any(s.get("phases") for s in runs)
+        },
+        **ratios,
+        "targets": targets,
+        "commands": _COMMANDS,
+    }
+
+
+# One example command line per contender (the last one run), for the report.
+_COMMANDS: dict[str, str] = {}
+
+
+def _reference(output: Path, features: str, epochs: int) -> dict[str, Any]:
+    script = [str(HERE / "reference_train.py"), "--input", features, "--epochs", str(epochs)]
+    command = [sys.executable, *script, "--output", str(output)]
+    seconds, stdout = _timed("reference_small", command)
+    printed = json.loads(stdout.strip().splitlines()[-1])
+    return {"seconds": seconds, "fit_seconds": printed["fit_seconds"]}
+
+
+def _train(name: str, model_dir: Path, args: list[str]) -> dict[str, Any]:
+    seconds, _ = _timed(name, [*_submit(), *args, "--model-dir", str(model_dir)])
+    metadata = json.loads((model_dir / "metadata.json").read_text(encoding="utf-8"))
+    phases = find_phases(metadata)
+    last = metadata.get("history", [{}])[-1] if metadata.get("history") else {}
+    steps = phases.get("steps") or metadata.get("training_seconds")
+    return {
+        "seconds": seconds,
+        "steps_seconds": steps,
+        "steps_from": "phases.steps" if phases.get("steps") else "training_seconds",
+        "training_seconds": metadata.get("training_seconds"),
+        "samples_per_second": metadata.get("samples_per_second"),
+        "process_samples_per_second": _trained_samples(metadata) / seconds,
+        "val_accuracy": last.get("val_accuracy"),
+        "workers": metadata.get("workers"),
+        "sync": metadata.get("train", {}).get("sync")
+        if metadata.get("workers", 1) > 1
+        else "single",
+        "phases": phases,
+    }
+
+
+def _score(output: Path, features: str, model_dir: str) -> dict[str, Any]:
+    job = [str(ROOT / "jobs" / "score.py"), "--input", features, "--model-dir", model_dir]
+    seconds, _ = _timed("score", [*_submit(), *job, "--output", str(output)])
+    report = json.loads((output / "_report.json").read_text(encoding="utf-8"))
+    return {
+        "seconds": seconds,
+        "job_seconds": report.get("seconds"),
+        "accuracy": (report.get("evaluation") or {}).get("accuracy"),
+        "phases": find_phases(report),
+    }
+
+
+def _copy(output: Path, features: str) -> dict[str, Any]:
+    script = [str(HERE / "spark_baselines.py"), "copy", "--input", features]
+    seconds, _ = _timed("copy", [*_submit(), *script, "--output", str(output)])
+    return {"seconds": seconds}
+
+
+def _mllib(output: Path, features: str, model: str) -> dict[str, Any]:
+    script = [str(HERE / "spark_baselines.py"), "mllib-score", "--input", features, "--model"]
+    seconds, _ = _timed("mllib", [*_submit(), *script, model, "--output", str(output)])
+    return {"seconds": seconds}
+
+
+def find_phases(document: dict[str, Any]) -> dict[str, float]:
+    """The seconds per phase a job recorded in its output document, or {} when it has none.
+
+    The first mapping whose key names a phase ("phases", "seconds_by_phase", ...) found
+    breadth-first; a mapping of such mappings (one per worker) gives its first entry's."""
+    queue: list[Any] = [document]
+    while queue:
+        node = queue.pop(0)
+        if not isinstance(node, dict):
+            continue
+        for key, value in node.items():
+            if "phase" in str(key):
+                found = _numbers(value)
+                if found:
+                    return found
+        queue.extend(v for v in node.values() if isinstance(v, dict | list))
+        queue.extend(v for v in node.values() if isinstance(v, list) for v in v)
+    return {}
+
+
+def _numbers(value: Any) -> dict[str, float]:
+    if isinstance(value, list) and value:
+        value = value[0]
+    if not isinstance(value, dict) or not value:
+        return {}
+    if all(isinstance(v, int | float) and not isinstance(v, bool) for v in value.values()):
+        return {str(k): float(v) for k, v in value.items()}
+    first = value[sorted(value)[0]]
+    return _numbers(first) if isinstance(first, dict) else {}
+
+
+def _trained_samples(metadata: dict[str, Any]) -> float:
+    """Training samples of the whole run: the rows trained on times the epochs completed."""
+    data = metadata.get("data") or {}
+    rows = data.get("train_rows") or data.get("rows") or 0
+    return rows * (metadata.get("epochs_completed") or 0)
+
+
+def _features(data_dir: Path, work: Path, rows: int, seed: int) -> str:
+    """`rows` ingested generated digits (array layout, generate seed `seed`): made once."""
+    features = data_dir / f"process-features-{rows}-seed{seed}"
+    if (features / "_SUCCESS").exists():
+        return str(features)
+    raw = work / f"raw-{rows}-seed{seed}"
+    log.info("generating and ingesting %d rows (seed %d) into %s", rows, seed, features)
+    generate = [str(ROOT / "jobs" / "generate.py"), "--rows", str(rows), "--seed", str(seed)]
+    _timed("generate", [*_submit(), *generate, "--layout", "array", "--output", str(raw)])
+    ingest = [str(ROOT / "jobs" / "ingest.py"), "--input", str(raw), "--output", str(features)]
+    _timed("ingest", [*_submit(), *ingest])
+    shutil.rmtree(raw, ignore_errors=True)
+    return str(features)
+
+
+def _mllib_model(data_dir: Path, work: Path, features: str, rows: int) -> str:
+    """MLlib's [784, 32, 10] perceptron fitted on `rows` rows of `features`: made once."""
+    model = data_dir / f"process-mllib-{rows}"
+    if (model / "metadata").exists():
+        return str(model)
+    script = [str(HERE / "spark_baselines.py"), "mllib-fit", "--input", features]
+    staging = work / "mllib-model"
+    _timed("mllib-fit", [*_submit(), *script, "--model", str(staging), "--rows", str(rows)])
+    shutil.move(str(staging), model)
+    return str(model)
+
+
+def _submit() -> list[str]:
+    submit = Path(sys.executable).parent / "spark-submit"
+    return [str(submit) if submit.exists() else "spark-submit", "--master", "local[*]"]
+
+
+def _environment() -> dict[str, str]:
+    """The environment a user's shell has for the jobs (as the Makefile sets it)."""
+    env = dict(os.environ)
+    env["PYSPARK_PYTHON"] = sys.executable
+    env["SPARK_CONF_DIR"] = str(ROOT / "conf")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    env.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
+    return env
+
+
+def _timed(name: str, command: list[str]) -> tuple[float, str]:
+    """Run `command` to its exit; (wall seconds from start to exit, its stdout)."""
+    _COMMANDS[name] = " ".join(_readable(part) for part in command)
+    started = time.monotonic()
+    done = subprocess.run(
+        command, env=_environment(), cwd=ROOT, capture_output=True, text=True, check=False
+    )
+    seconds = time.monotonic() - started
+    if done.returncode != 0:
+        tail = "\n".join((done.stderr or done.stdout).splitlines()[-30:])
+        raise ProcessFailed(f"{name} exited with {done.returncode}: {_COMMANDS[name]}\n{tail}")
+    return seconds, done.stdout
+
+
+def _readable(part: str) -> str:
+    """A command-line word with the project's and the interpreter's directories shortened."""
+    for prefix, short in (
+        (str(Path(sys.executable).parent) + os.sep, ""),
+        (str(ROOT) + os.sep, ""),
+    ):
+        if part.startswith(prefix):
+            return short + part[len(prefix) :]
+    return part
+
+
+def _stats(values: list[float]) -> dict[str, Any]:
+    if not values:
+        return {"median": float("nan"), "min": float("nan"), "max": float("nan"), "values": []}
+    return {
+        "median": round(statistics.median(values), 4),
+        "min": round(min(values), 4),
+        "max": round(max(values), 4),
+        "values": [round(v, 4) for v in values],
+    }
+
+
+def _summarise(runs: list[dict[str, Any]], skip: set[str]) -> dict[str, Any]:
+    """Median/min/max of every number the repeats of one contender recorded."""
+    summary: dict[str, Any] = {}
+    for key, first in runs[0].items():
+        if key in skip:
+            continue
+        values = [r.get(key) for r in runs]
+        numbers = all(isinstance(v, int | float) and not isinstance(v, bool) for v in values)
+        if numbers and key not in _SETTINGS:
+            summary[key] = _stats(values)
+        else:
+            summary[key] = first if len({json.dumps(v) for v in values}) == 1 else values
+    return summary
+
+
+def _phase_stats(runs: list[dict[str, float]]) -> dict[str, Any]:
+    names = dict.fromkeys(name for phases in runs for name in phases)
+    return {name: _stats([p[name] for p in runs if name in p]) for name in names}
+
+
+def format_table(result: dict[str, Any]) -> str:
+    lines = [
+        f"whole processes: {result['rows']:,} rows ({result['small_rows']:,} for the reference "
+        f"comparison), {result['epochs']} epochs, {result['repeats']} repeats, "
+        f"{result['master']}; seconds, median (min - max)",
+    ]
+    for name, s in result["seconds"].items():
+        lines.append(f"  {name:<18}{s['median']:>9.2f}  ({s['min']:.2f} - {s['max']:.2f})")
+    for key, target in result["targets"].items():
+        s = result[key]
+        state = "met" if target["met"] else "NOT met"
+        lines.append(
+            f"  {key:<42}{s['median']:>8.3f}  ({s['min']:.3f} - {s['max']:.3f})"
+            f"  target {target['target']}: {state}"
+        )
+    s = result["ratio_2_workers_vs_1_seconds"]
+    lines.append(f"  {'ratio_2_workers_vs_1_seconds':<42}{s['median']:>8.3f}")
+    for name, phases in result["phases"].items():
+        shown = ", ".join(f"{p} {v['median']:.2f}" for p, v in phases.items())
+        lines.append(f"  phases of {name} (s): {shown}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rows", type=int, default=300_000, help="rows of the large runs")
+    parser.add_argument("--small-rows", type=int, default=60_000, help="rows vs the reference")
+    parser.add_argument("--heldout-rows", type=int, default=10_000)
+    parser.add_argument("--fit-rows", type=int, default=6_000, help="rows MLlib is fitted on")
+    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--data-dir", default=str(DEFAULT_DATA_DIR))
+    parser.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    result = run(
+        args.rows,
+        args.repeats,
+        args.data_dir,
+        small_rows=args.small_rows,
+        epochs=args.epochs,
+        heldout_rows=args.heldout_rows,
+        fit_rows=args.fit_rows,
+    )
+    print(format_table(result))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
