@@ -41,8 +41,7 @@ check-java: $(VENV)/.installed
 run: $(VENV)/.installed check-java
 	$(SUBMIT) jobs/ingest.py --input "$$($(PY) -m pipeline.sample)" --output $(OUT)/features \
 	  --set ingest.split.enabled=true
-	$(SUBMIT) jobs/train.py --input $(OUT)/features/split=train --model-dir $(OUT)/model --fresh \
-	  --set train.validation_path=$(OUT)/features/split=validation
+	$(SUBMIT) jobs/train.py --input $(OUT)/features --model-dir $(OUT)/model --fresh
 	$(SUBMIT) jobs/score.py --input $(OUT)/features/split=test --model-dir $(OUT)/model \
 	  --output $(OUT)/predictions
 	$(SUBMIT) jobs/explain.py --input $(OUT)/features/split=test --model-dir $(OUT)/model \

@@ -27,6 +27,9 @@ def main(args) -> int:
         ["epochs completed", metadata.epochs_completed],
         ["input rows", metadata.data.get("rows", 0)],
     ]
+    splits = metadata.data.get("splits")
+    if splits:  # a split ingest output: which splits were used, with their rows
+        rows.append(["splits", ", ".join(f"{name} {n:,}" for name, n in splits.items())])
     if result.fit.resumed_from:
         rows.append(["resumed from epoch", max(result.fit.resumed_from)])
     rows += [[name, round(last[name], 4)] for name in _METRICS if name in last]

@@ -329,3 +329,48 @@ def test_a_stalled_worker_fails_the_job_naming_the_stall_timeout(spark, tmp_path
     assert not (tmp_path / "model" / "model.keras").exists()
     checkpoints = sorted(p.name for p in (tmp_path / "model" / "checkpoints").iterdir())
     assert "epoch-0001.npz" in checkpoints and "epoch-0004.npz" not in checkpoints
+
+
+@pytest.mark.slow
+def test_a_split_ingest_output_trains_on_its_train_split_only(spark, tmp_path, sample_file, caplog):
+    import pyarrow.parquet as pq
+
+    from pipeline.ingest import ingest_report, run_ingest
+    from pipeline.training.inputs import resolve_input
+
+    features = tmp_path / "features"
+    run_ingest(
+        spark, Config().with_overrides({"ingest": {"split": {"enabled": True}}}), sample_file,
+        str(features),
+    )  # fmt: skip
+    rows = {
+        name: sum(
+            pq.read_metadata(p).num_rows for p in (features / f"split={name}").glob("*.parquet")
+        )
+        for name in ("train", "validation", "test")
+    }
+    assert sum(rows.values()) == 6000 and min(rows.values()) > 0
+
+    with caplog.at_level(logging.INFO, logger="pipeline.training"):
+        result = run_training(
+            spark, Config().with_overrides({"train": {"epochs": 1}}), str(features),
+            str(tmp_path / "model"),
+        )  # fmt: skip
+    metadata = json.loads((tmp_path / "model" / "metadata.json").read_text())
+    assert metadata["data"]["splits"] == {"train": rows["train"], "validation": rows["validation"]}
+    assert metadata["data"]["rows"] == rows["train"]
+    assert all("/split=train/" in f["path"] for f in metadata["data"]["files"])
+    worker = result.fit.workers[0]
+    assert (worker["train_rows"], worker["validation_rows"]) == (rows["train"], rows["validation"])
+    assert "val_accuracy" in result.history[-1]
+    assert f"training on split=train ({rows['train']:,} rows)" in caplog.text
+    assert f"split=validation ({rows['validation']:,} rows)" in caplog.text
+
+    # A split named on the command line is used as it is, test rows included.
+    storage = Storage(spark)
+    report = ingest_report(storage, str(features))
+    named = resolve_input(storage, f"{features}/split=test", TrainSettings(), report)
+    assert (named.train_path, named.validation_path) == (f"{features}/split=test", None)
+    # Validation the user chose wins over split=validation.
+    chosen = resolve_input(storage, str(features), TrainSettings(validation_fraction=0.1), report)
+    assert chosen.train_path.endswith("/split=train") and chosen.validation_path is None

@@ -1,7 +1,11 @@
-"""The training input on the driver: contract columns, validation rows, and checks.
+"""The training input on the driver: which rows, contract columns, validation rows, checks.
 
-`prepare_training_data` turns features into the stream a barrier task receives (float
-features, one-hot labels and the validation flag). `describe_input` says what was read
+`resolve_input` says where the training and validation rows come from: for an ingest
+output written with ``ingest.split.enabled``, its ``split=train`` rows, validated on its
+``split=validation`` rows unless the user chose other validation; its ``split=test`` rows
+are never read unless the user names that folder. `prepare_training_data` turns features
+into the stream a barrier task receives (float features, one-hot labels and the
+validation flag). `describe_input` says what was read
 (rows, rows per class, schema, files and their fingerprint, recorded in ``metadata.json``
 and in every checkpoint); `check_classes` refuses data a classifier cannot learn from.
 A profile of the input (per-feature statistics for drift checks) belongs beside
@@ -12,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import dataclass
 from typing import Any
 
 from pyspark.sql import Column, DataFrame
@@ -20,13 +25,53 @@ from pyspark.sql import types as T
 
 from pipeline.artifact import sha256_bytes
 from pipeline.config import TrainSettings
-from pipeline.contract import FEATURES, LABEL, LABEL_ONEHOT, NUM_CLASSES
+from pipeline.contract import FEATURES, LABEL, LABEL_ONEHOT, NUM_CLASSES, SPLIT
 from pipeline.errors import InputDataError
 from pipeline.features import onehot as one_hot
 from pipeline.storage import Storage
 from pipeline.training.data import VALIDATION_FLAG
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrainingInput:
+    """Where the training rows and the validation rows come from."""
+
+    train_path: str
+    validation_path: str | None  # None: a fraction of the training rows, or no validation
+    split_output: str | None = None  # the split ingest output the paths were taken from
+
+    def splits(self) -> dict[str, str]:
+        """The splits used, by name (empty unless a split output was resolved)."""
+        if self.split_output is None:
+            return {}
+        used = {"train": self.train_path}
+        prefix = f"{self.split_output}/{SPLIT}="
+        if self.validation_path and self.validation_path.startswith(prefix):
+            used[self.validation_path[len(prefix) :]] = self.validation_path
+        return used
+
+
+def resolve_input(
+    storage: Storage, input_path: str, settings: TrainSettings, report: dict | None
+) -> TrainingInput:
+    """The training input for `input_path`, whose ingest report is `report` (or None).
+
+    A split ingest output (its report's ``preprocessing.split.enabled``, given as the
+    output itself rather than one of its ``split=…`` folders) trains on ``split=train`` and
+    validates on ``split=validation``, unless ``train.validation_path`` or
+    ``train.validation_fraction`` says otherwise; ``split=test`` is left alone.
+    """
+    root = input_path.rstrip("/")
+    split = ((report or {}).get("preprocessing") or {}).get("split") or {}
+    if not split.get("enabled") or root.rpartition("/")[2].startswith(f"{SPLIT}="):
+        return TrainingInput(input_path, settings.validation_path)
+    validation = settings.validation_path
+    if not validation and not settings.validation_fraction:
+        candidate = f"{root}/{SPLIT}=validation"
+        validation = candidate if storage.exists(candidate) else None
+    return TrainingInput(f"{root}/{SPLIT}=train", validation, split_output=root)
 
 
 def prepare_training_data(

@@ -18,7 +18,12 @@ from pipeline.storage import Storage
 from pipeline.training.checkpoints import check_resumable
 from pipeline.training.distributed import check_slots
 from pipeline.training.fit import FitResult, run_stage
-from pipeline.training.inputs import check_classes, describe_input, prepare_training_data
+from pipeline.training.inputs import (
+    check_classes,
+    describe_input,
+    prepare_training_data,
+    resolve_input,
+)
 
 log = logging.getLogger(__name__)
 
@@ -54,13 +59,6 @@ def run_training(
     settings = config.train
     if workers is not None and workers != settings.workers:
         settings = settings.model_copy(update={"workers": workers})
-    if settings.early_stopping.enabled and not (
-        settings.validation_fraction or settings.validation_path
-    ):
-        raise ConfigError(
-            "train.early_stopping.enabled needs validation data: set "
-            "train.validation_fraction or train.validation_path"
-        )
     check_slots(spark, settings.workers)  # before any data is read: fail fast
 
     from pipeline.ingest import ingest_report, read_features
@@ -68,19 +66,26 @@ def run_training(
     storage = Storage(spark)
     model_dir = storage.qualify(model_dir).rstrip("/")
     checkpoint_dir = f"{model_dir}/{CHECKPOINTS_DIR}"
+    report = ingest_report(storage, input_path) or {}
+    source = resolve_input(storage, input_path, settings, report)
+    if settings.early_stopping.enabled and not (
+        settings.validation_fraction or source.validation_path
+    ):
+        raise ConfigError(
+            "train.early_stopping.enabled needs validation data: set "
+            "train.validation_fraction or train.validation_path"
+        )
+    features = read_features(spark, source.train_path)
+    validation = read_features(spark, source.validation_path) if source.validation_path else None
+    data = prepare_training_data(features, settings, validation)
+    described = describe_input(storage, features, source.train_path)
+    check_classes(described["class_counts"], source.train_path)
+    if source.split_output is not None:
+        described["splits"] = _split_rows(source, settings, described["rows"], validation)
     if fresh and storage.exists(checkpoint_dir):
         log.info("--fresh: deleting %s", checkpoint_dir)
         storage.delete(checkpoint_dir)
-
-    features = read_features(spark, input_path)
-    validation = (
-        read_features(spark, settings.validation_path) if settings.validation_path else None
-    )
-    data = prepare_training_data(features, settings, validation)
-    described = describe_input(storage, features, input_path)
-    check_classes(described["class_counts"], input_path)
     check_resumable(storage, checkpoint_dir, settings, described["sha256"])
-    report = ingest_report(storage, input_path) or {}
     preprocessing = IngestSettings.model_validate(report.get("preprocessing") or {})
 
     fit = run_stage(
@@ -118,6 +123,30 @@ def run_training(
         {"history.png": history_png(fit.history), **extras},
     )
     return TrainResult(model_dir, metadata, fit, time.monotonic() - started)
+
+
+def _split_rows(source, settings, train_rows: int, validation) -> dict[str, int]:
+    """Rows of each split used (for ``metadata.json``), and the console line that says so."""
+    rows = {"train": train_rows}
+    for name in source.splits():
+        if name != "train":
+            rows[name] = validation.count()
+    if len(rows) > 1:
+        validating = ", ".join(f"split={n} ({rows[n]:,} rows)" for n in rows if n != "train")
+    elif source.validation_path:
+        validating = source.validation_path
+    elif settings.validation_fraction:
+        validating = f"train.validation_fraction = {settings.validation_fraction:g} of them"
+    else:
+        validating = "nothing"
+    log.info(
+        "%s is a split ingest output: training on split=train (%s rows), validating on %s; "
+        "split=test is not read",
+        source.split_output,
+        f"{train_rows:,}",
+        validating,
+    )
+    return rows
 
 
 def _versions(spark: SparkSession) -> dict[str, str]:
