@@ -14,7 +14,9 @@ other jobs falls on every contender alike):
 - ``two_workers_exact``: exact synchronous SGD (its ratio is reported; ``--exact-repeats``);
 - ``memory``: one worker's peak resident memory, one epoch, at ``--memory-rows``/10 rows
   (in memory) and at ``--memory-rows`` and 10x that (streamed from local disk under a
-  ``--memory-budget-mb`` budget) (target: < 20 % growth for 10x the data).
+  ``--memory-budget-mb`` budget) (target: < 20 % growth for 10x the data);
+- ``augmentation``: steps/s of the fused loop with ``train.augment`` on and off
+  (``benchmarks/augment_bench.py``; target: on/off ratio at least 0.5).
 
 ``samples_per_second`` is training samples over training seconds (every epoch, tracing
 included, as ``model.fit``'s time includes its own); ``steady_samples_per_second`` is the
@@ -42,7 +44,12 @@ from typing import Any
 log = logging.getLogger("benchmarks.train")
 
 DEFAULT_DATA_DIR = Path(__file__).resolve().parent / "data"
-TARGETS = {"one_worker_vs_reference": 5.0, "local_sgd_vs_one_worker": 1.2, "rss_growth": 0.20}
+TARGETS = {
+    "one_worker_vs_reference": 5.0,
+    "local_sgd_vs_one_worker": 1.2,
+    "rss_growth": 0.20,
+    "augment_on_vs_off": 0.5,
+}
 
 
 def run(
@@ -95,6 +102,9 @@ def run(
             memory[name] = {"rows": size, **_train(spark, config, path, work, workers=1)}
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    from augment_bench import measure as measure_augmentation
+
+    augmentation = measure_augmentation(repeats=max(repeats, 3))
 
     def ratios(numerator: str, denominator: str, key: str) -> dict[str, Any]:
         pairs = zip(samples[numerator], samples[denominator], strict=False)
@@ -129,6 +139,8 @@ def run(
         ),
         "rss_growth": memory["large"]["peak_rss_mb"] / memory["small"]["peak_rss_mb"] - 1,
         "rss_growth_100x": memory["xlarge"]["peak_rss_mb"] / memory["small"]["peak_rss_mb"] - 1,
+        "augmentation": augmentation,
+        "augment_on_vs_off": augmentation["ratio_on_vs_off"],
         "targets": TARGETS,
     }
 

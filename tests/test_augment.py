@@ -130,3 +130,161 @@ def test_compiles_inside_an_xla_training_loop(digits):
     )
     np.testing.assert_allclose(fused, one_by_one, atol=1e-5)
     assert np.abs(fused - sum(digits[16 * i : 16 * i + 32] for i in range(3))).max() > 0.1
+
+
+# -- in the training loop ------------------------------------------------------------------
+
+
+def _trainer(settings: TrainSettings, digits: np.ndarray, labels: np.ndarray):
+    from pipeline.training.loop import Trainer
+
+    trainer = Trainer(settings, workers=1)
+    trainer.make_store(len(digits))
+    trainer.fill_store([(digits, np.eye(10, dtype=np.float32)[labels])])
+    return trainer
+
+
+def _train(trainer, batches: np.ndarray) -> None:
+    from pipeline.training.data import Segment
+
+    trainer.train([Segment(None, batches)], len(batches))
+
+
+@pytest.fixture(scope="module")
+def training_rows(sample_pixels):
+    pixels, labels = sample_pixels
+    x = (pixels[:512].astype(np.float64) / 255.0).astype(np.float32)
+    batches = np.random.default_rng(0).integers(0, 512, (12, 32)).astype(np.int32)
+    return x, labels[:512], batches
+
+
+def _plain_sgd(settings: TrainSettings, x, y, batches) -> list[np.ndarray]:
+    """The reference model's SGD steps on the raw rows, written without the Trainer."""
+    import keras
+
+    from pipeline.model import build_model, build_optimizer
+
+    model = build_model(settings)
+    optimizer = build_optimizer(settings)
+    optimizer.build(model.trainable_variables)
+
+    @tf.function
+    def step(xb, yb):
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_mean(
+                keras.losses.categorical_crossentropy(yb, model(xb, training=True))
+            )
+        optimizer.apply(tape.gradient(loss, model.trainable_variables), model.trainable_variables)
+
+    for rows in batches:
+        step(tf.constant(x[rows]), tf.constant(y[rows]))
+    return [np.asarray(w) for w in model.get_weights()]
+
+
+def test_off_trains_on_the_raw_rows_bit_for_bit(training_rows):
+    x, labels, batches = training_rows
+    y = np.eye(10, dtype=np.float32)[labels]
+    settings = TrainSettings(seed=3, steps_per_call=5)
+    trainer = _trainer(settings, x, labels)
+    _train(trainer, batches)
+    expected = _plain_sgd(settings, x, y, batches)
+    for got, want in zip(trainer.weights(), expected, strict=True):
+        np.testing.assert_array_equal(got, want)
+
+    on = settings.model_copy(update={"augment": ON})
+    augmented = _trainer(on, x, labels)
+    _train(augmented, batches)
+    assert not np.array_equal(augmented.weights()[0], expected[0])
+
+
+def test_training_batches_are_augmented_validation_never(training_rows, monkeypatch):
+    """An augmentation that blanks every image: training sees blank batches (the first
+    layer's weights get no gradient), validation still scores the raw rows."""
+    import pipeline.training.loop as loop
+
+    x, labels, batches = training_rows
+    monkeypatch.setattr(loop, "make_augment", lambda *args: lambda x, step: tf.zeros_like(x))
+    trainer = _trainer(TrainSettings(augment=ON, steps_per_call=5), x, labels)
+    initial_kernel = trainer.weights()[0]
+    _train(trainer, batches)
+    weights = trainer.weights()
+    np.testing.assert_array_equal(weights[0], initial_kernel)
+    assert not np.array_equal(weights[3], np.zeros_like(weights[3]))  # the output bias trained
+
+    y = np.eye(10, dtype=np.float32)[labels]
+    loss_sum, correct, rows = trainer.evaluate([(x, y)])
+    probabilities = trainer.model(x, training=False).numpy()
+    expected_correct = float(np.sum(probabilities.argmax(1) == labels))
+    blank = trainer.model(np.zeros_like(x), training=False).numpy()
+    assert rows == len(x)
+    assert correct == expected_correct
+    assert expected_correct != float(np.sum(blank.argmax(1) == labels))
+    expected_loss = -np.sum(np.log(probabilities[np.arange(len(x)), labels]))
+    assert loss_sum == pytest.approx(expected_loss, rel=1e-4)
+
+
+# -- in training jobs (Spark, TensorFlow worker processes) ---------------------------------
+
+
+def _frame(spark, x: np.ndarray, labels: np.ndarray, parts: int):
+    from pipeline.contract import FEATURES, LABEL_ONEHOT
+    from pipeline.training.data import VALIDATION_FLAG
+
+    y = np.eye(10, dtype=np.float32)[labels]
+    rows = [(a.tolist(), b.tolist(), False) for a, b in zip(x, y, strict=True)]
+    size = -(-len(rows) // parts)
+    slices = [rows[i : i + size] for i in range(0, len(rows), size)]
+    rdd = spark.sparkContext.parallelize(slices, parts).flatMap(lambda part: part)
+    schema = f"{FEATURES} array<float>, {LABEL_ONEHOT} array<float>, {VALIDATION_FLAG} boolean"
+    return spark.createDataFrame(rdd, schema)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sync", ["local_sgd", "exact"])
+def test_two_workers_train_with_augmentation(spark, tmp_path, training_rows, sync):
+    from pipeline.training import fit_partitions
+
+    x, labels, _ = training_rows
+    frame = _frame(spark, x, labels, parts=2)
+    common = {"workers": 2, "sync": sync, "epochs": 1, "average_every": 4, "seed": 9}
+    digests = {}
+    for name, augment in (("off", AugmentSettings()), ("on", ON)):
+        settings = TrainSettings(**common, augment=augment)
+        fit = fit_partitions(spark, frame, settings, checkpoint_dir=str(tmp_path / name))
+        assert [w["samples"] for w in fit.workers] == [8 * 32, 8 * 32]
+        worker_digests = {w["weights_digest"] for w in fit.workers}
+        assert len(worker_digests) == 1  # the workers end in agreement
+        digests[name] = worker_digests.pop()
+    assert digests["on"] != digests["off"]
+
+
+@pytest.mark.slow
+def test_one_worker_job_records_augmentation_and_ships_a_plain_model(
+    spark, tmp_path, ingested_sample
+):
+    import json
+
+    from pipeline.artifact import model_from_bytes, read_model_dir
+    from pipeline.storage import Storage
+    from pipeline.training import run_training
+
+    augment = {"enabled": True, "max_rotation": 10.0, "max_shear": 5.0}
+    config = Config().with_overrides(
+        {"train": {"epochs": 2, "validation_fraction": 0.2, "augment": augment}}
+    )
+    model_dir = tmp_path / "model"
+    result = run_training(spark, config, ingested_sample, str(model_dir))
+    assert [h["epoch"] for h in result.history] == [1.0, 2.0]
+    assert all(0.5 < h["val_accuracy"] <= 1.0 for h in result.history)
+
+    recorded = json.loads((model_dir / "metadata.json").read_text())["train"]["augment"]
+    assert recorded == {**AugmentSettings().model_dump(), **augment}
+    # Augmentation lives in the training loop only: the model scoring loads is the
+    # reference network, layer for layer.
+    metadata, model_bytes = read_model_dir(Storage(spark), str(model_dir))
+    model = model_from_bytes(metadata, model_bytes)
+    assert [layer.name for layer in model.layers] == [
+        "features",
+        "hidden_0",
+        "probabilities",
+    ]

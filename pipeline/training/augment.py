@@ -110,8 +110,9 @@ def affine_transform(x, angle, scale, shear, dx, dy) -> tf.Tensor:
 
     x0, y0 = tf.floor(source_x), tf.floor(source_y)
     wx, wy = source_x - x0, source_y - y0
-    offsets = tf.range(batch)[:, None] * (_PADDED * _PADDED)
-    top_left = (tf.cast(y0, tf.int32) + 1) * _PADDED + tf.cast(x0, tf.int32) + 1 + offsets
+    # Flat position of each top-left neighbour in the padded batch, exact in float32.
+    offsets = tf.cast(tf.range(batch) * (_PADDED * _PADDED) + _PADDED + 1, tf.float32)
+    top_left = tf.cast(y0 * _PADDED + x0 + offsets[:, None], tf.int32)
     images = tf.reshape(x, (batch, side, side))
     padded = tf.reshape(tf.pad(images, [[0, 0], [1, 2], [1, 2]]), (-1,))
     # Four gathers of (batch, 784) rather than one of stacked corners: XLA on CPU emits a

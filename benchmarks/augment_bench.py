@@ -1,0 +1,124 @@
+"""What augmentation costs the training loop: steps per second with it on and off.
+
+    python benchmarks/augment_bench.py --steps 2000 --repeats 5
+
+Trains the reference model with the pipeline's own `Trainer` (one worker, one TensorFlow
+thread as under ``spark.task.cpus=1``, the embedded sample in its store, 100 steps fused
+per compiled call), once with ``train.augment.enabled`` false and once true, alternating
+within each repeat so that load from other processes falls on both alike. Tracing and
+compilation happen before the clock starts. Target: on/off ratio at least 0.5.
+
+The measurement runs in a fresh Python process (TensorFlow's thread pools are fixed when
+it starts); `measure()` returns its figures as a dict for ``benchmarks/train_bench.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+TARGET = 0.5
+
+
+def measure(steps: int = 2000, repeats: int = 5) -> dict[str, Any]:
+    """Run the benchmark in a subprocess; its figures (steps/s on, off and their ratio)."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    command = [sys.executable, str(Path(__file__).resolve()), "--steps", str(steps)]
+    command += ["--repeats", str(repeats), "--json"]
+    out = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
+    if out.returncode != 0:
+        raise RuntimeError(f"augment benchmark failed ({out.returncode}): {out.stderr[-2000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _measure_here(steps: int, repeats: int) -> dict[str, Any]:
+    import numpy as np
+    import tensorflow as tf
+
+    tf.get_logger().setLevel("ERROR")
+    tf.config.threading.set_intra_op_parallelism_threads(1)
+    tf.config.threading.set_inter_op_parallelism_threads(1)
+
+    from pipeline.config import AugmentSettings, TrainSettings
+    from pipeline.contract import NUM_CLASSES
+    from pipeline.generate import load_base_digits
+    from pipeline.training.data import Segment
+    from pipeline.training.loop import Trainer
+
+    pixels, labels = load_base_digits()
+    x = (pixels.astype(np.float64) / 255.0).astype(np.float32)
+    y = np.eye(NUM_CLASSES, dtype=np.float32)[labels]
+    rng = np.random.default_rng(0)
+    trainers = {}
+    for name, enabled in (("off", False), ("on", True)):
+        settings = TrainSettings(augment=AugmentSettings(enabled=enabled))
+        trainer = Trainer(settings, workers=1)
+        trainer.make_store(len(x))
+        trainer.fill_store([(x, y)])
+        per_call = settings.steps_per_call
+        warm_up = rng.integers(0, len(x), (per_call, settings.batch_size)).astype(np.int32)
+        trainer.train([Segment(None, warm_up)], per_call)  # trace and compile
+        trainers[name] = trainer
+
+    rates: dict[str, list[float]] = {"off": [], "on": []}
+    for _ in range(repeats):
+        for name, trainer in trainers.items():
+            batch_size = trainer.settings.batch_size
+            batches = rng.integers(0, len(x), (steps, batch_size)).astype(np.int32)
+            started = time.perf_counter()
+            trainer.train([Segment(None, batches)], steps)
+            rates[name].append(steps / (time.perf_counter() - started))
+    ratios = [on / off for on, off in zip(rates["on"], rates["off"], strict=True)]
+    return {
+        "steps": steps,
+        "steps_per_call": TrainSettings().steps_per_call,
+        "batch_size": TrainSettings().batch_size,
+        "tensorflow_threads": 1,
+        "steps_per_second_off": _summary(rates["off"]),
+        "steps_per_second_on": _summary(rates["on"]),
+        "ratio_on_vs_off": _summary(ratios),
+        "target_ratio": TARGET,
+    }
+
+
+def _summary(values: list[float]) -> dict[str, Any]:
+    return {
+        "median": statistics.median(values),
+        "min": min(values),
+        "max": max(values),
+        "values": [round(v, 4) for v in values],
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=2000, help="timed steps per measurement")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--json", action="store_true", help="print the figures as one JSON line")
+    args = parser.parse_args(argv)
+    result = _measure_here(args.steps, args.repeats)
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    ratio = result["ratio_on_vs_off"]
+    print(
+        f"steps/s, augmentation off: {result['steps_per_second_off']['median']:,.0f}; "
+        f"on: {result['steps_per_second_on']['median']:,.0f}; on/off ratio "
+        f"{ratio['median']:.3f} [{ratio['min']:.3f}, {ratio['max']:.3f}] "
+        f"(target >= {TARGET}; medians of {args.repeats} repeats)"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
