@@ -142,7 +142,7 @@ class AugmentSettings(_Section):
     max_rotation: float = Field(14.0, ge=0, le=90, description="degrees, either way")
     max_shift: float = Field(2.0, ge=0, le=14, description="pixels, each direction")
     max_scale_change: float = Field(0.08, ge=0, lt=0.5, description="scale in [1 - s, 1 + s]")
-    max_shear: float = Field(0.0, ge=0, le=45, description="degrees, either way")
+    max_shear: float = Field(15.0, ge=0, le=45, description="degrees, either way")
 
 
 Activation = Literal[
