@@ -288,3 +288,31 @@ def test_one_worker_job_records_augmentation_and_ships_a_plain_model(
         "hidden_0",
         "probabilities",
     ]
+
+
+def test_streamed_windows_see_the_same_augmentation_as_the_in_memory_store(training_rows):
+    """The draws follow the global step, not where a row sits in the store: the same
+    rows per step train to the same weights whether the store holds the whole partition
+    or one streamed window at a time."""
+    from pipeline.training.data import Segment
+    from pipeline.training.loop import Trainer
+
+    x, labels, batches = training_rows
+    y = np.eye(10, dtype=np.float32)[labels]
+    settings = TrainSettings(augment=ON, steps_per_call=5)
+    in_memory = _trainer(settings, x, labels)
+    _train(in_memory, batches)
+
+    streamed = Trainer(settings, workers=1)
+    streamed.make_store(6 * 32)
+    windows = []
+    for half in (batches[:6], batches[6:]):
+        rows = half.reshape(-1)
+        positions = np.arange(len(rows), dtype=np.int32).reshape(half.shape)
+        windows.append(Segment([(x[rows], y[rows])], positions))
+    streamed.train(windows, len(batches))
+    for a, b in zip(in_memory.weights(), streamed.weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
+    plain = _trainer(settings.model_copy(update={"augment": AugmentSettings()}), x, labels)
+    _train(plain, batches)
+    assert not np.array_equal(plain.weights()[0], streamed.weights()[0])
