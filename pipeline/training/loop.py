@@ -30,6 +30,7 @@ import tensorflow as tf
 from pipeline.config import TrainSettings
 from pipeline.contract import FEATURE_DIM, NUM_CLASSES
 from pipeline.model import build_model, build_optimizer
+from pipeline.training.augment import make_augment
 
 
 class Trainer:
@@ -48,6 +49,8 @@ class Trainer:
             self.optimizer.build(self.model.trainable_variables)
         self._device = strategy.extended.worker_devices[0] if strategy is not None else None
         self._store_x = self._store_y = None
+        rank = strategy.cluster_resolver.task_id if strategy is not None else 0
+        self._augment = make_augment(settings.augment, settings.seed, rank)  # None when off
         self.on_progress = _nothing  # called after every compiled call and collective
         self._train_steps = tf.function(
             self._train_steps_fn,
@@ -87,9 +90,13 @@ class Trainer:
 
         The one place a training batch is formed, inside the compiled loop. A transform of
         the batch (augmentation) goes here; it must use ops XLA can compile, or run before
-        the rows reach the store.
+        the rows reach the store. Augmentation draws from the optimizer's step counter,
+        which checkpoints restore.
         """
-        return tf.gather(self._store_x, rows), tf.gather(self._store_y, rows)
+        x = tf.gather(self._store_x, rows)
+        if self._augment is not None:
+            x = self._augment(x, self.optimizer.iterations)
+        return x, tf.gather(self._store_y, rows)
 
     def _train_steps_fn(self, batches):
         loss_sum = tf.constant(0.0)
