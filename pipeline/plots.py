@@ -246,7 +246,7 @@ def reliability_png(
         width=1.0 / bins,
         edgecolor="black",
         alpha=0.7,
-        label="accuracy",
+        label="accuracy of the bin",
     )
     top.plot([0, 1], [0, 1], "k--", label="perfect calibration")
     top.plot(
@@ -254,7 +254,7 @@ def reliability_png(
         [accuracy[i] for i in filled],
         "o",
         color="tab:red",
-        label="mean confidence",
+        label="accuracy at the mean confidence",
     )
     top.set_ylim(0, 1)
     top.set_ylabel("accuracy")
