@@ -27,7 +27,7 @@ check-python:
 $(VENV)/.installed: pyproject.toml | check-python
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e .
+	$(PY) -m pip install --quiet -e '.[train]'
 	@touch $@
 
 $(VENV)/.installed-dev: pyproject.toml $(VENV)/.installed
@@ -48,7 +48,7 @@ run: $(VENV)/.installed check-java
 	  --output $(OUT)/explanations
 	@echo
 	@echo "features:    $(OUT)/features     (_report.json, _rejected/)"
-	@echo "model:       $(OUT)/model        (model.keras, metadata.json, model_card.md, history.png, first_layer.png)"
+	@echo "model:       $(OUT)/model        (model.keras, model.onnx, metadata.json, model_card.md, history.png, first_layer.png)"
 	@echo "predictions: $(OUT)/predictions  (_report.json, _report.md, _confusion_matrix.png, _confidence_histogram.png, _calibration.png, _drift.png)"
 	@echo "explanations: $(OUT)/explanations (_report.json, _class_attributions.png, _errors.png, _first_layer.png)"
 

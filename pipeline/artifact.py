@@ -1,9 +1,13 @@
 """The model directory: written by training, verified before anything loads it.
 
-``MODEL/`` holds ``model.keras`` (weights; its embedded architecture is never read),
-``metadata.json`` and ``history.png``. Loading rebuilds the architecture from the
-validated metadata and reads only the weights, after checking the file's sha256:
-Keras ``safe_mode`` is not a security boundary.
+``MODEL/`` holds ``model.keras`` (the artifact of record: weights; its embedded
+architecture is never read), ``model.onnx`` (the same network for scoring without
+TensorFlow), ``metadata.json`` and ``history.png``. Loading rebuilds the architecture from
+the validated metadata and reads only the weights, after checking the file's sha256:
+Keras ``safe_mode`` is not a security boundary. The ONNX file is accepted only when its
+sha256 matches and it is exactly the graph `pipeline.onnx_graph` builds for the recorded
+architecture; it is written only when it gives Keras's probabilities within
+`ONNX_TOLERANCE`.
 """
 
 from __future__ import annotations
@@ -21,9 +25,14 @@ from pipeline.errors import ModelError
 from pipeline.outputs import MODEL, publish
 
 MODEL_FILE = "model.keras"
+ONNX_FILE = "model.onnx"
 METADATA_FILE = "metadata.json"
 HISTORY_PLOT = "history.png"
 CHECKPOINTS_DIR = "checkpoints"
+
+# Largest difference allowed between ONNX Runtime's and Keras's probabilities at export.
+ONNX_TOLERANCE = 1e-5
+_PROBE_ROWS = 256
 
 
 class Metadata(BaseModel):
@@ -36,6 +45,8 @@ class Metadata(BaseModel):
     classes: int
     model_file: str = MODEL_FILE
     model_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    # None in model directories written before the ONNX export.
+    onnx_sha256: str | None = Field(None, pattern=r"^[0-9a-f]{64}$")
     preprocessing: IngestSettings
     train: TrainSettings
     workers: int = Field(ge=1)
@@ -227,6 +238,77 @@ def model_from_bytes(metadata: Metadata, model_bytes: bytes):
     return model
 
 
+def check_onnx_checksum(metadata: Metadata, onnx_bytes: bytes, where: str) -> None:
+    """Refuse ONNX bytes whose sha256 is not the one recorded in the metadata."""
+    actual = sha256_bytes(onnx_bytes)
+    if actual != metadata.onnx_sha256:
+        raise ModelError(
+            f"{where}/{ONNX_FILE} does not match its metadata (sha256 {actual[:12]}..., "
+            f"expected {str(metadata.onnx_sha256)[:12]}...): the file was changed or "
+            f"truncated; refusing to load it"
+        )
+
+
+def read_onnx_model(storage, model_dir: str) -> tuple[Metadata, bytes]:
+    """Metadata and verified ``model.onnx`` bytes of `model_dir`, read on the driver.
+
+    The directory is verified as `read_model_dir` does (``model.keras`` stays the artifact
+    of record and must match too); the ONNX file must match its checksum and be the
+    graph this pipeline builds for the recorded architecture. No TensorFlow is imported.
+    """
+    from pipeline.onnx_graph import check_graph
+
+    metadata, _ = read_model_dir(storage, model_dir)
+    model_dir = model_dir.rstrip("/")
+    path = f"{model_dir}/{ONNX_FILE}"
+    if metadata.onnx_sha256 is None:
+        raise ModelError(
+            f"{model_dir} was written before models were exported to ONNX (its "
+            f"{METADATA_FILE} records no {ONNX_FILE}): retrain it with this version to "
+            f"score it"
+        )
+    if not storage.exists(path):
+        raise ModelError(f"{path} is missing")
+    onnx_bytes = storage.read_bytes(path)
+    check_onnx_checksum(metadata, onnx_bytes, model_dir)
+    check_graph(metadata.train, onnx_bytes, path)
+    return metadata, onnx_bytes
+
+
+def export_onnx(metadata: Metadata, model_bytes: bytes) -> bytes:
+    """``model.onnx`` of verified Keras `model_bytes`, refused unless it gives Keras's
+    probabilities within `ONNX_TOLERANCE` on probe inputs.
+
+    Built node by node from the weights of the network `build_model` makes
+    (`pipeline.onnx_graph`). The probes are features in [0, 1]: uniform ones, and sparse
+    near-binary ones like digits' strokes.
+    """
+    import numpy as np
+
+    from pipeline.onnx_graph import build_graph, session
+
+    model = model_from_bytes(metadata, model_bytes)
+    layers = [f"hidden_{i}" for i in range(len(metadata.train.hidden_units))]
+    weights = [
+        w for name in (*layers, "probabilities") for w in model.get_layer(name).get_weights()
+    ]
+    onnx_bytes = build_graph(metadata.train, weights)
+
+    rng = np.random.default_rng(metadata.seed)
+    uniform = rng.random((_PROBE_ROWS // 2, FEATURE_DIM), dtype=np.float32)
+    strokes = (rng.random((_PROBE_ROWS // 2, FEATURE_DIM)) < 0.2) * rng.uniform(0.5, 1.0)
+    probe = np.concatenate([uniform, strokes.astype(np.float32)])
+    expected = np.asarray(model(probe, training=False), dtype=np.float32)
+    found = session(onnx_bytes, threads=1)(probe)
+    difference = float(np.abs(found - expected).max())
+    if not difference <= ONNX_TOLERANCE:  # also refuses NaN
+        raise ModelError(
+            f"the ONNX export of this model differs from Keras by {difference:.2e} in a "
+            f"probability (allowed {ONNX_TOLERANCE:g}); refusing to publish it"
+        )
+    return onnx_bytes
+
+
 def model_to_bytes(model) -> bytes:
     """The ``.keras`` archive of `model` as bytes, for the driver to write with `Storage`."""
     import tempfile
@@ -244,19 +326,24 @@ def write_model_dir(
     metadata: Metadata,
     model_bytes: bytes,
     extra_files: dict[str, bytes] | None = None,
-) -> None:
+) -> Metadata:
     """Publish a complete model directory at once (any URI), keeping its checkpoints.
 
-    Files are written into a hidden staging directory and moved into place together,
-    so a crash never leaves a ``MODEL/`` that looks complete. `metadata.model_sha256`
-    must be the checksum of `model_bytes`.
+    Exports ``model.onnx`` (`export_onnx`) beside ``model.keras`` and records its sha256:
+    the metadata written, and returned, is `metadata` with ``onnx_sha256`` set. Files
+    are written into a hidden staging directory and moved into place together, so a
+    crash never leaves a ``MODEL/`` that looks complete. `metadata.model_sha256` must be
+    the checksum of `model_bytes`.
     """
     check_checksum(metadata, model_bytes, model_dir)
+    onnx_bytes = export_onnx(metadata, model_bytes)
+    metadata = metadata.model_copy(update={"onnx_sha256": sha256_bytes(onnx_bytes)})
     model_dir = model_dir.rstrip("/")
     staging = storage.staging_dir(model_dir)
     moved: list[str] = []
     try:
         storage.write_bytes(f"{staging}/{MODEL_FILE}", model_bytes)
+        storage.write_bytes(f"{staging}/{ONNX_FILE}", onnx_bytes)
         for name, data in (extra_files or {}).items():
             storage.write_bytes(f"{staging}/{name}", data)
         storage.write_text(f"{staging}/{METADATA_FILE}", metadata.model_dump_json(indent=2))
@@ -272,3 +359,4 @@ def write_model_dir(
                 storage.rename(f"{staging}/{keep}", f"{model_dir}/{keep}")
         storage.delete(staging)
         raise
+    return metadata

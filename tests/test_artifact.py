@@ -13,11 +13,14 @@ import pytest
 from pipeline.artifact import (
     METADATA_FILE,
     MODEL_FILE,
+    ONNX_FILE,
     Metadata,
     model_from_bytes,
     model_to_bytes,
     new_metadata,
     read_model_dir,
+    read_onnx_model,
+    sha256_bytes,
     write_model_dir,
 )
 from pipeline.config import TrainSettings
@@ -76,6 +79,7 @@ def test_round_trip_gives_the_same_predictions(spark, tmp_path, reference_bytes)
         "history.png",
         METADATA_FILE,
         MODEL_FILE,
+        ONNX_FILE,
     ]
 
 
@@ -167,3 +171,133 @@ def test_missing_metadata_is_refused(spark, tmp_path, reference_bytes):
     (tmp_path / "model" / MODEL_FILE).write_bytes(reference_bytes)
     with pytest.raises(ModelError, match="not a complete model directory"):
         read_model_dir(Storage(spark), str(tmp_path / "model"))
+
+
+# --- model.onnx: exported beside model.keras, verified before ONNX Runtime sees it -------
+
+
+def _written(spark, tmp_path, model_bytes: bytes, settings: TrainSettings | None = None) -> Path:
+    model_dir = tmp_path / "written"
+    metadata = new_metadata(model_bytes, settings or TrainSettings(), epochs_completed=1)
+    write_model_dir(Storage(spark), str(model_dir), metadata, model_bytes)
+    return model_dir
+
+
+def _replant_onnx(model_dir: Path, onnx_bytes: bytes, **train_changes) -> None:
+    """Replace model.onnx as an attacker would, with metadata.json rewritten to match it."""
+    (model_dir / ONNX_FILE).write_bytes(onnx_bytes)
+    metadata = json.loads((model_dir / METADATA_FILE).read_text())
+    metadata["onnx_sha256"] = sha256_bytes(onnx_bytes)
+    metadata["train"].update(train_changes)
+    (model_dir / METADATA_FILE).write_text(json.dumps(metadata))
+
+
+def test_onnx_export_gives_the_keras_probabilities_on_the_sample(
+    spark, tmp_path, trained_model_dir, sample_pixels
+):
+    from pipeline.onnx_graph import session
+
+    metadata, onnx_bytes = read_onnx_model(Storage(spark), trained_model_dir)
+    keras_model = model_from_bytes(*read_model_dir(Storage(spark), trained_model_dir))
+    pixels, _ = sample_pixels
+    x = (pixels.astype(np.float64) / 255.0).astype(np.float32)  # all 6,000 digits
+
+    found = session(onnx_bytes, threads=1)(x)
+    expected = keras_model.predict(x, verbose=0)
+
+    assert metadata.onnx_sha256 == sha256_bytes((Path(trained_model_dir) / ONNX_FILE).read_bytes())
+    assert found.shape == (len(x), NUM_CLASSES)
+    np.testing.assert_allclose(found, expected, atol=1e-5, rtol=0)
+    assert (found.argmax(axis=1) == expected.argmax(axis=1)).mean() > 0.999
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        TrainSettings(hidden_units=[16, 8], activation=["tanh", "swish"], dropout=0.2),
+        TrainSettings(hidden_units=[8], activation="gelu", l2=0.01),
+        TrainSettings(hidden_units=[8, 8, 8], activation=["elu", "selu", "softplus"]),
+        TrainSettings(hidden_units=[8, 8], activation=["sigmoid", "linear"]),
+    ],
+    ids=["tanh-swish-dropout", "gelu", "elu-selu-softplus", "sigmoid-linear"],
+)
+def test_every_architecture_the_pipeline_builds_exports(spark, tmp_path, settings):
+    from pipeline.onnx_graph import session
+
+    model_dir = _written(spark, tmp_path, model_to_bytes(build_model(settings)), settings)
+    metadata, onnx_bytes = read_onnx_model(Storage(spark), str(model_dir))
+    x = np.random.default_rng(1).random((64, FEATURE_DIM), dtype=np.float32)
+    keras_model = model_from_bytes(metadata, (model_dir / MODEL_FILE).read_bytes())
+
+    np.testing.assert_allclose(
+        session(onnx_bytes)(x), keras_model.predict(x, verbose=0), atol=1e-5, rtol=0
+    )
+
+
+def test_export_that_differs_from_keras_is_not_published(
+    spark, tmp_path, monkeypatch, reference_bytes
+):
+    from pipeline import onnx_graph
+
+    real_build = onnx_graph.build_graph
+
+    def off_by_a_little(settings, weights):
+        weights = [np.array(w) for w in weights]
+        weights[-1][0] += np.float32(1e-3)  # the output bias of class 0
+        return real_build(settings, weights)
+
+    monkeypatch.setattr(onnx_graph, "build_graph", off_by_a_little)
+    with pytest.raises(ModelError, match=r"differs from Keras by .*refusing to publish"):
+        _written(spark, tmp_path, reference_bytes)
+    assert not (tmp_path / "written").exists()
+
+
+def test_tampered_onnx_file_is_refused(spark, tmp_path, reference_bytes):
+    model_dir = _written(spark, tmp_path, reference_bytes)
+    data = bytearray((model_dir / ONNX_FILE).read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (model_dir / ONNX_FILE).write_bytes(bytes(data))
+    with pytest.raises(ModelError, match=r"model\.onnx does not match its metadata"):
+        read_onnx_model(Storage(spark), str(model_dir))
+
+
+def test_onnx_graph_of_another_architecture_is_refused(spark, tmp_path, reference_bytes):
+    from pipeline.onnx_graph import build_graph
+
+    model_dir = _written(spark, tmp_path, reference_bytes)
+    wide = TrainSettings(hidden_units=[64])
+    weights = build_model(wide).get_weights()
+    # A consistent graph and checksum, but metadata.json records Dense(32): refused.
+    _replant_onnx(model_dir, build_graph(wide, weights))
+    with pytest.raises(ModelError, match=r"hidden_0/kernel of shape \(784, 32\).*refusing"):
+        read_onnx_model(Storage(spark), str(model_dir))
+
+
+@pytest.mark.parametrize("change", ["extra_op", "other_activation", "external_data"])
+def test_onnx_graph_with_other_operators_is_refused(spark, tmp_path, reference_bytes, change):
+    import onnx
+    from onnx import TensorProto, helper
+
+    model_dir = _written(spark, tmp_path, reference_bytes)
+    model = onnx.load_model_from_string((model_dir / ONNX_FILE).read_bytes())
+    nodes = model.graph.node
+    if change == "extra_op":  # scale the probabilities after the softmax
+        nodes[-1].output[0] = "softmax_out"
+        model.graph.initializer.append(helper.make_tensor("two", TensorProto.FLOAT, [], [2.0]))
+        nodes.append(helper.make_node("Mul", ["softmax_out", "two"], ["probabilities"]))
+    elif change == "other_activation":  # Relu swapped for an operator the pipeline never writes
+        relu = next(n for n in nodes if n.op_type == "Relu")
+        relu.op_type = "LeakyRelu"
+    else:  # weights read from a file beside the model
+        kernel = model.graph.initializer[0]
+        kernel.data_location = TensorProto.EXTERNAL
+        kernel.external_data.add(key="location", value="/etc/passwd")
+    _replant_onnx(model_dir, model.SerializeToString())
+    with pytest.raises(ModelError, match="refusing"):
+        read_onnx_model(Storage(spark), str(model_dir))
+
+
+def test_model_dir_without_onnx_says_to_retrain(spark, tmp_path, reference_bytes):
+    _plant(tmp_path / "model", reference_bytes)  # metadata as written before the export
+    with pytest.raises(ModelError, match=r"written before models were exported to ONNX.*retrain"):
+        read_onnx_model(Storage(spark), str(tmp_path / "model"))

@@ -495,6 +495,52 @@ def test_model_is_built_once_per_worker(monkeypatch):
     assert outputs[0].column(CONFIDENCE).to_pylist() == pytest.approx([0.1] * 3)
 
 
+def test_predict_on_a_dataframe_matches_the_job(spark, scored, ingested_holdout, trained_model_dir):
+    from pipeline.scoring import predict
+
+    features = spark.read.parquet(ingested_holdout)
+    frame = predict(features, trained_model_dir)
+    got = frame.toPandas().sort_values("id").reset_index(drop=True)
+    job = _predictions(spark, scored.output)
+
+    assert frame.columns == [*features.columns, PREDICTION, PROBABILITIES, CONFIDENCE]
+    assert list(got["id"]) == list(job["id"])
+    assert (got[PREDICTION] == job[PREDICTION]).all()
+    np.testing.assert_allclose(_probabilities(got), _probabilities(job), atol=1e-6, rtol=0)
+    np.testing.assert_allclose(got[CONFIDENCE], job[CONFIDENCE], atol=1e-6, rtol=0)
+
+
+def test_predict_preprocesses_a_raw_layout_as_the_job_does(
+    spark, scored, raw_with_bad_rows, trained_model_dir
+):
+    from pipeline.scoring import predict
+
+    raw = spark.read.parquet(raw_with_bad_rows)
+    got = predict(raw, trained_model_dir).toPandas().sort_values("id").reset_index(drop=True)
+    job = _predictions(spark, scored.output).set_index("id")
+
+    assert list(got.columns) == [
+        *raw.columns,
+        REJECT_REASON,
+        PREDICTION,
+        PROBABILITIES,
+        CONFIDENCE,
+    ]
+    bad = got[got["id"] > 9000]
+    assert list(bad[REJECT_REASON]) == [
+        RejectReason.WRONG_LENGTH.value,
+        RejectReason.PIXEL_OUT_OF_RANGE.value,
+        RejectReason.PIXELS_NULL.value,
+        RejectReason.LABEL_OUT_OF_RANGE.value,
+    ]
+    assert bad[PREDICTION].isna().all() and bad[PROBABILITIES].isna().all()
+    good = got[got["id"] < 9000]
+    assert len(good) == 200 and good[REJECT_REASON].isna().all()
+    expected = job.loc[good["id"]]
+    assert (good[PREDICTION].to_numpy() == expected[PREDICTION].to_numpy()).all()
+    np.testing.assert_allclose(_probabilities(good), _probabilities(expected), atol=1e-6, rtol=0)
+
+
 def test_features_matrix_is_a_view_of_the_arrow_values():
     from pipeline.scoring import features_matrix
 
@@ -548,6 +594,57 @@ def test_spark_submit_score_and_evaluate(tmp_path, ingested_holdout, trained_mod
     below = int((confidence < np.float32(0.99)).sum())
     assert report["evaluation"]["rows_below_threshold"] < below  # the new threshold was used
     assert again["rows_below_threshold"] == below
+
+
+_SCORE_WITHOUT_TF = """
+import json, sys
+from pipeline.config import Config, SparkSettings
+from pipeline.scoring import run_scoring
+from pipeline.session import build_session
+
+spark = build_session(SparkSettings(
+    master="local[1]", show_progress=False, log_level="ERROR", conf={"spark.ui.enabled": "false"}
+))
+config = Config().with_overrides({"score": {"ingested_reader": sys.argv[4]}})
+result = run_scoring(spark, config, *sys.argv[1:4])
+
+def loaded(batches):
+    import sys
+    import pyarrow as pa
+    for _ in batches:
+        pass
+    names = ["tensorflow", "keras", "onnxruntime"]
+    yield pa.RecordBatch.from_pydict({n: [n in sys.modules] for n in names})
+
+# One core: the Python worker that scored the rows answers (onnxruntime is loaded there).
+worker = spark.range(1, numPartitions=1).mapInArrow(
+    loaded, "tensorflow boolean, keras boolean, onnxruntime boolean"
+).first().asDict()
+driver = {n: n in sys.modules for n in worker}
+print(json.dumps({"rows": result.counts.rows_out, "driver": driver, "worker": worker}))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("reader", ["files", "spark"])
+def test_scoring_imports_no_tensorflow(tmp_path, ingested_holdout, trained_model_dir, reader):
+    """Neither the driver nor the Python workers that score import TensorFlow."""
+    out = str(tmp_path / "pred")
+    env = {**os.environ, "PYSPARK_PYTHON": sys.executable, "PYTHONPATH": str(ROOT)}
+    args = [ingested_holdout, trained_model_dir, out, reader]  # both routes into the model
+    run = subprocess.run(
+        [sys.executable, "-c", _SCORE_WITHOUT_TF, *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+        check=False,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    found = json.loads(run.stdout.strip().splitlines()[-1])
+    assert found["rows"] == 1000
+    assert found["worker"] == {"tensorflow": False, "keras": False, "onnxruntime": True}
+    assert found["driver"] == {"tensorflow": False, "keras": False, "onnxruntime": False}
 
 
 def _job(name: str):

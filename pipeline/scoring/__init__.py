@@ -1,5 +1,6 @@
 """The scoring stage: a verified model mapped over Arrow batches of validated features.
 
+- `library`: `predict`, the model on a DataFrame of your own;
 - `job`: the job's orchestration (`run_scoring`): read, score, quarantine, evaluate, publish;
 - `inputs`: raw rows preprocessed as the model was trained, or an ingest output as it is;
 - `plan`: the row-group plan that lets executors read an ingest output's files directly;
@@ -14,12 +15,14 @@ from pipeline.scoring.inference import (
     broadcast_model,
     predict_digits,
     prediction_schema,
+    read_scoring_model,
     read_verified_model,
     score_row_groups,
     task_cpus,
 )
 from pipeline.scoring.inputs import Source, ingested_source, raw_source, scoring_preprocessing
 from pipeline.scoring.job import ScoreResult, run_scoring, translate_task_errors
+from pipeline.scoring.library import predict
 from pipeline.scoring.plan import RowGroupPlan, group_tasks, plan_row_groups
 
 __all__ = [
@@ -34,10 +37,12 @@ __all__ = [
     "group_tasks",
     "ingested_source",
     "plan_row_groups",
+    "predict",
     "predict_digits",
     "prediction_arrays",
     "prediction_schema",
     "raw_source",
+    "read_scoring_model",
     "read_verified_model",
     "run_scoring",
     "score_row_groups",

@@ -8,8 +8,8 @@ Two functions run in Spark's Python workers, one call per partition:
   an ingest output with pyarrow (`pipeline.rowgroups`).
 
 Both check every batch (`features_matrix`) before the model sees it and cache one
-predictor per worker, rebuilt from the broadcast bytes after verifying their checksum.
-TensorFlow is imported only inside `build_predictor`.
+predictor per worker: an ONNX Runtime session built from the broadcast ``model.onnx``
+bytes after verifying their checksum. TensorFlow is never imported here.
 
 A refusal raises `InvalidFeatures` or `rowgroups.InputChanged`; the driver recognises
 them by their type in the failed task's Python traceback (`pipeline.scoring.job`).
@@ -70,6 +70,42 @@ def score_batches(
         if watch is not None:
             _add_watch(watch, x, out, label is not None)
         yield pa.RecordBatch.from_arrays(out, names=names)
+
+
+def append_predictions(
+    batches: Iterator[pa.RecordBatch],
+    *,
+    broadcast: Any,
+    key: str,
+    threads: int,
+    features: str,
+    keep: tuple[str, ...],
+) -> Iterator[pa.RecordBatch]:
+    """The `keep` columns of each batch, then `prediction`, `probabilities`, `confidence`.
+
+    Rows whose `features` are null get null predictions; other rows must be validated
+    features (`features_matrix`).
+    """
+    predict = _predictor(broadcast, key, threads)
+    for batch in batches:
+        column = batch.column(features)
+        valid = column.is_valid().to_numpy(zero_copy_only=False)
+        rows = np.flatnonzero(valid)
+        x = features_matrix(column.take(pa.array(rows, pa.int64())))
+        probabilities = np.zeros((len(column), NUM_CLASSES), np.float32)
+        if len(rows):
+            probabilities[rows] = predict(x)
+        prediction, listed, confidence = prediction_arrays(probabilities)
+        missing = pa.array(~valid)
+        yield pa.RecordBatch.from_arrays(
+            [
+                *(batch.column(name) for name in keep),
+                pa.array(prediction.to_numpy(), mask=~valid),
+                pa.ListArray.from_arrays(listed.offsets, listed.values, mask=missing),
+                pa.array(confidence.to_numpy(), mask=~valid),
+            ],
+            names=[*keep, PREDICTION, PROBABILITIES, CONFIDENCE],
+        )
 
 
 def score_files(
@@ -181,40 +217,33 @@ def prediction_arrays(probabilities: np.ndarray) -> list[pa.Array]:
 def _predictor(broadcast: Any, key: str, threads: int) -> Callable[[np.ndarray], np.ndarray]:
     predictor = _PREDICTORS.get(key)
     if predictor is None:
-        metadata_json, model_bytes = broadcast.value
-        predictor = build_predictor(metadata_json, model_bytes, threads)
+        metadata_json, onnx_bytes = broadcast.value
+        predictor = build_predictor(metadata_json, onnx_bytes, threads)
         _PREDICTORS[key] = predictor
     return predictor
 
 
 def build_predictor(
-    metadata_json: str, model_bytes: bytes, threads: int
+    metadata_json: str, onnx_bytes: bytes, threads: int
 ) -> Callable[[np.ndarray], np.ndarray]:
     """A function from an (n, FEATURE_DIM) float32 array to (n, NUM_CLASSES) probabilities.
 
+    An ONNX Runtime session with `threads` threads over the graph the driver verified.
     The checksum is verified again here: the bytes crossed the network.
     """
-    from pipeline.artifact import model_from_bytes, parse_metadata
+    from pipeline.artifact import check_onnx_checksum, parse_metadata
     from pipeline.monitoring.calibration import apply_temperature
-    from pipeline.tf_runtime import tensorflow
-
-    tf = tensorflow(threads)
+    from pipeline.onnx_graph import session
 
     metadata = parse_metadata(metadata_json, "broadcast model metadata")
-    model = model_from_bytes(metadata, model_bytes)
-    forward = tf.function(
-        lambda x: model(x, training=False),
-        input_signature=[tf.TensorSpec([None, FEATURE_DIM], tf.float32)],
-    )
-
+    check_onnx_checksum(metadata, onnx_bytes, "(broadcast model)")
+    forward = session(onnx_bytes, threads)
     temperature = metadata.temperature
 
     def predict(x: np.ndarray) -> np.ndarray:
         if temperature is None:
-            return forward(x).numpy()
-        return apply_temperature(forward(x).numpy(), temperature)
+            return forward(x)
+        return apply_temperature(forward(x), temperature)
 
-    log.info(
-        "model %s built in this worker (%d TensorFlow threads)", metadata.model_sha256[:12], threads
-    )
+    log.info("model %s ready in this worker (%d threads)", metadata.model_sha256[:12], threads)
     return predict

@@ -1,7 +1,8 @@
 """The model on a DataFrame, driver half: verified bytes broadcast, Arrow batches mapped.
 
-`read_verified_model` reads and checks a model directory on the driver;
-`broadcast_model` ships its bytes to the executors once per job; `predict_digits`
+`read_scoring_model` reads and checks a model directory's ``model.onnx`` on the driver
+(no TensorFlow anywhere in scoring); `broadcast_model` ships those bytes
+to the executors once per job; `predict_digits`
 (rows Spark holds) and `score_row_groups` (a `RowGroupPlan`'s files) map the executor
 functions of `pipeline.scoring.executor` over the data with ``mapInArrow``.
 """
@@ -19,7 +20,7 @@ from py4j.protocol import Py4JJavaError
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import types as T
 
-from pipeline.artifact import Metadata, read_model_dir
+from pipeline.artifact import Metadata, read_model_dir, read_onnx_model
 from pipeline.contract import CONFIDENCE, FEATURES, LABEL, PREDICTION, PROBABILITIES
 from pipeline.errors import InputDataError, ModelError
 from pipeline.scoring import executor
@@ -37,11 +38,14 @@ class BroadcastModel:
     """What executors need to rebuild a verified model: a broadcast and its cache key."""
 
     handle: Any  # pyspark Broadcast of (metadata JSON, model bytes)
-    key: str  # sha256 of the metadata JSON, which records the model file's sha256
+    key: str  # sha256 of the metadata JSON, which records the model files' sha256
 
 
 def broadcast_model(spark: SparkSession, metadata: Metadata, model_bytes: bytes) -> BroadcastModel:
-    """Ship verified model bytes and their metadata to the executors once per job."""
+    """Ship verified model bytes and their metadata to the executors once per job.
+
+    Scoring ships ``model.onnx``; explanations, which need TensorFlow, ``model.keras``.
+    """
     metadata_json = metadata.model_dump_json()
     key = hashlib.sha256(metadata_json.encode("utf-8")).hexdigest()
     handle = spark.sparkContext.broadcast((metadata_json, model_bytes))
@@ -49,13 +53,29 @@ def broadcast_model(spark: SparkSession, metadata: Metadata, model_bytes: bytes)
 
 
 def read_verified_model(storage: Storage, model_dir: str) -> tuple[Metadata, bytes]:
-    """`read_model_dir`, with a file failing the Hadoop checksum refused as a model error.
+    """`read_model_dir`: metadata and verified ``model.keras`` bytes (for TensorFlow users,
+    such as explanations), with a file failing the Hadoop checksum refused as a model error.
+    """
+    with _checksum_errors(model_dir):
+        return read_model_dir(storage, model_dir)
+
+
+def read_scoring_model(storage: Storage, model_dir: str) -> tuple[Metadata, bytes]:
+    """`read_onnx_model`: metadata and verified ``model.onnx`` bytes, what scoring runs,
+    with a file failing the Hadoop checksum refused as a model error."""
+    with _checksum_errors(model_dir):
+        return read_onnx_model(storage, model_dir)
+
+
+@contextmanager
+def _checksum_errors(model_dir: str) -> Iterator[None]:
+    """Re-raise Hadoop's checksum failure as `ModelError`.
 
     On a local or checksummed file system a file edited behind Hadoop's back fails its
     ``.crc`` before our sha256 check even sees it.
     """
     try:
-        return read_model_dir(storage, model_dir)
+        yield
     except Py4JJavaError as exc:
         failed = _java_cause(exc.java_exception, _CHECKSUM_EXCEPTION)
         if failed is None:

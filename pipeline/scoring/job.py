@@ -64,7 +64,7 @@ from pipeline.scoring.inference import (
     arrow_batch_rows,
     broadcast_model,
     predict_digits,
-    read_verified_model,
+    read_scoring_model,
     score_row_groups,
     task_cpus,
 )
@@ -93,7 +93,7 @@ def run_scoring(
     output = check_output(
         storage, output_path, SCORE, {"--input": input_path, "--model-dir": model_dir}
     )
-    metadata, model_bytes = read_verified_model(storage, model_dir)
+    metadata, onnx_bytes = read_scoring_model(storage, model_dir)
     score = config.score
     raw = read_features(spark, input_path)
     ingested = ingest_report(storage, input_path)
@@ -120,7 +120,7 @@ def run_scoring(
         if plan is not None
         else "rows read by Spark",
     )
-    model = broadcast_model(spark, metadata, model_bytes)
+    model = broadcast_model(spark, metadata, onnx_bytes)
     threads = task_cpus(spark)
     training_profile = DataProfile.from_dict(metadata.profile) if metadata.profile else None
     shape = WatchShape.of(score, training_profile)
