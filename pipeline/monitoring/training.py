@@ -132,9 +132,13 @@ def _with_label(df: DataFrame) -> DataFrame:
 def _validation_predictions(
     spark: SparkSession, validation: DataFrame, metadata: Metadata, model_bytes: bytes
 ) -> tuple[np.ndarray, np.ndarray]:
+    from pipeline.artifact import export_onnx, sha256_bytes
     from pipeline.scoring import broadcast_model, predict_digits, task_cpus
 
-    model = broadcast_model(spark, metadata, model_bytes)
+    # Scored as the scoring job scores: the model's ONNX export, run by ONNX Runtime.
+    onnx_bytes = export_onnx(metadata, model_bytes)
+    exported = metadata.model_copy(update={"onnx_sha256": sha256_bytes(onnx_bytes)})
+    model = broadcast_model(spark, exported, onnx_bytes)
     try:
         rows = (
             predict_digits(
