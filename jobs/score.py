@@ -6,7 +6,7 @@ from pipeline.cli import job_parser, load_job_config, run, table
 def main(args) -> int:
     config = load_job_config(args, __file__)
 
-    from pipeline.evaluation import console_summary
+    from pipeline.evaluation import console_summary, split_summary
     from pipeline.scoring import run_scoring
     from pipeline.session import build_session
 
@@ -24,6 +24,9 @@ def main(args) -> int:
     print(table(rows, ["", "count"]))
     print()
     print(console_summary(result.evaluation))
+    if result.by_split:
+        print()
+        print(split_summary(result.by_split))
     plots = "_confusion_matrix.png, " if result.evaluation.has_labels else ""
     print(
         f"\nreport: {result.output}/_report.json (_report.md to read)   "

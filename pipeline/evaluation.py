@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 from pyspark.accumulators import AccumulatorParam
-from pyspark.sql import Column, SparkSession
+from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 from pipeline import __version__
@@ -33,6 +33,7 @@ from pipeline.contract import (
     PREDICTION,
     PROBABILITIES,
     REJECT_REASON,
+    SPLIT,
 )
 from pipeline.errors import InputDataError
 from pipeline.ingest import REPORT_FILE
@@ -266,6 +267,42 @@ def summarize(
     )
 
 
+def evaluations_by_split(
+    predictions: DataFrame, has_label: bool, threshold: float, bins: int
+) -> dict[str, Evaluation]:
+    """The evaluation of each value of the `split` column (train, validation, test), by name.
+
+    Empty when the predictions have no `split` column. One aggregation grouped by split,
+    over the prediction columns only.
+    """
+    if SPLIT not in predictions.columns:
+        return {}
+    grouped = predictions.groupBy(SPLIT).agg(*metric_columns(has_label, threshold, bins))
+    return {
+        str(row[SPLIT]): summarize(row.asDict(), has_label, threshold, bins)
+        for row in sorted(grouped.collect(), key=lambda r: str(r[SPLIT]))
+    }
+
+
+def metric_inputs(columns) -> list[str]:
+    """The columns the evaluation reads, of those present: predictions, label, split."""
+    return [c for c in (PREDICTION, PROBABILITIES, CONFIDENCE, LABEL, SPLIT) if c in columns]
+
+
+def split_summary(by_split: Mapping[str, Evaluation]) -> str:
+    """One line per split: rows, accuracy and rows below the confidence threshold."""
+    rows = [
+        [
+            name,
+            e.rows,
+            f"{e.accuracy:.4f}" if e.accuracy is not None else "-",
+            e.rows_below_threshold,
+        ]
+        for name, e in by_split.items()
+    ]
+    return table(rows, ["split", "rows", "accuracy", "below threshold"])
+
+
 def evaluation_files(evaluation: Evaluation) -> dict[str, bytes]:
     """The plots, as PNG bytes by file name: the confusion matrix only when labelled."""
     files = {
@@ -344,12 +381,20 @@ def run_evaluation(spark: SparkSession, config: Config, pred_path: str) -> Evalu
             *metric_columns(has_label, score.confidence_threshold, score.confidence_bins)
         ).first()
         rejected = _rejected_counts(spark, storage, f"{output}/{REJECTED_DIR}")
+        by_split = evaluations_by_split(
+            predictions.select(*metric_inputs(predictions.columns)),
+            has_label,
+            score.confidence_threshold,
+            score.confidence_bins,
+        )
     evaluation = summarize(
         values.asDict(), has_label, score.confidence_threshold, score.confidence_bins
     )
 
     rows_rejected = sum(rejected.values())
     rows_in = evaluation.rows + rows_rejected
+    if by_split:
+        report["evaluation_by_split"] = {name: e.as_dict() for name, e in by_split.items()}
     report.update(
         status="ok",
         output=output,

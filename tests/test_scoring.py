@@ -228,6 +228,7 @@ def test_many_files_and_row_groups_are_each_scored_once(
 
 def test_split_partitions_are_fully_scored(spark, tmp_path, raw_inputs, trained_model_dir):
     """An ingest output with ``split=...`` folders: whole (split passed through) or one split."""
+    from pipeline.evaluation import run_evaluation
     from pipeline.ingest import run_ingest
     from pipeline.scoring import run_scoring
 
@@ -260,6 +261,19 @@ def test_split_partitions_are_fully_scored(spark, tmp_path, raw_inputs, trained_
     assert "split" not in test_pred.columns  # as Spark reads that folder on its own
     merged = pred.set_index("id").loc[expected_ids]
     assert (merged[PREDICTION].to_numpy() == test_pred[PREDICTION].to_numpy()).all()
+
+    # The report evaluates each split as well as all rows; evaluate recomputes the same.
+    by_split = whole.report["evaluation_by_split"]
+    assert set(by_split) == {"train", "validation", "test"}
+    assert sum(e["rows_scored"] for e in by_split.values()) == whole.evaluation.rows == 1000
+    for name, evaluation in by_split.items():
+        rows = pred[pred["split"] == name]
+        assert evaluation["rows_scored"] == len(rows)
+        assert evaluation["accuracy"] == pytest.approx((rows[PREDICTION] == rows[LABEL]).mean())
+    assert whole.by_split["test"].accuracy == pytest.approx(by_split["test"]["accuracy"])
+    again = run_evaluation(spark, Config(), whole.output)
+    assert again.report["evaluation_by_split"] == by_split
+    assert "evaluation_by_split" not in one.report  # one split alone has no split column
 
 
 def test_row_groups_are_planned_into_balanced_contiguous_tasks():
@@ -433,6 +447,55 @@ def test_too_many_rejected_rows_publish_no_predictions(
     assert json.loads((out / "_report.json").read_text())["status"] == "failed"
     assert not list(out.glob("*.parquet"))
     assert spark.read.parquet(str(out / REJECTED_DIR)).count() == 4
+
+
+def test_no_good_row_fails_and_publishes_no_predictions(
+    spark, tmp_path, raw_with_bad_rows, trained_model_dir
+):
+    """Zero good rows fail (exit 5) even where every row may be rejected."""
+    from pipeline.scoring import run_scoring
+
+    bad_only = str(tmp_path / "bad.parquet")
+    pq.write_table(pq.read_table(raw_with_bad_rows).slice(200), bad_only)
+    config = Config().with_overrides({"score": {"max_reject_fraction": 1.0}})
+    out = tmp_path / "pred"
+    with pytest.raises(DataQualityError, match="none of the 4 rows passed validation") as failed:
+        run_scoring(spark, config, bad_only, trained_model_dir, str(out))
+
+    assert failed.value.exit_code == 5
+    assert json.loads((out / "_report.json").read_text())["status"] == "failed"
+    assert not (out / "_SUCCESS").exists()
+    assert not list(out.glob("*.parquet"))
+    assert spark.read.parquet(str(out / REJECTED_DIR)).count() == 4
+
+
+def test_predictions_of_an_id_less_input_join_back_to_its_rows(
+    spark, tmp_path, raw_inputs, trained_model_dir, keras_model, sample_pixels
+):
+    """Raw rows without ids get the row_id ingest gives them; an ingest output keeps it."""
+    from pipeline.ingest import run_ingest
+    from pipeline.scoring import run_scoring
+
+    pixels, _ = sample_pixels
+    raw = str(tmp_path / "no-ids.parquet")
+    pq.write_table(pq.read_table(raw_inputs["array"]).drop(["id"]), raw)
+    direct = run_scoring(spark, Config(), raw, trained_model_dir, str(tmp_path / "direct"))
+    pred = spark.read.parquet(direct.output).toPandas().sort_values("row_id")
+
+    # One file: row_id is the row's position in it, one prediction per input row.
+    assert list(pred["row_id"]) == list(range(1000))
+    expected = keras_model.predict(
+        (pixels[HELD_OUT].astype(np.float64) / 255.0).astype(np.float32), verbose=0
+    )
+    np.testing.assert_allclose(_probabilities(pred), expected, atol=1e-5, rtol=0)
+
+    features = str(tmp_path / "features")
+    run_ingest(spark, Config(), raw, features)
+    ingested = run_scoring(spark, Config(), features, trained_model_dir, str(tmp_path / "pred"))
+    via_ingest = spark.read.parquet(ingested.output).toPandas().sort_values("row_id")
+    assert "row_id" in ingested.report["id_columns"]
+    assert list(via_ingest["row_id"]) == list(pred["row_id"])
+    assert (via_ingest[PREDICTION].to_numpy() == pred[PREDICTION].to_numpy()).all()
 
 
 def test_invalid_rows_in_an_ingest_output_are_refused(

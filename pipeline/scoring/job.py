@@ -23,7 +23,7 @@ import logging
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from pyspark import StorageLevel
@@ -33,18 +33,20 @@ from pyspark.sql import functions as F
 
 from pipeline.artifact import Metadata
 from pipeline.config import Config
-from pipeline.contract import LABEL, REJECT_REASON, Layout
+from pipeline.contract import DEFAULT_ID_COLUMNS, LABEL, REJECT_REASON, SPLIT, Layout
 from pipeline.errors import DataQualityError, InputDataError
 from pipeline.evaluation import (
     Evaluation,
     MetricSums,
     evaluation_files,
+    evaluations_by_split,
     metric_columns,
+    metric_inputs,
     metric_names,
     metric_values,
     summarize,
 )
-from pipeline.features import preprocess
+from pipeline.features import preprocess, with_row_id
 from pipeline.ingest import REPORT_FILE, ingest_report, read_features
 from pipeline.monitoring.documents import REPORT_MD, scoring_report_md
 from pipeline.monitoring.drift import DataProfile
@@ -52,8 +54,10 @@ from pipeline.monitoring.watch import Watch, WatchShape, watch_from_sums
 from pipeline.outputs import SCORE, check_output, staged_output
 from pipeline.quarantine import (
     REJECTED_DIR,
+    Counts,
     StageResult,
     drop_accepted,
+    none_accepted,
     stage_report,
     too_many_rejected,
     write_with_quarantine,
@@ -70,7 +74,7 @@ from pipeline.scoring.inference import (
 )
 from pipeline.scoring.inputs import Source, ingested_source, raw_source, scoring_preprocessing
 from pipeline.scoring.plan import plan_row_groups
-from pipeline.sources import translate_read_errors
+from pipeline.sources import read_parquet, translate_read_errors
 from pipeline.storage import Storage
 
 log = logging.getLogger(__name__)
@@ -82,6 +86,8 @@ class ScoreResult(StageResult):
 
     evaluation: Evaluation | None = None
     watch: Watch | None = None  # calibration and drift
+    # The evaluation of each split, when the input is a split ingest output.
+    by_split: dict[str, Evaluation] = field(default_factory=dict)
 
 
 def run_scoring(
@@ -107,6 +113,8 @@ def run_scoring(
                 )
     else:
         settings = scoring_preprocessing(metadata.preprocessing, config.ingest)
+        if settings.id_columns is None and not any(c in raw.columns for c in DEFAULT_ID_COLUMNS):
+            raw = with_row_id(raw)  # the row_id ingest gives the same rows
         source = raw_source(preprocess(raw, settings, require_label=False))
     log.info(
         "input %s: %s, %s; model %s (sha256 %s...); %s",
@@ -166,6 +174,7 @@ def run_scoring(
             return metric_values(sums.value, source.has_label, score.confidence_bins)
 
     phases = {"prepare": time.monotonic() - started}
+    by_split: dict[str, Evaluation] = {}
     try:
         with staged_output(storage, output, SCORE) as staging:
             with (
@@ -186,8 +195,9 @@ def run_scoring(
                 raise InputDataError(f"{input_path} holds no rows: nothing to score")
             if plan is not None and counts.rows_in != plan.rows:
                 raise DataQualityError(
-                    f"the file footers of {input_path} list {plan.rows} rows but {counts.rows_in} "
-                    f"were scored; the input changed while it was read, rerun on stable input"
+                    f"the file footers of {input_path} list {plan.rows} rows but "
+                    f"{counts.rows_in} were scored; the input changed while it was read, "
+                    f"rerun on stable input"
                 )
             evaluation = summarize(
                 metric_results(),
@@ -214,7 +224,8 @@ def run_scoring(
                 metadata.temperature,
             )
             report.update(watched_result.as_dict())
-            failed = counts.rejected_fraction > score.max_reject_fraction
+            # No good row fails whatever the threshold: an empty success would hide it.
+            failed = counts.rows_out == 0 or counts.rejected_fraction > score.max_reject_fraction
             if failed:
                 report["status"] = "failed"
                 drop_accepted(storage, staging)
@@ -224,20 +235,42 @@ def run_scoring(
                 for name, data in files.items():
                     storage.write_bytes(f"{staging}/{name}", data)
                 phases["plots"] = time.monotonic() - plotted
+                if SPLIT in source.ids:
+                    by_split = _evaluations_by_split(spark, staging, source, config)
+                    report["evaluation_by_split"] = {n: e.as_dict() for n, e in by_split.items()}
+                    phases["evaluation_by_split"] = time.monotonic() - plotted - phases["plots"]
                 storage.write_text(f"{staging}/{REPORT_MD}", scoring_report_md(report, list(files)))
-            # prepare: model, input, plan; score_and_write: the Spark job(s) that read, score
-            # and write; plots: drawing and writing them. `seconds` excludes the plots.
+            # prepare: model, input, plan; score_and_write: the Spark job(s) that read,
+            # score and write; plots: drawing and writing them; evaluation_by_split: one
+            # aggregation of the written predictions. `seconds` excludes the last two.
             report["seconds_by_phase"] = {name: round(t, 3) for name, t in phases.items()}
             storage.write_json(f"{staging}/{REPORT_FILE}", report)
     finally:
         validated.unpersist()
         model.handle.unpersist()
 
+    if counts.rows_out == 0:
+        raise none_accepted(counts, output, "predictions")
     if failed:
         raise too_many_rejected(
             counts, "score.max_reject_fraction", score.max_reject_fraction, output, "predictions"
         )
-    return ScoreResult(output, source.layout, counts, seconds, report, evaluation, watched_result)
+    return ScoreResult(
+        output, source.layout, counts, seconds, report, evaluation, watched_result, by_split
+    )
+
+
+def _evaluations_by_split(
+    spark: SparkSession, staging: str, source: Source, config: Config
+) -> dict[str, Evaluation]:
+    """The evaluation of each split of the predictions just written to `staging`."""
+    written = read_parquet(spark, staging)
+    return evaluations_by_split(
+        written.select(*metric_inputs(written.columns)),
+        source.has_label,
+        config.score.confidence_threshold,
+        config.score.confidence_bins,
+    )
 
 
 @contextmanager
@@ -286,7 +319,7 @@ def _report(
     model_dir: str,
     metadata: Metadata,
     source: Source,
-    counts,
+    counts: Counts,
     config: Config,
     seconds: float,
 ) -> dict:
@@ -299,6 +332,7 @@ def _report(
         seconds,
         model_dir=model_dir,
         model_sha256=metadata.model_sha256,
+        onnx_sha256=metadata.onnx_sha256,
         label_column=LABEL if source.has_label else None,
         id_columns=list(source.ids),
         preprocessing=source.preprocessing,
