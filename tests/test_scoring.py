@@ -693,7 +693,12 @@ print(json.dumps({"rows": result.counts.rows_out, "driver": driver, "worker": wo
 def test_scoring_imports_no_tensorflow(tmp_path, ingested_holdout, trained_model_dir, reader):
     """Neither the driver nor the Python workers that score import TensorFlow."""
     out = str(tmp_path / "pred")
-    env = {**os.environ, "PYSPARK_PYTHON": sys.executable, "PYTHONPATH": str(ROOT)}
+    import subprocess
+    import sys
+
+    from tests.faults import job_env
+
+    env = job_env(PYTHONPATH=str(ROOT))
     args = [ingested_holdout, trained_model_dir, out, reader]  # both routes into the model
     run = subprocess.run(
         [sys.executable, "-c", _SCORE_WITHOUT_TF, *args],
