@@ -176,6 +176,11 @@ class TrainSettings(_Section):
     memory_budget_mb: int = Field(
         1024, ge=0, description="per worker: keep the partition in memory up to this, else spill"
     )
+    checkpoint_every: int | str = Field(
+        1,
+        description="epochs between checkpoints (2) or seconds ('60s'); the last epoch always "
+        "has one",
+    )
     stall_timeout_s: float = Field(
         300.0,
         gt=0,
@@ -202,6 +207,26 @@ class TrainSettings(_Section):
         if any(units < 1 for units in self.hidden_units):
             raise ValueError("hidden_units must all be at least 1")
         return self
+
+    @field_validator("checkpoint_every")
+    @classmethod
+    def _checkpoint_interval(cls, value: int | str) -> int | str:
+        if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
+            return value
+        if isinstance(value, str):
+            text = value.strip()
+            if text.isdigit() and int(text) >= 1:
+                return int(text)
+            number = text[:-1] if text.endswith("s") else ""
+            if number.replace(".", "", 1).isdigit() and float(number) > 0:
+                return text
+        raise ValueError("give epochs (an integer of at least 1, e.g. 2) or seconds (e.g. '60s')")
+
+    def checkpoint_interval(self) -> tuple[int, float]:
+        """(epochs, seconds) between checkpoints: one of them is 0 (not used)."""
+        if isinstance(self.checkpoint_every, int):
+            return self.checkpoint_every, 0.0
+        return 0, float(self.checkpoint_every[:-1])
 
     def activations(self) -> list[str]:
         if isinstance(self.activation, str):

@@ -107,10 +107,14 @@ def _initial_model_bytes(settings: TrainSettings) -> bytes:
 def test_uneven_partitions_finish_with_the_same_steps_everywhere(spark, tmp_path, sample_pixels):
     pixels, labels = sample_pixels
     rows = _rows(pixels[:1000], labels[:1000])
-    settings = TrainSettings(workers=2, epochs=2, sync="local_sgd", average_every=10)
+    settings = TrainSettings(
+        workers=2, epochs=2, sync="local_sgd", average_every=10, checkpoint_every=5
+    )
     fit = fit_partitions(
         spark, _frame(spark, [rows[:850], rows[850:]]), settings, checkpoint_dir=str(tmp_path)
     )
+    # Every 5 epochs, and always after the last one: epoch 2's checkpoint only.
+    assert sorted(p.name for p in tmp_path.glob("epoch-*")) == ["epoch-0002.npz"]
     assert [w["train_rows"] for w in fit.workers] == [850, 150]
     steps = -(-1000 // (2 * BATCH))  # ceil(1000 / 64) = 16 steps per epoch on both
     assert [w["samples"] for w in fit.workers] == [2 * steps * BATCH] * 2

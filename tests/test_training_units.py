@@ -212,3 +212,21 @@ def test_the_old_name_of_the_stall_timeout_still_works_with_a_warning():
             == 9
         )
     assert "collective_timeout_s" not in Config().model_dump()["train"]
+
+
+def test_checkpoints_every_n_epochs_or_seconds_and_always_at_the_end(monkeypatch):
+    from pipeline.config import TrainSettings
+    from pipeline.training import worker
+
+    clock = worker._CheckpointClock(*TrainSettings(checkpoint_every=2).checkpoint_interval())
+    assert [clock.due(e, last=e == 5) for e in range(1, 6)] == [False, True, False, True, True]
+    now = [100.0]
+    monkeypatch.setattr(worker.time, "monotonic", lambda: now[0])
+    clock = worker._CheckpointClock(*TrainSettings(checkpoint_every="30s").checkpoint_interval())
+    due = []
+    for epoch, seconds in enumerate([10, 10, 15, 10, 1], start=1):
+        now[0] += seconds
+        due.append(clock.due(epoch, last=epoch == 5))
+    assert due == [False, False, True, False, True]  # 35 s after the start; the last epoch
+    with pytest.raises(ValueError, match="seconds"):
+        TrainSettings(checkpoint_every="5m")

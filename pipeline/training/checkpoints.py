@@ -42,6 +42,7 @@ RESUMABLE_CHANGES = {
     "workers",
     "steps_per_call",
     "memory_budget_mb",
+    "checkpoint_every",
     "stall_timeout_s",
     "tensorboard",
     "early_stopping",

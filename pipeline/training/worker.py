@@ -127,14 +127,16 @@ def train(spec: dict[str, Any]) -> dict[str, Any]:
             cluster = json.loads(os.environ["TF_CONFIG"])["cluster"]["worker"]
             progress.send({"event": "cluster", "workers": cluster, "listen": listening})
         done = _resume(spec, settings, trainer, checkpoints, progress)
+        clock = _CheckpointClock(*settings.checkpoint_interval())
         with phases.timed("epochs"), _TensorBoard.for_worker(spec, chief) as tensorboard:
             for epoch in range(done.start_epoch + 1, settings.epochs + 1):
                 if done.stopped_early:
                     break
                 record = _run_epoch(spec, settings, trainer, train_data, validation, epoch, done)
                 if chief:
-                    _checkpoint(spec, settings, trainer, checkpoints, epoch, done)
-                    trainer.on_progress()
+                    if clock.due(epoch, last=epoch == settings.epochs or done.stopped_early):
+                        _checkpoint(spec, settings, trainer, checkpoints, epoch, done)
+                        trainer.on_progress()
                     left = (settings.epochs - epoch) * done.epoch_seconds[-1]
                     progress.send(
                         {"event": "epoch", **record, "epochs": settings.epochs, "eta_s": left}
@@ -325,6 +327,24 @@ def _checkpoint(spec, settings, trainer, checkpoints, epoch: int, done: _Progres
         "data_position": {"epoch": epoch, "rule": "batch order = f(seed, worker, epoch)"},
     }
     checkpoints.write(epoch, state, arrays)
+
+
+class _CheckpointClock:
+    """Says when worker 0 writes a checkpoint: every `epochs` epochs, or once `seconds`
+    have passed since the last one, and always after the last epoch."""
+
+    def __init__(self, epochs: int, seconds: float) -> None:
+        self._epochs, self._seconds = epochs, seconds
+        self._last = time.monotonic()
+
+    def due(self, epoch: int, last: bool) -> bool:
+        if self._seconds:
+            due = time.monotonic() - self._last >= self._seconds
+        else:
+            due = epoch % self._epochs == 0
+        if due or last:
+            self._last = time.monotonic()
+        return due or last
 
 
 def _export_model(settings, trainer, workdir: str) -> None:
