@@ -274,13 +274,18 @@ def _search(
         )
         return float(run.val_accuracy) if run.val_accuracy is not None else math.nan
 
+    stopping: list[bool] = []
+
     def budget(study: Any, _trial: Any) -> None:
         clock.save()
         reserve = _confirmation_estimate(study, tune, parallelism)
-        if clock.left() <= reserve:
+        if clock.left() <= reserve and not stopping:
+            stopping.append(True)
             log.info(
-                "the budget's last %.1f minutes go to confirmation: no new trials",
-                clock.left() / 60,
+                "no new trials: the budget's last %.1f minutes go to the trials still "
+                "running and to confirmation (about %.1f minutes expected)",
+                max(clock.left(), 0.0) / 60,
+                reserve / 60,
             )
             study.stop()
 

@@ -162,9 +162,9 @@ def _sampler(tune: TuneSettings, grid: dict | None):
         return optuna.samplers.RandomSampler(seed=tune.seed)
     return optuna.samplers.TPESampler(
         seed=tune.seed,
-        n_startup_trials=min(10, max(2, tune.trials // 4)),
+        # Few random trials first: a time budget of a few dozen trials is usual.
+        n_startup_trials=min(6, max(2, tune.trials // 4)),
         multivariate=True,
-        group=True,
         constant_liar=True,  # parallel trials: running ones count as mediocre, not unknown
     )
 
