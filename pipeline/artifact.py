@@ -59,6 +59,8 @@ class Metadata(BaseModel):
     profile: dict[str, Any] | None = None
     # Softmax temperature fitted on validation data (train.calibrate); scoring applies it.
     temperature: float | None = Field(None, gt=0)
+    # Validation loss rising while training loss fell (pipeline.training.overfitting).
+    overfitting: dict[str, Any] | None = None
     seed: int
     versions: dict[str, str] = Field(default_factory=dict)
     created: str | None = None

@@ -172,6 +172,12 @@ class TrainSettings(_Section):
     validation_fraction: float = Field(0.0, ge=0, lt=1)
     validation_path: str | None = None
     early_stopping: EarlyStoppingSettings = EarlyStoppingSettings()
+    overfit_patience: int = Field(
+        3,
+        ge=0,
+        description="warn when validation loss rose this many epochs in a row while "
+        "training loss fell (0: never)",
+    )
     augment: AugmentSettings = AugmentSettings()
     memory_budget_mb: int = Field(
         1024, ge=0, description="per worker: keep the partition in memory up to this, else spill"

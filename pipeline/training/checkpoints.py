@@ -46,6 +46,7 @@ RESUMABLE_CHANGES = {
     "stall_timeout_s",
     "tensorboard",
     "early_stopping",
+    "overfit_patience",
 }
 _NAME = re.compile(r"^epoch-(\d{4,})\.npz$")
 _STATE_KEY = "__state__"

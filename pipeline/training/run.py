@@ -24,6 +24,7 @@ from pipeline.training.inputs import (
     prepare_training_data,
     resolve_input,
 )
+from pipeline.training.overfitting import overfitting, overfitting_message
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +98,9 @@ def run_training(
         tensorboard_dir=f"{model_dir}/logs" if settings.tensorboard else None,
         on_epoch=on_epoch,
     )
+    overfit = overfitting(fit.history, settings.overfit_patience)
+    if overfit is not None:
+        log.warning("%s", overfitting_message(overfit, settings))
     metadata = new_metadata(
         fit.model_bytes,
         settings,
@@ -107,6 +111,7 @@ def run_training(
         samples_per_second=round(fit.samples_per_second, 1),
         training_seconds=round(fit.seconds, 3),
         data=described,
+        overfitting=overfit,
         versions=_versions(spark),
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
     )
