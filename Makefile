@@ -77,5 +77,7 @@ format: $(VENV)/.installed-dev
 conf: $(VENV)/.installed
 	$(PY) -m pipeline.config > conf/base.yaml
 
+## clean: outputs, MLflow tracking data (mlflow.db, mlartifacts/, mlruns/) and benchmark data
 clean:
-	rm -rf $(OUT) spark-warehouse metastore_db derby.log .pytest_cache
+	rm -rf $(OUT) spark-warehouse metastore_db derby.log .pytest_cache \
+	  mlflow.db mlartifacts mlruns benchmarks/data

@@ -24,6 +24,7 @@ def parser():
         "Recompute the evaluation of an existing scoring output (report, confusion matrix, "
         "confidence histogram) from its predictions, without scoring again; e.g. with "
         "another score.confidence_threshold.",
+        set_example="score.confidence_threshold=0.9",
         epilog=(
             "example:\n  spark-submit jobs/evaluate.py --predictions out/predictions "
             "--set score.confidence_threshold=0.9"

@@ -28,6 +28,7 @@ def parser():
         "Write a raw digits dataset of any size by augmenting the 6,000 embedded MNIST digits "
         "(random shifts, small rotations and scaling, thicker or thinner strokes, noise). "
         "The same --rows and --seed give the same rows, however Spark splits the work.",
+        set_example="generate.seed=7",
         epilog=(
             "example:\n  spark-submit jobs/generate.py --rows 1000000 --layout array "
             "--output data/raw-1m"

@@ -54,6 +54,7 @@ def parser():
         "synchronous all-reduce SGD. Checkpoints every epoch under MODEL/checkpoints/; "
         "rerunning the same command resumes from the newest one. MODEL/ (model.keras, "
         "metadata.json, history.png) is published atomically.",
+        set_example="train.epochs=5",
         epilog=(
             "examples:\n"
             "  spark-submit jobs/train.py --input out/features --model-dir out/model\n"

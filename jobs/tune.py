@@ -70,6 +70,7 @@ def parser():
         "TUNE_DIR gets results.parquet, results.md, val_accuracy.png and best.yaml (a conf "
         "file for jobs/train.py, naming the winner only when it beats the reference by "
         "more than the noise). The job fails only when no trial finished.",
+        set_example="tune.trials=16",
         epilog=(
             "examples:\n"
             "  spark-submit jobs/tune.py --input out/features --output out/tune\n"

@@ -17,7 +17,7 @@ EXIT_CODES_HELP = """exit codes:
   0  success
   1  unexpected failure (a bug: please report it with the traceback)
   2  invalid command line or configuration
-  3  environment problem (Java missing, too few task slots)
+  3  environment problem (Java or a package missing, too few task slots)
   4  unusable input (missing columns, unknown layout, corrupt file)
   5  data quality (too many rejected rows, counts that do not reconcile)
   6  model refused (missing, tampered with, or does not fit the data)
@@ -25,8 +25,11 @@ EXIT_CODES_HELP = """exit codes:
 """
 
 
-def job_parser(description: str, epilog: str = "") -> argparse.ArgumentParser:
-    """An argument parser with the options every job takes."""
+def job_parser(description: str, set_example: str, epilog: str = "") -> argparse.ArgumentParser:
+    """An argument parser with the options every job takes.
+
+    `set_example` is a ``key.path=value`` of this job's own settings, shown in ``--help``.
+    """
     parser = argparse.ArgumentParser(
         description=description,
         epilog=(epilog + "\n\n" if epilog else "") + EXIT_CODES_HELP,
@@ -45,7 +48,7 @@ def job_parser(description: str, epilog: str = "") -> argparse.ArgumentParser:
         default=[],
         metavar="KEY=VALUE",
         dest="overrides",
-        help="override one config value, e.g. --set train.epochs=5 (repeatable)",
+        help=f"override one config value, e.g. --set {set_example} (repeatable)",
     )
     parser.add_argument(
         "--conf-dir",

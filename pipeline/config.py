@@ -32,7 +32,7 @@ from pydantic import (
 )
 
 from pipeline.contract import PIXEL_COLUMN_PREFIX
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, EnvironmentProblem
 
 BASE_FILE = "base.yaml"
 LOCAL_FILE = "local.yaml"
@@ -521,8 +521,10 @@ class TrackingSettings(_Section):
     @classmethod
     def _mlflow_installed(cls, enabled: bool) -> bool:
         if enabled and importlib.util.find_spec("mlflow") is None:
-            raise ValueError(
-                "tracking is enabled but MLflow is not installed: "
+            # A missing package is an environment problem (exit 3), as in pipeline.tracking;
+            # pydantic passes exceptions other than ValueError through unchanged.
+            raise EnvironmentProblem(
+                "tracking.enabled is true but MLflow is not installed: "
                 "pip install 'digits-pipeline[tracking]', or set tracking.enabled=false"
             )
         return enabled

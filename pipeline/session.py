@@ -13,6 +13,7 @@ import re
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 from pipeline.config import SparkSettings
 from pipeline.errors import EnvironmentProblem
@@ -20,6 +21,9 @@ from pipeline.errors import EnvironmentProblem
 log = logging.getLogger(__name__)
 
 MIN_JAVA = 17
+# The project's conf/ (in a source checkout): its log4j2.properties keeps the console quiet.
+_PROJECT_CONF = Path(__file__).resolve().parent.parent / "conf"
+_LOG4J_FILE = "log4j2.properties"
 
 # Our defaults; anything spark-submit or the config's `spark.conf` set wins.
 _DEFAULT_CONF = {
@@ -42,6 +46,9 @@ def build_session(settings: SparkSettings):
     launched_by_submit = "PYSPARK_GATEWAY_PORT" in os.environ
     if not launched_by_submit:
         check_java()
+        if "SPARK_CONF_DIR" not in os.environ and (_PROJECT_CONF / _LOG4J_FILE).is_file():
+            # The JVM about to start reads the project's quiet logging (as under the Makefile).
+            os.environ["SPARK_CONF_DIR"] = str(_PROJECT_CONF)
 
     # Connect to (or start) the JVM first: only then does SparkConf() see the
     # --master and --conf values that spark-submit passed as system properties.
@@ -63,7 +70,8 @@ def build_session(settings: SparkSettings):
 
     spark = SparkSession.builder.config(conf=conf).getOrCreate()
     spark.sparkContext.setLogLevel(settings.log_level)
-    log.info("Spark %s, master %s", spark.version, master)
+    ui = spark.sparkContext.uiWebUrl
+    log.info("Spark %s, master %s%s", spark.version, master, f", UI {ui}" if ui else "")
     return spark
 
 

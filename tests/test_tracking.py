@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.config import Config, load_config
-from pipeline.errors import ConfigError, EnvironmentProblem
+from pipeline.errors import EnvironmentProblem
 from pipeline.tracking import INSTALL_HINT, flatten, require_mlflow, resolve_uri
 
 mlflow = pytest.importorskip("mlflow", reason="tracking needs the [tracking] extra")
@@ -43,7 +43,7 @@ def test_flatten_names_nested_settings():
 
 def test_enabling_tracking_without_mlflow_fails_at_load(monkeypatch):
     monkeypatch.setitem(sys.modules, "mlflow", None)  # `import mlflow` now raises ImportError
-    with pytest.raises(ConfigError) as info:
+    with pytest.raises(EnvironmentProblem) as info:
         load_config(overrides=["tracking.enabled=true"])
     assert "tracking.enabled" in str(info.value)
     assert INSTALL_HINT in str(info.value)
@@ -54,7 +54,7 @@ def test_enabling_tracking_without_mlflow_fails_at_load(monkeypatch):
 
 
 def test_train_job_refuses_tracking_without_mlflow_before_spark(monkeypatch, capsys):
-    """The job exits with the config error's code before building a session."""
+    """The job exits with the environment problem's code (3) before building a session."""
     monkeypatch.setitem(sys.modules, "mlflow", None)
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "jobs"))
     try:
@@ -71,7 +71,7 @@ def test_train_job_refuses_tracking_without_mlflow_before_spark(monkeypatch, cap
             train_job.parser(),
             ["--input", "x", "--model-dir", "y", "--set", "tracking.enabled=true"],
         )
-    assert exit_info.value.code == ConfigError.exit_code
+    assert exit_info.value.code == EnvironmentProblem.exit_code == 3
     assert INSTALL_HINT in capsys.readouterr().err
     assert not built
 
