@@ -27,12 +27,18 @@ def main(args) -> int:
 
 def parser():
     p = job_parser(
-        "Validate raw digit Parquet (image bytes, a 784-value array, or pixel0..pixel783 "
-        "columns) into 784 features scaled to [0, 1] with one-hot labels; bad rows go to "
-        "OUTPUT/_rejected with their reason.",
-        epilog="example:\n  spark-submit jobs/ingest.py --input raw.parquet --output out/features",
+        "Validate raw digits (Parquet with image bytes, a 784-value array or pixel0..pixel783 "
+        "columns; or CSV with a header, as the Kaggle files) into 784 features scaled to "
+        "[0, 1] with one-hot labels; bad rows go to OUTPUT/_rejected with their reason.",
+        set_example="ingest.max_reject_fraction=0.01",
+        epilog=(
+            "examples:\n  spark-submit jobs/ingest.py --input raw.parquet --output out/features\n"
+            "  spark-submit jobs/ingest.py --input train.csv --output out/features"
+        ),
     )
-    p.add_argument("--input", required=True, help="Parquet file or directory (any Spark URI)")
+    p.add_argument(
+        "--input", required=True, help="Parquet or CSV file or directory (any Spark URI)"
+    )
     p.add_argument("--output", required=True, help="output directory, replaced atomically")
     return p
 

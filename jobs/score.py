@@ -56,12 +56,15 @@ def parser():
         "job accepts (preprocessed with the settings recorded in the model). Writes "
         "predictions, probabilities and confidence to OUTPUT, rejected rows to "
         "OUTPUT/_rejected, and the evaluation to OUTPUT/_report.json with its plots.",
+        set_example="score.confidence_threshold=0.8",
         epilog=(
             "example:\n  spark-submit jobs/score.py --input out/features --model-dir out/model "
             "--output out/predictions --set score.confidence_threshold=0.8"
         ),
     )
-    p.add_argument("--input", required=True, help="Parquet file or directory (any Spark URI)")
+    p.add_argument(
+        "--input", required=True, help="Parquet or CSV file or directory (any Spark URI)"
+    )
     p.add_argument("--model-dir", required=True, help="model directory written by training")
     p.add_argument("--output", required=True, help="output directory, replaced atomically")
     return p

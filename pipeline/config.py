@@ -107,8 +107,11 @@ class SplitSettings(_Section):
 
 
 class IngestSettings(_Section):
-    """How raw Parquet is read and validated. Scoring applies the same settings to raw input."""
+    """How raw input is read and validated. Scoring applies the same settings to raw input."""
 
+    format: Literal["auto", "parquet", "csv"] = Field(
+        "auto", description="auto: CSV for a .csv file or a directory of them, else Parquet"
+    )
     layout: Literal["auto", "image", "array", "columns"] = "auto"
     label_column: str = "label"
     image_column: str | None = Field(None, description="auto: the struct<bytes> or binary column")

@@ -1,4 +1,4 @@
-"""The ingest stage: raw Parquet in, the features dataset and its quarantine out.
+"""The ingest stage: raw Parquet or CSV in, the features dataset and its quarantine out.
 
 ``OUT/`` holds Parquet with `features`, `label`, `label_onehot` and the id columns (a
 `row_id` when the input has none: see `pipeline.features.row_ids`), ``OUT/_rejected/``
@@ -46,7 +46,7 @@ from pipeline.quarantine import (
     too_many_rejected,
     write_with_quarantine,
 )
-from pipeline.sources import read_parquet, translate_read_errors
+from pipeline.sources import read_input, read_parquet, translate_read_errors
 from pipeline.storage import SUCCESS_MARKER, Storage
 
 log = logging.getLogger(__name__)
@@ -71,7 +71,7 @@ def run_ingest(
     settings = config.ingest
     storage = Storage(spark)
     output = check_output(storage, output_path, INGEST, {"--input": input_path})
-    raw = read_parquet(spark, input_path)
+    raw = read_input(spark, input_path, settings)
     if settings.id_columns is None and not any(c in raw.columns for c in DEFAULT_ID_COLUMNS):
         raw = with_row_id(raw)
     prepared = preprocess(raw, settings, require_label=True)
@@ -202,10 +202,13 @@ def split_column(prepared: Preprocessed, split: SplitSettings) -> Column:
     )
 
 
-def read_features(spark: SparkSession, path: str) -> DataFrame:
-    """An ingest output (or any Parquet with the features contract), refusing incomplete ones."""
-    ingest_report(Storage(spark), path)
-    return read_parquet(spark, path)
+def read_features(
+    spark: SparkSession, path: str, settings: IngestSettings | None = None
+) -> DataFrame:
+    """An ingest output (refusing incomplete ones), or raw input read as `settings` say."""
+    if ingest_report(Storage(spark), path) is not None:
+        return read_parquet(spark, path)
+    return read_input(spark, path, settings or IngestSettings())
 
 
 def ingest_report(storage: Storage, path: str) -> dict | None:

@@ -3,16 +3,28 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from pipeline.config import load_config
 from tests.faults import REPO, run_job
 from tests.faults import job_env as _env
 
 JOBS = sorted(p.name for p in (REPO / "jobs").glob("*.py"))
+# The config section each job's --set example should come from.
+OWN_SECTION = {
+    "evaluate.py": "score",
+    "explain.py": "explain",
+    "generate.py": "generate",
+    "ingest.py": "ingest",
+    "score.py": "score",
+    "train.py": "train",
+    "tune.py": "tune",
+}
 
 
 def _python_job(name: str, *args: str, env=None, timeout=120) -> subprocess.CompletedProcess:
@@ -33,6 +45,10 @@ def test_every_job_has_help(job):
     assert "usage:" in result.stdout
     assert "exit codes:" in result.stdout
     assert "--set KEY=VALUE" in result.stdout
+    example = re.search(r"e\.g\.\s+--set\s+(\S+)", result.stdout)
+    assert example, result.stdout
+    assert example.group(1).split(".")[0] == OWN_SECTION[job]
+    load_config(overrides=[example.group(1)])  # the example is a valid setting
 
 
 def test_invalid_config_stops_before_spark_with_exit_2(tmp_path):
@@ -95,4 +111,27 @@ def test_spark_submit_ingest_reports_a_corrupt_file_and_exits_4(tmp_path):
     errors = [line for line in output.splitlines() if line.startswith("error:")]
     assert len(errors) == 1
     assert "bad.parquet" in errors[0] and "corrupt" in errors[0]
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_spark_submit_ingest_refuses_a_json_file_in_one_line(tmp_path):
+    raw = tmp_path / "digits.json"
+    raw.write_text('{"label": 1, "pixel0": 0}\n')
+    result = run_job(
+        "ingest.py",
+        "--input",
+        str(raw),
+        "--output",
+        str(tmp_path / "out"),
+        master="local[1]",
+        cwd=tmp_path,
+        timeout=300,
+    )
+    assert result.returncode == 4, result.stderr[-3000:]
+    output = result.stdout + result.stderr
+    errors = [line for line in output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1
+    assert "digits.json is not a Parquet file" in errors[0] and "CSV" in errors[0]
+    assert "\tat " not in output and "Exception" not in output  # no Java stack trace
     assert not (tmp_path / "out").exists()

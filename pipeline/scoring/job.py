@@ -101,7 +101,7 @@ def run_scoring(
     )
     metadata, onnx_bytes = read_scoring_model(storage, model_dir)
     score = config.score
-    raw = read_features(spark, input_path)
+    raw = read_features(spark, input_path, config.ingest)
     ingested = ingest_report(storage, input_path)
     plan = None
     if ingested is not None:
