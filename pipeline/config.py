@@ -516,7 +516,9 @@ class TrackingSettings(_Section):
 
     enabled: bool = False
     uri: str = Field(
-        "file:./mlruns", description="MLflow tracking URI; a relative file: URI is made absolute"
+        "sqlite:///mlflow.db",
+        description="MLflow tracking URI; a relative sqlite: or file: path is taken from the "
+        "working directory (mlflow ui there opens the default store)",
     )
     experiment: str = Field("digits-pipeline", min_length=1)
 

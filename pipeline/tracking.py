@@ -2,10 +2,13 @@
 
 Optional: ``pip install 'digits-pipeline[tracking]'`` and ``tracking.enabled: true``. The
 config refuses ``tracking.enabled`` without MLflow installed, so a job stops before Spark
-starts. A train run records the train settings as parameters, the per-epoch history as
-metrics (step = epoch) and the model directory's ``model.keras``, ``metadata.json`` and
-``history.png`` as artifacts under ``model/``. A tune run records a parent run (the tune
-settings, the results table and plot, ``best.yaml``) with one nested run per trial.
+starts. Runs go to ``tracking.uri``, by default the SQLite database ``mlflow.db`` in the
+working directory, with artifacts in ``mlartifacts/`` beside it: ``mlflow ui`` started
+there opens it. A train run records the train settings as parameters, the per-epoch
+history as metrics (step = epoch) and the model directory's ``model.keras``,
+``metadata.json`` and ``history.png`` as artifacts under ``model/``. A tune run records a
+parent run (the tune settings, the results table and plot, ``best.yaml``) with one nested
+run per trial, whose ``judged_val_accuracy`` is that of the epoch the trial's model keeps.
 
 Everything goes through an explicit `MlflowClient` (no global active run), and the model
 directory is read through `Storage`, so a model on HDFS or S3 is recorded the same way.
@@ -17,6 +20,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import tempfile
 import time
 from collections.abc import Iterable, Iterator, Mapping
@@ -39,6 +43,8 @@ log = logging.getLogger(__name__)
 __all__ = ["record_training", "record_tuning", "require_mlflow", "resolve_uri"]
 
 INSTALL_HINT = "pip install 'digits-pipeline[tracking]'"
+# Folder beside a SQLite store that holds its experiments' artifacts.
+ARTIFACTS_DIR = "mlartifacts"
 MODEL_ARTIFACTS = ("model.keras", "metadata.json", "history.png")
 _EPOCH_METRICS = ("loss", "accuracy", "val_loss", "val_accuracy", "samples_per_second")
 _PARAMS_PER_BATCH = 100
@@ -58,12 +64,17 @@ def require_mlflow() -> Any:
 
 
 def resolve_uri(uri: str) -> str:
-    """`uri` with a relative file store made absolute (against the working directory).
+    """`uri` with a relative SQLite database or file store made absolute.
 
+    Relative paths are taken from the working directory, as MLflow itself does: the
+    default ``sqlite:///mlflow.db`` is the store ``mlflow ui`` opens when started there.
     MLflow 3 refuses a file store unless ``MLFLOW_ALLOW_FILE_STORE`` is true; this sets it
-    (unless already set) when the store is a local directory.
+    (unless already set) when the user names a local file store.
     """
     parsed = urlparse(uri)
+    if parsed.scheme == "sqlite":
+        database = _sqlite_path(uri)
+        return f"sqlite:///{database}" if database is not None else uri
     if parsed.scheme in ("", "file"):
         if parsed.scheme == "file" and (parsed.netloc or uri.startswith("file:/")):
             path = Path(parsed.path)
@@ -72,6 +83,27 @@ def resolve_uri(uri: str) -> str:
         uri = path.expanduser().resolve().as_uri()
         os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
     return uri
+
+
+def _sqlite_path(uri: str) -> Path | None:
+    """The absolute database file of a ``sqlite:///`` URI; None for an in-memory one."""
+    rest = uri.removeprefix("sqlite://")
+    if not rest.startswith("/") or rest == "/" or rest.startswith("/:memory:"):
+        return None
+    # sqlite:///relative.db (three slashes) is relative; sqlite:////abs.db is absolute.
+    return Path(rest[1:]).expanduser().resolve()
+
+
+def artifact_location(uri: str, experiment: str) -> str | None:
+    """Where a new experiment of a local SQLite store keeps its artifacts: beside the database.
+
+    ``<database folder>/mlartifacts/<experiment>``; None (MLflow's default) for other stores.
+    """
+    database = _sqlite_path(resolve_uri(uri)) if uri.startswith("sqlite:") else None
+    if database is None:
+        return None
+    folder = re.sub(r"[^A-Za-z0-9._-]+", "_", experiment).strip("._") or "experiment"
+    return (database.parent / ARTIFACTS_DIR / folder).as_uri()
 
 
 def record_training(
@@ -198,10 +230,15 @@ def _record_trial(client, experiment_id: str, parent_id: str, trial) -> None:
         tags["error"] = (trial.error or "")[:5000]
     run = client.create_run(experiment_id, run_name=f"trial {trial.trial.number:03d}", tags=tags)
     summary: dict[str, float] = {"train_seconds": trial.seconds, "epochs_run": trial.epochs_run}
+    # The trial's model holds the judged epoch's weights (early stopping may have run on
+    # past it): its metrics are the judged ones; the last epoch's are logged beside them.
+    last = trial.history[-1] if trial.history else {}
     for name in ("val_accuracy", "val_loss"):
         value = getattr(trial, name)
         if value is not None:
-            summary[f"final_{name}"] = value
+            summary[f"judged_{name}"] = value
+        if name in last:
+            summary[f"last_epoch_{name}"] = last[name]
     if trial.epoch is not None:
         summary["judged_epoch"] = trial.epoch
     _log(
@@ -254,7 +291,10 @@ def _client(settings: TrackingSettings):
     experiment_id = (
         experiment.experiment_id
         if experiment is not None
-        else client.create_experiment(settings.experiment)
+        else client.create_experiment(
+            settings.experiment,
+            artifact_location=artifact_location(settings.uri, settings.experiment),
+        )
     )
     return client, experiment_id
 

@@ -1,7 +1,12 @@
-"""Experiment tracking: train and tune runs recorded in an MLflow file store; clear errors."""
+"""Experiment tracking: train and tune runs recorded in an MLflow SQLite store and read back
+by a plain MlflowClient in a fresh process; clear errors."""
 
 from __future__ import annotations
 
+import importlib.util
+import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -9,29 +14,108 @@ import pytest
 
 from pipeline.config import Config, load_config
 from pipeline.errors import EnvironmentProblem
-from pipeline.tracking import INSTALL_HINT, flatten, require_mlflow, resolve_uri
+from pipeline.tracking import (
+    ARTIFACTS_DIR,
+    INSTALL_HINT,
+    artifact_location,
+    flatten,
+    require_mlflow,
+    resolve_uri,
+)
 
-mlflow = pytest.importorskip("mlflow", reason="tracking needs the [tracking] extra")
+# Only the tests that record need MLflow; those about it being absent run without it.
+needs_mlflow = pytest.mark.skipif(
+    importlib.util.find_spec("mlflow") is None, reason="tracking needs the [tracking] extra"
+)
+
+# Run in a fresh interpreter with no MLFLOW_* variables: dump one run, its children,
+# metric histories and artifacts as JSON, as any user's script would read them.
+_READ_BACK = """
+import hashlib, json, sys
+from mlflow.tracking import MlflowClient
+
+uri, run_id, download_to = sys.argv[1:4]
+client = MlflowClient(tracking_uri=uri)
+
+def files(run_id, path=None):
+    found = []
+    for item in client.list_artifacts(run_id, path):
+        found += files(run_id, item.path) if item.is_dir else [item.path]
+    return found
+
+def dump(run):
+    run_id = run.info.run_id
+    return {
+        "name": run.info.run_name,
+        "status": run.info.status,
+        "params": run.data.params,
+        "tags": run.data.tags,
+        "metrics": run.data.metrics,
+        "history": {
+            key: sorted([m.step, m.value] for m in client.get_metric_history(run_id, key))
+            for key in run.data.metrics
+        },
+        "artifacts": sorted(files(run_id)),
+    }
+
+run = client.get_run(run_id)
+doc = dump(run)
+doc["experiment"] = client.get_experiment(run.info.experiment_id).name
+children = client.search_runs(
+    [run.info.experiment_id], f"tags.mlflow.parentRunId = '{run_id}'"
+)
+doc["children"] = [dump(child) for child in children]
+if doc["artifacts"]:
+    local = client.download_artifacts(run_id, doc["artifacts"][0], download_to)
+    doc["downloaded_sha256"] = hashlib.sha256(open(local, "rb").read()).hexdigest()
+print(json.dumps(doc))
+"""
 
 
 def _tracking(tmp_path: Path, experiment: str) -> dict:
-    return {"enabled": True, "uri": (tmp_path / "mlruns").as_uri(), "experiment": experiment}
+    return {"enabled": True, "uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "experiment": experiment}
 
 
-def test_tracking_is_off_by_default_with_a_local_file_store():
+def _read_back(uri: str, run_id: str, tmp_path: Path) -> dict:
+    """The run as a plain MlflowClient sees it from a new process with no MLflow settings."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    download = tmp_path / "download"
+    download.mkdir(exist_ok=True)
+    result = subprocess.run(
+        [sys.executable, "-c", _READ_BACK, uri, run_id, str(download)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+        cwd=tmp_path,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def test_tracking_is_off_by_default_with_a_local_sqlite_store():
     tracking = Config().tracking
     assert not tracking.enabled
-    assert tracking.uri.startswith("file:")
+    assert tracking.uri == "sqlite:///mlflow.db"
 
 
-def test_relative_file_store_is_made_absolute(tmp_path, monkeypatch):
+def test_relative_stores_are_made_absolute(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
-    assert resolve_uri("file:./mlruns") == (tmp_path / "mlruns").resolve().as_uri()
-    assert resolve_uri("mlruns") == (tmp_path / "mlruns").resolve().as_uri()
-    assert resolve_uri((tmp_path / "x").as_uri()) == (tmp_path / "x").resolve().as_uri()
-    import os
-
+    here = tmp_path.resolve()
+    assert resolve_uri("sqlite:///mlflow.db") == f"sqlite:///{here / 'mlflow.db'}"
+    assert resolve_uri(f"sqlite:///{here / 'a.db'}") == f"sqlite:///{here / 'a.db'}"
+    assert resolve_uri("sqlite:///:memory:") == "sqlite:///:memory:"
+    assert "MLFLOW_ALLOW_FILE_STORE" not in os.environ  # only a named file store needs it
+    assert artifact_location("sqlite:///mlflow.db", "my runs/1") == (
+        (here / ARTIFACTS_DIR / "my_runs_1").as_uri()
+    )
+    assert artifact_location("http://mlflow.example:5000", "x") is None
+    # the file store is still accepted when named
+    assert resolve_uri("file:./mlruns") == (here / "mlruns").as_uri()
+    assert resolve_uri("mlruns") == (here / "mlruns").as_uri()
+    assert resolve_uri((tmp_path / "x").as_uri()) == (here / "x").as_uri()
     assert os.environ["MLFLOW_ALLOW_FILE_STORE"] == "true"
     assert resolve_uri("http://mlflow.example:5000") == "http://mlflow.example:5000"
 
@@ -76,9 +160,10 @@ def test_train_job_refuses_tracking_without_mlflow_before_spark(monkeypatch, cap
     assert not built
 
 
+@needs_mlflow
 @pytest.mark.slow
 def test_training_run_is_recorded(spark, ingested_sample, tmp_path):
-    from mlflow.tracking import MlflowClient
+    import hashlib
 
     from pipeline.tracking import record_training
     from pipeline.training import run_training
@@ -92,39 +177,49 @@ def test_training_run_is_recorded(spark, ingested_sample, tmp_path):
     result = run_training(spark, config, ingested_sample, str(tmp_path / "model"), fresh=True)
     run_id = record_training(spark, config.tracking, result, input_path=ingested_sample)
 
-    client = MlflowClient(tracking_uri=resolve_uri(config.tracking.uri))
-    run = client.get_run(run_id)
-    assert run.info.status == "FINISHED"
-    assert run.data.params["train.hidden_units"] == "[16]"
-    assert run.data.params["train.epochs"] == "3"
-    assert run.data.params["train.early_stopping.patience"] == "2"
-    assert run.data.tags["pipeline.job"] == "train"
+    run = _read_back(config.tracking.uri, run_id, tmp_path)
+    assert run["experiment"] == "train-test"
+    assert run["status"] == "FINISHED"
+    assert run["params"]["train.hidden_units"] == "[16]"
+    assert run["params"]["train.epochs"] == "3"
+    assert run["params"]["train.early_stopping.patience"] == "2"
+    assert run["params"]["input"] == ingested_sample
+    assert run["tags"]["pipeline.job"] == "train"
     for name in ("loss", "accuracy", "val_loss", "val_accuracy"):
-        points = client.get_metric_history(run_id, name)
-        assert sorted(p.step for p in points) == [1, 2, 3], name
-        by_step = {p.step: p.value for p in points}
-        assert by_step[3] == pytest.approx(result.history[-1][name])
-    artifacts = {a.path for a in client.list_artifacts(run_id, "model")}
-    assert artifacts == {"model/model.keras", "model/metadata.json", "model/history.png"}
-    local = Path(client.download_artifacts(run_id, "model/model.keras", str(tmp_path / "dl")))
-    assert local.read_bytes() == (tmp_path / "model" / "model.keras").read_bytes()
-    experiment = client.get_experiment_by_name("train-test")
-    assert experiment is not None and run.info.experiment_id == experiment.experiment_id
+        history = run["history"][name]
+        assert [step for step, _ in history] == [1, 2, 3], name
+        assert [value for _, value in history] == pytest.approx(
+            [epoch[name] for epoch in result.history]
+        )
+    assert set(run["artifacts"]) == {
+        "model/history.png",
+        "model/metadata.json",
+        "model/model.keras",
+    }
+    first = tmp_path / "model" / run["artifacts"][0].removeprefix("model/")
+    assert run["downloaded_sha256"] == hashlib.sha256(first.read_bytes()).hexdigest()
+    # the artifacts live beside the database, not in the working directory
+    assert (tmp_path / ARTIFACTS_DIR / "train-test").is_dir()
 
 
-def test_disabled_tracking_records_nothing(tmp_path):
+def test_disabled_tracking_records_nothing(tmp_path, monkeypatch):
+    """With tracking off, the default store (relative to the working directory) stays unmade."""
+    from types import SimpleNamespace
+
     from pipeline.tracking import record_training, record_tuning
 
+    monkeypatch.chdir(tmp_path)
     off = Config().tracking
-    assert record_training(None, off, None) is None
-    assert record_tuning(None, off, None, Config()) is None
-    assert not (tmp_path / "mlruns").exists()
+    assert not off.enabled and off.uri == "sqlite:///mlflow.db"
+    result = SimpleNamespace(model_dir=str(tmp_path / "model"), output=str(tmp_path / "tune"))
+    assert record_training(None, off, result) is None
+    assert record_tuning(None, off, result, Config()) is None
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
 
 
+@needs_mlflow
 @pytest.mark.slow
 def test_tuning_run_is_recorded_with_nested_trials(spark, ingested_sample, tmp_path, monkeypatch):
-    from mlflow.tracking import MlflowClient
-
     from pipeline.tracking import record_tuning
     from pipeline.tuning import run_tuning
     from tests.faults import break_trials
@@ -145,30 +240,32 @@ def test_tuning_run_is_recorded_with_nested_trials(spark, ingested_sample, tmp_p
     result = run_tuning(spark, config, ingested_sample, str(tmp_path / "tune"))
     parent_id = record_tuning(spark, config.tracking, result, config)
 
-    client = MlflowClient(tracking_uri=resolve_uri(config.tracking.uri))
-    parent = client.get_run(parent_id)
-    assert parent.data.params["tune.strategy"] == "grid"
-    assert parent.data.metrics["trials"] == 3 and parent.data.metrics["failed_trials"] == 1
-    assert parent.data.metrics["best_val_accuracy"] == pytest.approx(result.best.val_accuracy)
-    assert {a.path for a in client.list_artifacts(parent_id)} == {
-        "results.md",
-        "val_accuracy.png",
-        "best.yaml",
-    }
-    children = client.search_runs(
-        [parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent_id}'"
-    )
-    assert len(children) == 3
-    by_trial = {c.info.run_name: c for c in children}
+    parent = _read_back(config.tracking.uri, parent_id, tmp_path)
+    assert parent["experiment"] == "tune-test"
+    assert parent["params"]["tune.strategy"] == "grid"
+    assert parent["metrics"]["trials"] == 3 and parent["metrics"]["failed_trials"] == 1
+    assert parent["metrics"]["best_val_accuracy"] == pytest.approx(result.best.val_accuracy)
+    assert set(parent["artifacts"]) == {"results.md", "val_accuracy.png", "best.yaml"}
+    assert len(parent["children"]) == 3
+    by_trial = {child["name"]: child for child in parent["children"]}
     failed = by_trial["trial 002"]
-    assert failed.info.status == "FAILED" and failed.data.tags["error_type"]
-    for name in ("trial 000", "trial 001"):
-        child = by_trial[name]
-        assert child.info.status == "FINISHED"
-        assert "final_val_accuracy" in child.data.metrics
-        assert child.data.params["train.workers"] == "1"
+    assert failed["status"] == "FAILED" and failed["tags"]["error_type"]
+    for trial in result.results:
+        if not trial.ok:
+            continue
+        child = by_trial[f"trial {trial.trial.number:03d}"]
+        assert child["status"] == "FINISHED"
+        assert child["params"]["train.workers"] == "1"
+        assert [step for step, _ in child["history"]["val_accuracy"]] == [1, 2]
+        # the kept (judged) epoch's figures, and the last epoch's beside them
+        assert child["metrics"]["judged_val_accuracy"] == pytest.approx(trial.val_accuracy)
+        assert child["metrics"]["judged_epoch"] == trial.epoch
+        last = trial.history[-1]["val_accuracy"]
+        assert child["metrics"]["last_epoch_val_accuracy"] == pytest.approx(last)
+        assert "final_val_accuracy" not in child["metrics"]
 
 
+@needs_mlflow
 def test_an_unusable_store_is_one_clear_error(tmp_path):
     from types import SimpleNamespace
 
