@@ -38,6 +38,7 @@ def parser():
         "attribution of the predicted (or true) class's probability to each pixel. Writes "
         "them with the predictions to OUTPUT, the completeness and faithfulness checks to "
         "OUTPUT/_report.json, and pictures beside it.",
+        set_example="explain.steps=64",
         epilog=(
             "example:\n  spark-submit jobs/explain.py --input out/features/split=test "
             "--model-dir out/model --output out/explanations --set explain.steps=64"
