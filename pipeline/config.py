@@ -521,6 +521,12 @@ class TrackingSettings(_Section):
         "working directory (mlflow ui there opens the default store)",
     )
     experiment: str = Field("digits-pipeline", min_length=1)
+    register_as: str | None = Field(
+        None,
+        min_length=1,
+        description="register each trained model as a new version of this name in the "
+        "store's model registry",
+    )
 
     @field_validator("enabled")
     @classmethod

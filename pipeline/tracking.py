@@ -23,6 +23,7 @@ import os
 import re
 import tempfile
 import time
+import warnings
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -46,6 +47,8 @@ INSTALL_HINT = "pip install 'digits-pipeline[tracking]'"
 # Folder beside a SQLite store that holds its experiments' artifacts.
 ARTIFACTS_DIR = "mlartifacts"
 MODEL_ARTIFACTS = ("model.keras", "metadata.json", "history.png")
+# Where a train run keeps the model as an MLflow model (pipeline.mlflow_model).
+MLFLOW_MODEL_PATH = "mlflow_model"
 _EPOCH_METRICS = ("loss", "accuracy", "val_loss", "val_accuracy", "samples_per_second")
 _PARAMS_PER_BATCH = 100
 _METRICS_PER_BATCH = 1000
@@ -146,15 +149,70 @@ def _record_training(
             "samples_per_second_overall": metadata.samples_per_second or 0.0,
         }
         _log(client, run_id, params, metadata.history, summary)
+        storage = Storage(spark)
         _log_files(
-            client, run_id, Storage(spark), result.model_dir, MODEL_ARTIFACTS, artifact_path="model"
+            client, run_id, storage, result.model_dir, MODEL_ARTIFACTS, artifact_path="model"
         )
+        _log_mlflow_model(client, run_id, storage, result.model_dir)
     except Exception:
         client.set_terminated(run_id, "FAILED")
         raise
     client.set_terminated(run_id, "FINISHED")
-    log.info("recorded in MLflow: %s, run %s", resolve_uri(settings.uri), run_id)
+    log.info(
+        "recorded in MLflow: %s, run %s; model: runs:/%s/%s",
+        resolve_uri(settings.uri),
+        run_id,
+        run_id,
+        MLFLOW_MODEL_PATH,
+    )
+    if settings.register_as:
+        version = _register(client, settings.register_as, run_id, metadata.model_sha256)
+        log.info("registered as models:/%s/%s", settings.register_as, version)
     return run_id
+
+
+def _register(client, name: str, run_id: str, model_sha256: str) -> str:
+    """A new version of registered model `name` (created if new) from the run's model."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.get_registered_model(name)
+    except MlflowException:
+        client.create_registered_model(name)
+    version = client.create_model_version(
+        name,
+        source=f"runs:/{run_id}/{MLFLOW_MODEL_PATH}",
+        run_id=run_id,
+        tags={"model_sha256": model_sha256},
+    )
+    return str(version.version)
+
+
+def _log_mlflow_model(client, run_id: str, storage: Storage, model_dir: str) -> None:
+    """The model as an MLflow pyfunc model with its signature, under ``mlflow_model/``."""
+    import mlflow.pyfunc
+
+    from pipeline import mlflow_model
+    from pipeline.artifact import METADATA_FILE, MODEL_FILE
+
+    with tempfile.TemporaryDirectory(prefix="digits-mlflow-model-") as local:
+        files = Path(local, "files")
+        files.mkdir()
+        for name in (MODEL_FILE, METADATA_FILE):
+            (files / name).write_bytes(storage.read_bytes(f"{model_dir.rstrip('/')}/{name}"))
+        saved = Path(local, MLFLOW_MODEL_PATH)
+        with warnings.catch_warnings():
+            # MLflow suggests type hints or an input example to infer a signature; the
+            # signature is given, and an example would load TensorFlow on the driver.
+            warnings.simplefilter("ignore", UserWarning)
+            mlflow.pyfunc.save_model(
+                str(saved),
+                python_model=mlflow_model.write_code(local),
+                artifacts=mlflow_model.artifacts(files),
+                signature=mlflow_model.signature(),
+                pip_requirements=mlflow_model.requirements(),
+            )
+        client.log_artifacts(run_id, str(saved), MLFLOW_MODEL_PATH)
 
 
 def record_tuning(

@@ -277,3 +277,69 @@ def test_an_unusable_store_is_one_clear_error(tmp_path):
     stub = SimpleNamespace(model_dir=str(tmp_path / "model"))
     with pytest.raises(EnvironmentProblem, match="could not record the training run"):
         record_training(None, config.tracking, stub)
+
+
+@needs_mlflow
+@pytest.mark.slow
+def test_the_logged_model_scores_like_the_scoring_job_in_spark_udf(
+    spark, ingested_sample, trained_model_dir, tmp_path
+):
+    """The run's MLflow model, loaded with spark_udf from the registry, gives the job's
+    probabilities; the registered version points at the run."""
+    from types import SimpleNamespace
+
+    import mlflow
+    import numpy as np
+    from mlflow.tracking import MlflowClient
+    from pyspark.sql import functions as F
+
+    from pipeline.artifact import METADATA_FILE, parse_metadata
+    from pipeline.contract import DEFAULT_ID_COLUMNS, FEATURES, PROBABILITIES
+    from pipeline.scoring import run_scoring
+    from pipeline.tracking import MLFLOW_MODEL_PATH, record_training
+
+    settings = (
+        Config()
+        .with_overrides(
+            {"tracking": {**_tracking(tmp_path, "model-test"), "register_as": "digits"}}
+        )
+        .tracking
+    )
+    metadata_text = (Path(trained_model_dir) / METADATA_FILE).read_text()
+    result = SimpleNamespace(
+        model_dir=trained_model_dir, metadata=parse_metadata(metadata_text, trained_model_dir)
+    )
+    run_id = record_training(spark, settings, result)
+    run_id_again = record_training(spark, settings, result)
+
+    uri = resolve_uri(settings.uri)
+    client = MlflowClient(tracking_uri=uri)
+    versions = sorted(client.search_model_versions("name = 'digits'"), key=lambda v: v.version)
+    assert [(int(v.version), v.run_id) for v in versions] == [(1, run_id), (2, run_id_again)]
+    scored = run_scoring(spark, Config(), ingested_sample, trained_model_dir, str(tmp_path / "p"))
+    job = spark.read.parquet(scored.output)
+    key = next(c for c in DEFAULT_ID_COLUMNS if c in job.columns)
+    features = spark.read.parquet(ingested_sample).select(key, FEATURES).limit(1000)
+
+    mlflow.set_tracking_uri(uri)
+    try:
+        info = mlflow.models.get_model_info(f"runs:/{run_id}/{MLFLOW_MODEL_PATH}")
+        (features_in,) = info.signature.inputs.inputs
+        (probabilities_out,) = info.signature.outputs.inputs
+        assert (features_in.name, features_in.shape, str(features_in.type)) == (
+            FEATURES,
+            (-1, 784),
+            "float32",
+        )
+        assert (probabilities_out.shape, str(probabilities_out.type)) == ((-1, 10), "float32")
+        udf = mlflow.pyfunc.spark_udf(
+            spark, "models:/digits/1", result_type="array<float>", env_manager="local"
+        )
+        by_udf = features.withColumn("udf", udf(F.col(FEATURES)))
+        both = by_udf.join(job.select(key, PROBABILITIES), key).toPandas()
+    finally:
+        mlflow.set_tracking_uri(None)
+    assert len(both) == 1000
+    np.testing.assert_allclose(
+        np.stack(both["udf"].to_numpy()), np.stack(both[PROBABILITIES].to_numpy()), atol=1e-5
+    )
