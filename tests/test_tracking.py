@@ -17,6 +17,7 @@ from pipeline.errors import EnvironmentProblem
 from pipeline.tracking import (
     ARTIFACTS_DIR,
     INSTALL_HINT,
+    MLFLOW_MODEL_PATH,
     artifact_location,
     flatten,
     require_mlflow,
@@ -65,8 +66,10 @@ children = client.search_runs(
     [run.info.experiment_id], f"tags.mlflow.parentRunId = '{run_id}'"
 )
 doc["children"] = [dump(child) for child in children]
-if doc["artifacts"]:
-    local = client.download_artifacts(run_id, doc["artifacts"][0], download_to)
+model_files = [path for path in doc["artifacts"] if path.startswith("model/")]
+if model_files:
+    doc["downloaded"] = model_files[0]
+    local = client.download_artifacts(run_id, model_files[0], download_to)
     doc["downloaded_sha256"] = hashlib.sha256(open(local, "rb").read()).hexdigest()
 print(json.dumps(doc))
 """
@@ -191,12 +194,13 @@ def test_training_run_is_recorded(spark, ingested_sample, tmp_path):
         assert [value for _, value in history] == pytest.approx(
             [epoch[name] for epoch in result.history]
         )
-    assert set(run["artifacts"]) == {
+    assert {path for path in run["artifacts"] if path.startswith("model/")} == {
         "model/history.png",
         "model/metadata.json",
         "model/model.keras",
     }
-    first = tmp_path / "model" / run["artifacts"][0].removeprefix("model/")
+    assert f"{MLFLOW_MODEL_PATH}/MLmodel" in run["artifacts"]  # the MLflow model beside them
+    first = tmp_path / "model" / run["downloaded"].removeprefix("model/")
     assert run["downloaded_sha256"] == hashlib.sha256(first.read_bytes()).hexdigest()
     # the artifacts live beside the database, not in the working directory
     assert (tmp_path / ARTIFACTS_DIR / "train-test").is_dir()
