@@ -1,8 +1,8 @@
 """The trained model as an MLflow model, for `mlflow.pyfunc.load_model` and `spark_udf`.
 
-A pyfunc over the model directory's own files (``model.keras`` and ``metadata.json``): it
-rebuilds the network with the scoring job's verified loader (checksum, architecture from
-the metadata, weights only), so it gives the job's probabilities. Signature: a float32
+A pyfunc over the model directory's own files (``model.onnx`` and ``metadata.json``): it
+runs the graph with the scoring job's own predictor (ONNX Runtime, checksum verified
+against the metadata), so it gives the job's probabilities. Signature: a float32
 tensor of 784 features per row in, 10 class probabilities out. Loading it needs this
 package installed (or on the Python path), as the scoring job does. Imported only when
 tracking is on: it needs MLflow.
@@ -15,7 +15,7 @@ from pathlib import Path
 import mlflow.pyfunc
 import numpy as np
 
-from pipeline.artifact import METADATA_FILE, MODEL_FILE
+from pipeline.artifact import METADATA_FILE, ONNX_FILE
 from pipeline.contract import FEATURE_DIM, FEATURES, NUM_CLASSES
 
 __all__ = ["DigitsModel", "signature"]
@@ -49,7 +49,7 @@ def write_code(folder: str | Path) -> str:
 def artifacts(model_dir: str | Path) -> dict[str, str]:
     """The files of a local model directory the MLflow model packs."""
     return {
-        "model": str(Path(model_dir) / MODEL_FILE),
+        "model": str(Path(model_dir) / ONNX_FILE),
         "metadata": str(Path(model_dir) / METADATA_FILE),
     }
 
@@ -59,7 +59,7 @@ def requirements() -> list[str]:
     from importlib import metadata
 
     found = []
-    for name in ("mlflow", "tensorflow", "keras", "numpy", "pandas", "pyarrow", "pydantic"):
+    for name in ("mlflow", "onnxruntime", "numpy", "pandas", "pyarrow", "pydantic"):
         try:
             found.append(f"{name}=={metadata.version(name)}")
         except metadata.PackageNotFoundError:

@@ -193,12 +193,12 @@ def _log_mlflow_model(client, run_id: str, storage: Storage, model_dir: str) -> 
     import mlflow.pyfunc
 
     from pipeline import mlflow_model
-    from pipeline.artifact import METADATA_FILE, MODEL_FILE
+    from pipeline.artifact import METADATA_FILE, ONNX_FILE
 
     with tempfile.TemporaryDirectory(prefix="digits-mlflow-model-") as local:
         files = Path(local, "files")
         files.mkdir()
-        for name in (MODEL_FILE, METADATA_FILE):
+        for name in (ONNX_FILE, METADATA_FILE):
             (files / name).write_bytes(storage.read_bytes(f"{model_dir.rstrip('/')}/{name}"))
         saved = Path(local, MLFLOW_MODEL_PATH)
         with warnings.catch_warnings():
