@@ -114,7 +114,8 @@ def ranking_png(
     """One row per entry, the first at the top: a dot at its value with a ± error bar
     when it has one, the value written beside it; reference entries in orange. `band`
     shades an interval across the plot (e.g. the reference's mean ± its spread)."""
-    figure = _figure(8, 1.4 + 0.4 * max(len(entries), 1), layout="constrained")
+    lines = sum(e.label.count("\n") + 1 for e in entries)
+    figure = _figure(10, 1.4 + 0.2 * lines + 0.25 * len(entries), layout="constrained")
     axes = figure.subplots()
     if band is not None:
         axes.axvspan(band[0], band[1], color="tab:orange", alpha=0.18, label=band_label or None)
@@ -126,7 +127,7 @@ def ranking_png(
         )
         text = f"  {entry.value:.4f}" + (f" ± {entry.error:.4f}" if entry.error else "")
         axes.text(entry.value + (entry.error or 0.0), y, text, va="center", fontsize=8)
-    axes.set_yticks(positions, [e.label for e in entries], fontsize=8)
+    axes.set_yticks(positions, [e.label for e in entries], fontsize=7)
     if entries:
         ends = [e.value - (e.error or 0.0) for e in entries] + list(band or ())
         ends += [e.value + (e.error or 0.0) for e in entries]

@@ -262,7 +262,7 @@ def accuracy_png(result: TuneResult) -> bytes:
     bars = [
         Entry(
             f"{c.trial.name} {c.trial.structure}"
-            + (" (reference)" if c.trial.reference else f" {_distinct(c.trial.params)}"),
+            + (" (reference)" if c.trial.reference else "\n" + _wrapped(c.trial.params)),
             c.mean,
             error=c.std if c.measured else None,
             reference=c.trial.reference,
@@ -284,6 +284,11 @@ def accuracy_png(result: TuneResult) -> bytes:
         band=band,
         band_label="reference mean ± std",
     )
+
+
+def _wrapped(params: dict[str, Any]) -> str:
+    """A trial's settings for a plot label: short lines."""
+    return "\n".join(_wrap(_distinct(params), width=48))
 
 
 def best_config_yaml(result: TuneResult, config: Config) -> str:
