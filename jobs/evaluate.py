@@ -30,7 +30,12 @@ def parser():
             "--set score.confidence_threshold=0.9"
         ),
     )
-    p.add_argument("--predictions", required=True, help="output directory of jobs/score.py")
+    p.add_argument(
+        "--predictions",
+        required=True,
+        help="output directory of jobs/score.py; its report and plots are rewritten. A "
+        "directory that also holds files the pipeline did not write is refused (exit 2)",
+    )
     return p
 
 

@@ -24,6 +24,8 @@ def main(args) -> int:
 
 
 def parser():
+    from pipeline.outputs import GENERATE, output_help
+
     p = job_parser(
         "Write a raw digits dataset of any size by augmenting the 6,000 embedded MNIST digits "
         "(random shifts, small rotations and scaling, thicker or thinner strokes, noise). "
@@ -35,7 +37,7 @@ def parser():
         ),
     )
     p.add_argument("--rows", required=True, type=int, help="number of rows to write")
-    p.add_argument("--output", required=True, help="output directory, replaced atomically")
+    p.add_argument("--output", required=True, help=output_help(GENERATE))
     p.add_argument(
         "--layout",
         choices=["image", "array", "columns"],

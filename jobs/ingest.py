@@ -26,6 +26,8 @@ def main(args) -> int:
 
 
 def parser():
+    from pipeline.outputs import INGEST, output_help
+
     p = job_parser(
         "Validate raw digits (Parquet with image bytes, a 784-value array or pixel0..pixel783 "
         "columns; or CSV with a header, as the Kaggle files) into 784 features scaled to "
@@ -39,7 +41,7 @@ def parser():
     p.add_argument(
         "--input", required=True, help="Parquet or CSV file or directory (any Spark URI)"
     )
-    p.add_argument("--output", required=True, help="output directory, replaced atomically")
+    p.add_argument("--output", required=True, help=output_help(INGEST))
     return p
 
 

@@ -51,6 +51,8 @@ def main(args) -> int:
 
 
 def parser():
+    from pipeline.outputs import SCORE, output_help
+
     p = job_parser(
         "Score digits with a trained model: ingested features or any raw layout the ingest "
         "job accepts (preprocessed with the settings recorded in the model). Writes "
@@ -66,7 +68,7 @@ def parser():
         "--input", required=True, help="Parquet or CSV file or directory (any Spark URI)"
     )
     p.add_argument("--model-dir", required=True, help="model directory written by training")
-    p.add_argument("--output", required=True, help="output directory, replaced atomically")
+    p.add_argument("--output", required=True, help=output_help(SCORE))
     return p
 
 

@@ -48,6 +48,8 @@ _METRICS = ("loss", "accuracy", "val_loss", "val_accuracy")
 
 
 def parser():
+    from pipeline.outputs import MODEL, output_help
+
     p = job_parser(
         "Train the Keras MLP (784 -> 32 relu -> 10 softmax by default) on the output of "
         "jobs/ingest.py, on one worker or as a Spark barrier stage of N workers with "
@@ -65,7 +67,7 @@ def parser():
         ),
     )
     p.add_argument("--input", required=True, help="features directory (any Spark URI)")
-    p.add_argument("--model-dir", required=True, help="model directory, published atomically")
+    p.add_argument("--model-dir", required=True, help=output_help(MODEL, "model directory"))
     p.add_argument(
         "--workers",
         type=int,

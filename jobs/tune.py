@@ -84,7 +84,12 @@ def parser():
     )
     p.add_argument("--input", required=True, help="features directory (any Spark URI)")
     p.add_argument(
-        "--output", required=True, help="search directory (local): study, trials, reports"
+        "--output",
+        required=True,
+        help="search directory (local): study, trials, reports. If it exists it must be "
+        "empty or a search directory of an earlier run (resumed, or started over with "
+        "--fresh); anything else there (your files, a regular file, an input, the current "
+        "or home directory) is refused with exit code 2 and left untouched",
     )
     p.add_argument(
         "--fresh",

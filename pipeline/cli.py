@@ -16,7 +16,7 @@ log = logging.getLogger("pipeline")
 EXIT_CODES_HELP = """exit codes:
   0  success
   1  unexpected failure (a bug: please report it with the traceback)
-  2  invalid command line or configuration
+  2  invalid command line or configuration, or an output path the job may not write
   3  environment problem (Java or a package missing, too few task slots)
   4  unusable input (missing columns, unknown layout, corrupt file)
   5  data quality (too many rejected rows, counts that do not reconcile)

@@ -129,6 +129,16 @@ TUNE = OutputKind(
 KINDS = (INGEST, SCORE, EXPLAIN, GENERATE, MODEL, TUNE)
 
 
+def output_help(kind: OutputKind, what: str = "output directory") -> str:
+    """The ``--help`` text of an output option: what an existing path there gets."""
+    return (
+        f"{what}, written whole or not at all. If it exists it must be empty or "
+        f"{kind.what} of an earlier run, which is replaced; anything else there (your "
+        f"files, a regular file, an input, the current or home directory) is refused with "
+        f"exit code 2 and left untouched"
+    )
+
+
 def check_output(
     storage: Storage,
     path: str,
