@@ -34,7 +34,8 @@ def parser():
         "--predictions",
         required=True,
         help="output directory of jobs/score.py; its report and plots are rewritten. A "
-        "directory that also holds files the pipeline did not write is refused (exit 2)",
+        "directory that also holds files the pipeline did not write is refused with exit "
+        "code 2 and left untouched",
     )
     return p
 
