@@ -14,6 +14,7 @@ from pyspark.sql import SparkSession
 from pipeline.artifact import CHECKPOINTS_DIR, Metadata, new_metadata, write_model_dir
 from pipeline.config import Config, IngestSettings
 from pipeline.errors import ConfigError
+from pipeline.outputs import MODEL, check_output
 from pipeline.storage import Storage
 from pipeline.training.checkpoints import check_resumable
 from pipeline.training.distributed import check_slots
@@ -65,7 +66,13 @@ def run_training(
     from pipeline.ingest import ingest_report, read_features
 
     storage = Storage(spark)
-    model_dir = storage.qualify(model_dir).rstrip("/")
+    model_dir = check_output(
+        storage,
+        model_dir,
+        MODEL,
+        {"--input": input_path, "train.validation_path": settings.validation_path},
+        option="--model-dir",
+    )
     checkpoint_dir = f"{model_dir}/{CHECKPOINTS_DIR}"
     report = ingest_report(storage, input_path) or {}
     source = resolve_input(storage, input_path, settings, report)
