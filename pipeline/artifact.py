@@ -225,7 +225,9 @@ def model_from_bytes(metadata: Metadata, model_bytes: bytes):
     import tempfile
 
     from pipeline.model import build_model
+    from pipeline.tf_runtime import tensorflow
 
+    tensorflow()  # imported quietly: its native start-up lines never reach the console
     check_checksum(metadata, model_bytes, "(broadcast model)")
     check_archive(model_bytes, "(broadcast model)")
     model = build_model(metadata.train)
