@@ -124,7 +124,17 @@ TUNE = OutputKind(
     "tune",
     "a search directory",
     TUNE_FILE,
-    (TUNE_FILE, "study.db", ".search.lock", "results.*", "best.yaml", "*.png", "trials", "confirm"),
+    (
+        TUNE_FILE,
+        "study.db",
+        "study.db-*",
+        ".search.lock",
+        "results.*",
+        "best.yaml",
+        "*.png",
+        "trials",
+        "confirm",
+    ),
 )
 KINDS = (INGEST, SCORE, EXPLAIN, GENERATE, MODEL, TUNE)
 
