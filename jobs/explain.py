@@ -27,7 +27,8 @@ def main(args) -> int:
     print(f"\nexplain: {result.layout} input -> {result.output}")
     print(table(rows, ["", "value"]))
     print(f"\nreport: {result.output}/_report.json   pictures: {', '.join(result.pictures)}")
-    print(f"rejected rows: {result.output}/_rejected/")
+    if counts.rows_rejected:
+        print(f"rejected rows: {result.output}/_rejected/")
     return 0
 
 

@@ -21,7 +21,8 @@ def main(args) -> int:
     rows += [["seconds", round(result.seconds, 1)], ["rows/s", round(result.rows_per_second)]]
     print(f"\ningest: {result.layout} layout -> {result.output}")
     print(table(rows, ["", "count"]))
-    print(f"report: {result.output}/_report.json   rejected rows: {result.output}/_rejected/")
+    rejected = f"   rejected rows: {result.output}/_rejected/" if counts.rows_rejected else ""
+    print(f"report: {result.output}/_report.json{rejected}")
     return 0
 
 

@@ -32,7 +32,8 @@ def main(args) -> int:
         f"\nreport: {result.output}/_report.json (_report.md to read)   "
         f"plots: {plots}_confidence_histogram.png"
     )
-    print(f"rejected rows: {result.output}/_rejected/")
+    if counts.rows_rejected:
+        print(f"rejected rows: {result.output}/_rejected/")
     if result.evaluation.accuracy is not None:
         print(f"accuracy: {result.evaluation.accuracy:.4f}")
     watch = result.watch
