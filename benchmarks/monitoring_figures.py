@@ -55,14 +55,7 @@ def run(epochs: int = 10, seed: int = 42) -> dict:
     score = ScoreSettings()
     bins = score.drift.ink_bins
     training = profile_from_sums(profile_sums(x[train], labels[train], bins), bins)
-    far = Augmentation(
-        max_shift=10,
-        max_rotation=0,
-        max_scale_change=0,
-        thicker_probability=0,
-        thinner_probability=0,
-        noise_probability=0,
-    )
+    far = Augmentation.off_centre()
     shifted, _ = augment(pixels[held], np.arange(1000), seed, far)
     cases = {"held_out": x[held], "inverted": 1.0 - x[held], "shifted": shifted / 255.0}
     drift = {}

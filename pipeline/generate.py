@@ -76,6 +76,22 @@ class Augmentation:
             max_noise=settings.max_noise,
         )
 
+    @classmethod
+    def off_centre(cls, max_shift: float = 10.0) -> Augmentation:
+        """Digits moved up to `max_shift` pixels each way and otherwise untouched.
+
+        Ten pixels moves most digits far off the centre every training digit sits on:
+        the input drift the monitoring checks must catch.
+        """
+        return cls(
+            max_shift=max_shift,
+            max_rotation=0,
+            max_scale_change=0,
+            thicker_probability=0,
+            thinner_probability=0,
+            noise_probability=0,
+        )
+
 
 @dataclass(frozen=True)
 class GenerateResult:

@@ -162,14 +162,7 @@ def test_inverted_digits_alert(sample_pixels, training_profile):
 
 def test_digits_shifted_off_centre_alert(sample_pixels, training_profile):
     pixels, labels = sample_pixels
-    far = Augmentation(
-        max_shift=10,
-        max_rotation=0,
-        max_scale_change=0,
-        thicker_probability=0,
-        thinner_probability=0,
-        noise_probability=0,
-    )
+    far = Augmentation.off_centre()
     shifted, source = augment(pixels[5000:], np.arange(1000), seed=0, aug=far)
     drift = compare_profiles(
         training_profile, _profile(shifted, labels[5000:][source]), DriftSettings()

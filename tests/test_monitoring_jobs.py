@@ -113,14 +113,7 @@ def test_inverted_digits_alert(spark, tmp_path, calibrated_model, sample_pixels)
 
 def test_digits_shifted_off_centre_alert(spark, tmp_path, calibrated_model, sample_pixels):
     pixels, labels = sample_pixels
-    far = Augmentation(
-        max_shift=10,
-        max_rotation=0,
-        max_scale_change=0,
-        thicker_probability=0,
-        thinner_probability=0,
-        noise_probability=0,
-    )
+    far = Augmentation.off_centre()
     shifted, source = augment(pixels[TRAIN_ROWS:], np.arange(1000), seed=0, aug=far)
     _, out = _score(
         spark, tmp_path, calibrated_model, shifted, labels[TRAIN_ROWS:][source], "shifted"
