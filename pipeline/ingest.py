@@ -17,7 +17,6 @@ from pyspark.sql import functions as F
 
 from pipeline.config import Config, IngestSettings, SplitSettings
 from pipeline.contract import (
-    DEFAULT_ID_COLUMNS,
     IMAGE_SIDE,
     REJECT_REASON,
     SPLIT,
@@ -33,17 +32,15 @@ from pipeline.features import (
     accepted_columns,
     pixel_values,
     preprocess,
-    with_row_id,
+    with_ids,
 )
 from pipeline.outputs import INGEST, REPORT_FILE, check_output, staged_output
 from pipeline.quarantine import (
     REJECTED_DIR,
     Counts,
+    RejectLimit,
     StageResult,
-    drop_accepted,
-    none_accepted,
     stage_report,
-    too_many_rejected,
     write_with_quarantine,
 )
 from pipeline.sources import read_input, read_parquet, translate_read_errors
@@ -71,9 +68,8 @@ def run_ingest(
     settings = config.ingest
     storage = Storage(spark)
     output = check_output(storage, output_path, INGEST, {"--input": input_path})
-    raw = read_input(spark, input_path, settings)
-    if settings.id_columns is None and not any(c in raw.columns for c in DEFAULT_ID_COLUMNS):
-        raw = with_row_id(raw)
+    limit = RejectLimit("ingest.max_reject_fraction", settings.max_reject_fraction, "features")
+    raw = with_ids(read_input(spark, input_path, settings), settings.id_columns)
     prepared = preprocess(raw, settings, require_label=True)
     log.info("input %s: %s layout", input_path, prepared.layout.layout.value)
 
@@ -98,27 +94,16 @@ def run_ingest(
             if counts.rows_in == 0:
                 raise InputDataError(f"{input_path} holds no rows: nothing to ingest")
             report = _report(config, input_path, output, prepared, counts, seconds)
-            failed = counts.rows_out == 0 or counts.rejected_fraction > settings.max_reject_fraction
             with translate_read_errors(input_path):
-                advice = _advice(validated, prepared, settings, counts, report, failed)
-            if failed:
-                report["status"] = "failed"
-                drop_accepted(storage, staging)
+                advice = _advice(
+                    validated, prepared, settings, counts, report, limit.exceeded(counts)
+                )
+            limit.apply(storage, staging, counts, report)
             storage.write_json(f"{staging}/{REPORT_FILE}", report)
     finally:
         validated.unpersist()
 
-    if counts.rows_out == 0:
-        raise none_accepted(counts, output, "features", advice)
-    if failed:
-        raise too_many_rejected(
-            counts,
-            "ingest.max_reject_fraction",
-            settings.max_reject_fraction,
-            output,
-            "features",
-            advice,
-        )
+    limit.check(counts, output, advice)
     return IngestResult(output, prepared.layout.layout.value, counts, seconds, report)
 
 

@@ -87,6 +87,53 @@ def stage_report(
     }
 
 
+@dataclass(frozen=True)
+class RejectLimit:
+    """When a stage that writes with a quarantine fails rather than publishes.
+
+    It fails when no row passes validation (an empty success would hide it, whatever
+    the limit) or when the rejected share is above `limit`, the value of the config key
+    `key`. A failed run publishes its report and rejected rows, and no `what`.
+    """
+
+    key: str  # e.g. "ingest.max_reject_fraction": the setting named in the error
+    limit: float
+    what: str  # what a failed run does not publish: "features", "predictions"
+
+    def exceeded(self, counts: Counts) -> bool:
+        return counts.rows_out == 0 or counts.rejected_fraction > self.limit
+
+    def apply(self, storage, staging: str, counts: Counts, report: dict) -> bool:
+        """Whether the run failed; if so, mark `report` failed and drop the good rows from
+        `staging`, keeping ``_rejected/`` for the report to point at."""
+        failed = self.exceeded(counts)
+        if failed:
+            report["status"] = "failed"
+            drop_accepted(storage, staging)
+        return failed
+
+    def check(self, counts: Counts, output: str, advice: str = "") -> None:
+        """Raise `DataQualityError` for a failed run, saying what to change.
+
+        `advice` says what to change when the rejected rows point at a setting; by
+        default the message suggests fixing the input or raising `key`.
+        """
+        if counts.rows_out == 0:
+            raise DataQualityError(
+                f"none of the {counts.rows_in} rows passed validation: "
+                f"{describe_reasons(counts)}. The rejected rows and the report are in "
+                f"{output}; no {self.what} were published. {advice or 'Fix the input'}"
+            )
+        if counts.rejected_fraction > self.limit:
+            raise DataQualityError(
+                f"{counts.rows_rejected} of {counts.rows_in} rows rejected "
+                f"({counts.rejected_fraction:.1%}, above {self.key} = {self.limit:.1%}): "
+                f"{describe_reasons(counts)}. The rejected rows and the report are in "
+                f"{output}; no {self.what} were published. "
+                f"{advice or f'Fix the input, or raise {self.key} to accept them'}"
+            )
+
+
 def drop_accepted(storage, staging: str) -> None:
     """Delete the good rows from a staging directory, keeping `_rejected/` and the report.
 
@@ -102,31 +149,6 @@ def drop_accepted(storage, staging: str) -> None:
 def describe_reasons(counts: Counts) -> str:
     """'label_null 2, not_finite 1': the rejected counts for a message."""
     return ", ".join(f"{reason} {n}" for reason, n in sorted(counts.rejected_by_reason.items()))
-
-
-def too_many_rejected(
-    counts: Counts, key: str, limit: float, output: str, what: str, advice: str = ""
-):
-    """The error of a run whose rejected share is above `key` (= `limit`).
-
-    `advice` says what to change when the rejected rows point at a setting; by default
-    the message suggests fixing the input or raising `key`.
-    """
-    return DataQualityError(
-        f"{counts.rows_rejected} of {counts.rows_in} rows rejected "
-        f"({counts.rejected_fraction:.1%}, above {key} = {limit:.1%}): "
-        f"{describe_reasons(counts)}. The rejected rows and the report are in {output}; "
-        f"no {what} were published. {advice or f'Fix the input, or raise {key} to accept them'}"
-    )
-
-
-def none_accepted(counts: Counts, output: str, what: str, advice: str = ""):
-    """The error of a run in which no row passed validation, whatever its reject threshold."""
-    return DataQualityError(
-        f"none of the {counts.rows_in} rows passed validation: {describe_reasons(counts)}. "
-        f"The rejected rows and the report are in {output}; no {what} were published. "
-        f"{advice or 'Fix the input'}"
-    )
 
 
 def write_with_quarantine(

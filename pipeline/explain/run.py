@@ -43,25 +43,20 @@ from pipeline.explain.executor import (
 )
 from pipeline.explain.faithfulness import DeletionCurves, curves_from_sums
 from pipeline.explain.weights import first_layer_weights
-from pipeline.features import preprocess
-from pipeline.ingest import ingest_report, read_features
 from pipeline.outputs import EXPLAIN, REPORT_FILE, check_output, staged_output
 from pipeline.plots import class_attributions_png, errors_png, first_layer_png
 from pipeline.quarantine import (
     REJECTED_DIR,
+    RejectLimit,
     StageResult,
-    drop_accepted,
     stage_report,
-    too_many_rejected,
     write_with_quarantine,
 )
 from pipeline.scoring import (
     arrow_batch_rows,
     broadcast_model,
-    ingested_source,
-    raw_source,
+    read_source,
     read_verified_model,
-    scoring_preprocessing,
     task_cpus,
     translate_task_errors,
 )
@@ -91,18 +86,15 @@ def run_explain(
     """Explain every row of `input_path` with the model in `model_dir` into `output_path`."""
     started = time.monotonic()
     settings = config.explain
+    limit = RejectLimit(
+        "score.max_reject_fraction", config.score.max_reject_fraction, "explanations"
+    )
     storage = Storage(spark)
     output = check_output(
         storage, output_path, EXPLAIN, {"--input": input_path, "--model-dir": model_dir}
     )
     metadata, model_bytes = read_verified_model(storage, model_dir)
-    raw = read_features(spark, input_path)
-    ingested = ingest_report(storage, input_path)
-    if ingested is not None:
-        source = ingested_source(raw, ingested)
-    else:
-        preprocessing = scoring_preprocessing(metadata.preprocessing, config.ingest)
-        source = raw_source(preprocess(raw, preprocessing, require_label=False))
+    source = read_source(spark, input_path, metadata.preprocessing, config.ingest)
     if settings.target == "label" and not source.has_label:
         raise ConfigError(
             f"explain.target=label needs labelled input, and {input_path} has no label "
@@ -196,12 +188,8 @@ def run_explain(
                 preprocessing=source.preprocessing,
                 explain=settings.model_dump(mode="json"),
             )
-            failed = counts.rejected_fraction > config.score.max_reject_fraction
             pictures: tuple[str, ...] = ()
-            if failed:
-                report["status"] = "failed"
-                drop_accepted(storage, staging)
-            else:
+            if not limit.apply(storage, staging, counts, report):
                 files = pictures_of(totals, metadata, model_bytes, settings.target)
                 for name, data in files.items():
                     storage.write_bytes(f"{staging}/{name}", data)
@@ -210,14 +198,7 @@ def run_explain(
     finally:
         validated.unpersist()
         model.handle.unpersist()
-    if failed:
-        raise too_many_rejected(
-            counts,
-            "score.max_reject_fraction",
-            config.score.max_reject_fraction,
-            output,
-            "explanations",
-        )
+    limit.check(counts, output)
     return ExplainResult(
         output,
         source.layout,

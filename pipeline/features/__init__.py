@@ -10,7 +10,7 @@ Ingest and scoring then split the rows on ``reject_reason``.
 """
 
 from pipeline.features.layouts import ResolvedLayout, resolve_layout
-from pipeline.features.row_ids import ROW_ID, with_row_id
+from pipeline.features.row_ids import ROW_ID, with_ids, with_row_id
 from pipeline.features.transform import (
     FEATURES_TMP,
     IMAGE_SIZE_TMP,
@@ -34,5 +34,6 @@ __all__ = [
     "pixel_values",
     "preprocess",
     "resolve_layout",
+    "with_ids",
     "with_row_id",
 ]

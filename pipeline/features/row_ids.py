@@ -9,19 +9,28 @@ work, and an id names its row exactly: for a one-file input it is the row's posi
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from urllib.parse import urlsplit
 
 from pyspark.errors import AnalysisException
 from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 
-from pipeline.contract import ROW_ID
+from pipeline.contract import DEFAULT_ID_COLUMNS, ROW_ID
 
 log = logging.getLogger(__name__)
 
 ROWS_PER_FILE_ID = 1 << 32
 _FILE_PATH = "_row_id_file"
 _FILE_NUMBER = "_row_id_file_number"
+
+
+def with_ids(raw: DataFrame, id_columns: Sequence[str] | None) -> DataFrame:
+    """`raw` as it is when `id_columns` are set or it has a default id column
+    (``id``, ``row_id``); otherwise `raw` with a `row_id` (`with_row_id`)."""
+    if id_columns is not None or any(c in raw.columns for c in DEFAULT_ID_COLUMNS):
+        return raw
+    return with_row_id(raw)
 
 
 def with_row_id(raw: DataFrame) -> DataFrame:

@@ -20,7 +20,13 @@ from pipeline.scoring.inference import (
     score_row_groups,
     task_cpus,
 )
-from pipeline.scoring.inputs import Source, ingested_source, raw_source, scoring_preprocessing
+from pipeline.scoring.inputs import (
+    Source,
+    ingested_source,
+    raw_source,
+    read_source,
+    scoring_preprocessing,
+)
 from pipeline.scoring.job import ScoreResult, run_scoring, translate_task_errors
 from pipeline.scoring.library import predict
 from pipeline.scoring.plan import RowGroupPlan, group_tasks, plan_row_groups
@@ -43,6 +49,7 @@ __all__ = [
     "prediction_schema",
     "raw_source",
     "read_scoring_model",
+    "read_source",
     "read_verified_model",
     "run_scoring",
     "score_row_groups",

@@ -1,9 +1,11 @@
 """What a scoring run reads: raw rows preprocessed as the model was trained, or an ingest output.
 
-`raw_source` runs the shared preprocessing (`pipeline.features`) with the model's recorded
-settings, located in this input (`scoring_preprocessing`); `ingested_source` takes an
-ingest output's validated features as they are (the executors check every batch).
-Both give a `Source`: the rows, the columns of a good row and what a rejected row keeps.
+`read_source` reads either, for every job that runs a model on rows (scoring,
+explanations): `raw_source` runs the shared preprocessing (`pipeline.features`) with the
+model's recorded settings, located in this input (`scoring_preprocessing`);
+`ingested_source` takes an ingest output's validated features as they are (the executors
+check every batch). Both give a `Source`: the rows, the columns of a good row and what a
+rejected row keeps.
 """
 
 from __future__ import annotations
@@ -11,14 +13,19 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from pyspark.sql import Column, DataFrame
+from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 from pipeline.config import IngestSettings
 from pipeline.contract import FEATURES, LABEL, LABEL_ONEHOT, REJECT_REASON, SPLIT
-from pipeline.features import Preprocessed, accepted_columns
+from pipeline.features import Preprocessed, accepted_columns, preprocess, with_ids
+from pipeline.ingest import ingest_report
+from pipeline.sources import read_input, read_parquet
+from pipeline.storage import Storage
 
 log = logging.getLogger(__name__)
+
+INGESTED = "ingested"  # the layout a `Source` of an ingest output reports
 
 # Keys of IngestSettings that say where this input keeps its pixels, label and ids,
 # rather than how pixels become features. A value changed from the default in the job's
@@ -45,6 +52,28 @@ class Source:
     raw_columns: tuple[str, ...]  # what a rejected row keeps
     layout: str
     preprocessing: dict
+
+    @property
+    def ingested(self) -> bool:
+        """Rows of an ingest output, which the executors check batch by batch."""
+        return self.layout == INGESTED
+
+
+def read_source(
+    spark: SparkSession, input_path: str, trained: IngestSettings, current: IngestSettings
+) -> Source:
+    """The rows of `input_path` to run a model on, whether an ingest output or raw input.
+
+    Raw input is read as `current` (the job's ``ingest`` settings) says and preprocessed
+    as the model was trained (`trained`, located in this input by `scoring_preprocessing`),
+    with the `row_id` ingest would give it when it has no id column.
+    """
+    report = ingest_report(Storage(spark), input_path)
+    if report is not None:
+        return ingested_source(read_parquet(spark, input_path), report)
+    settings = scoring_preprocessing(trained, current)
+    raw = with_ids(read_input(spark, input_path, current), settings.id_columns)
+    return raw_source(preprocess(raw, settings, require_label=False))
 
 
 def scoring_preprocessing(trained: IngestSettings, current: IngestSettings) -> IngestSettings:
@@ -98,7 +127,7 @@ def ingested_source(raw: DataFrame, report: dict) -> Source:
         ids=passthrough,
         has_label=has_label,
         raw_columns=tuple(raw.columns),
-        layout="ingested",
+        layout=INGESTED,
         preprocessing=report["preprocessing"],
     )
 

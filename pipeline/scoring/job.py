@@ -33,7 +33,7 @@ from pyspark.sql import functions as F
 
 from pipeline.artifact import Metadata
 from pipeline.config import Config
-from pipeline.contract import DEFAULT_ID_COLUMNS, LABEL, REJECT_REASON, SPLIT, Layout
+from pipeline.contract import LABEL, REJECT_REASON, SPLIT, Layout
 from pipeline.errors import DataQualityError, InputDataError
 from pipeline.evaluation import (
     Evaluation,
@@ -46,8 +46,7 @@ from pipeline.evaluation import (
     metric_values,
     summarize,
 )
-from pipeline.features import preprocess, with_row_id
-from pipeline.ingest import REPORT_FILE, ingest_report, read_features
+from pipeline.ingest import REPORT_FILE
 from pipeline.monitoring.documents import REPORT_MD, scoring_report_md
 from pipeline.monitoring.drift import DataProfile
 from pipeline.monitoring.watch import Watch, WatchShape, watch_from_sums
@@ -55,11 +54,9 @@ from pipeline.outputs import SCORE, check_output, staged_output
 from pipeline.quarantine import (
     REJECTED_DIR,
     Counts,
+    RejectLimit,
     StageResult,
-    drop_accepted,
-    none_accepted,
     stage_report,
-    too_many_rejected,
     write_with_quarantine,
 )
 from pipeline.rowgroups import InputChanged
@@ -72,7 +69,7 @@ from pipeline.scoring.inference import (
     score_row_groups,
     task_cpus,
 )
-from pipeline.scoring.inputs import Source, ingested_source, raw_source, scoring_preprocessing
+from pipeline.scoring.inputs import Source, read_source
 from pipeline.scoring.plan import plan_row_groups
 from pipeline.sources import read_parquet, translate_read_errors
 from pipeline.storage import Storage
@@ -101,21 +98,17 @@ def run_scoring(
     )
     metadata, onnx_bytes = read_scoring_model(storage, model_dir)
     score = config.score
-    raw = read_features(spark, input_path, config.ingest)
-    ingested = ingest_report(storage, input_path)
+    limit = RejectLimit("score.max_reject_fraction", score.max_reject_fraction, "predictions")
+    source = read_source(spark, input_path, metadata.preprocessing, config.ingest)
     plan = None
-    if ingested is not None:
-        source = ingested_source(raw, ingested)
-        if score.ingested_reader == "files":
-            with translate_read_errors(input_path):
-                plan = plan_row_groups(
-                    storage, input_path, raw.select(*source.columns), score.max_rows_per_file
-                )
-    else:
-        settings = scoring_preprocessing(metadata.preprocessing, config.ingest)
-        if settings.id_columns is None and not any(c in raw.columns for c in DEFAULT_ID_COLUMNS):
-            raw = with_row_id(raw)  # the row_id ingest gives the same rows
-        source = raw_source(preprocess(raw, settings, require_label=False))
+    if source.ingested and score.ingested_reader == "files":
+        with translate_read_errors(input_path):
+            plan = plan_row_groups(
+                storage,
+                input_path,
+                source.validated.select(*source.columns),
+                score.max_rows_per_file,
+            )
     log.info(
         "input %s: %s, %s; model %s (sha256 %s...); %s",
         input_path,
@@ -224,12 +217,7 @@ def run_scoring(
                 metadata.temperature,
             )
             report.update(watched_result.as_dict())
-            # No good row fails whatever the threshold: an empty success would hide it.
-            failed = counts.rows_out == 0 or counts.rejected_fraction > score.max_reject_fraction
-            if failed:
-                report["status"] = "failed"
-                drop_accepted(storage, staging)
-            else:
+            if not limit.apply(storage, staging, counts, report):
                 plotted = time.monotonic()
                 files = {**evaluation_files(evaluation), **watched_result.files(training_profile)}
                 for name, data in files.items():
@@ -249,12 +237,7 @@ def run_scoring(
         validated.unpersist()
         model.handle.unpersist()
 
-    if counts.rows_out == 0:
-        raise none_accepted(counts, output, "predictions")
-    if failed:
-        raise too_many_rejected(
-            counts, "score.max_reject_fraction", score.max_reject_fraction, output, "predictions"
-        )
+    limit.check(counts, output)
     return ScoreResult(
         output, source.layout, counts, seconds, report, evaluation, watched_result, by_split
     )
