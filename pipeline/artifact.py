@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -50,6 +50,10 @@ class Metadata(BaseModel):
     preprocessing: IngestSettings
     train: TrainSettings
     workers: int = Field(ge=1)
+    # How the workers kept in step ("single", "exact", "local_sgd") and whether the steps
+    # ran XLA-compiled; None in model directories written before they were recorded.
+    sync_mode: Literal["single", "exact", "local_sgd"] | None = None
+    xla: bool | None = None
     epochs_completed: int = Field(ge=0)
     history: list[dict[str, float]] = Field(default_factory=list)
     samples_per_second: float | None = None

@@ -184,7 +184,9 @@ def _plain_sgd(settings: TrainSettings, x, y, batches) -> list[np.ndarray]:
 def test_off_trains_on_the_raw_rows_bit_for_bit(training_rows):
     x, labels, batches = training_rows
     y = np.eye(10, dtype=np.float32)[labels]
-    settings = TrainSettings(seed=3, steps_per_call=5)
+    # Bit for bit against a loop that is not XLA-compiled: XLA fuses the arithmetic in
+    # another order (tests/test_training_xla.py compares the two within a tolerance).
+    settings = TrainSettings(seed=3, steps_per_call=5, jit_compile=False)
     trainer = _trainer(settings, x, labels)
     _train(trainer, batches)
     expected = _plain_sgd(settings, x, y, batches)

@@ -142,7 +142,7 @@ def test_training_worker_killed_mid_run_resumes_from_its_checkpoint(spark, featu
     from pipeline.training import run_training
 
     settings = ["train.epochs=3", "train.validation_fraction=0.1", "train.sync=exact"]
-    overrides = {"train": {"epochs": 3, "validation_fraction": 0.1}}
+    overrides = {"train": {"epochs": 3, "validation_fraction": 0.1, "sync": "exact"}}
     clean = run_training(
         spark, Config().with_overrides(overrides), features, str(tmp_path / "clean"), workers=2
     )

@@ -68,8 +68,6 @@ def test_two_training_jobs_on_one_host_at_once_neither_clash_nor_cross_talk(
             "train.epochs=2",
             "--set",
             f"train.seed={seed}",
-            "--set",
-            "train.sync=local_sgd",
         )
         jobs[seed] = subprocess.Popen(
             command,
@@ -93,6 +91,10 @@ def test_two_training_jobs_on_one_host_at_once_neither_clash_nor_cross_talk(
     for seed in (1, 2):
         metadata = json.loads((tmp_path / f"model-{seed}" / "metadata.json").read_text())
         assert metadata["seed"] == seed and metadata["workers"] == 2
+        # local SGD is the multi-worker default; the console names it and the other mode
+        assert metadata["sync_mode"] == "local_sgd" and metadata["xla"] is True
+        assert "train.sync=local_sgd (local SGD" in outputs[seed]
+        assert "--set train.sync=exact for exact synchronous SGD" in outputs[seed]
         assert metadata["epochs_completed"] == 2
         assert metadata["history"][-1]["accuracy"] > 0.8
         models[seed] = metadata["model_sha256"]

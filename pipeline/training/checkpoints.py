@@ -41,6 +41,7 @@ RESUMABLE_CHANGES = {
     "epochs",
     "workers",
     "steps_per_call",
+    "jit_compile",
     "memory_budget_mb",
     "checkpoint_every",
     "stall_timeout_s",

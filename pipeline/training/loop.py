@@ -17,7 +17,10 @@ non-trainable variables: the whole partition when it fits the memory budget, els
 shuffle window at a time); `Trainer.train` runs ``steps_per_call`` steps per
 ``tf.function`` call, each step gathering its batch from the store by row positions
 planned in NumPy (`pipeline.training.data.epoch_segments`). No tf.data pipeline and no
-Python per batch. Imported only in the worker's TensorFlow process.
+Python per batch. With ``train.jit_compile`` (the default) that function is compiled with
+XLA, about 1.4x the steps per second on CPU, except in ``exact`` mode, whose all-reduce
+inside the loop XLA cannot compile on CPU. Imported only in the worker's TensorFlow
+process.
 """
 
 from __future__ import annotations
@@ -40,7 +43,8 @@ class Trainer:
 
         self.settings = settings
         self.workers = workers
-        self.mode = "single" if workers == 1 else settings.sync
+        ran = settings.model_copy(update={"workers": workers})
+        self.mode = ran.sync_mode()
         self.strategy = strategy
         scope = strategy.scope() if self.mode == "exact" else contextlib.nullcontext()
         with scope:
@@ -52,9 +56,13 @@ class Trainer:
         rank = strategy.cluster_resolver.task_id if strategy is not None else 0
         self._augment = make_augment(settings.augment, settings.seed, rank)  # None when off
         self.on_progress = _nothing  # called after every compiled call and collective
+        # XLA fuses the steps into one compiled loop (augmentation, compiled on its own,
+        # is inlined into it); not under exact sync (`TrainSettings.compiles_with_xla`).
+        self.jit_compile = ran.compiles_with_xla()
         self._train_steps = tf.function(
             self._train_steps_fn,
             input_signature=[tf.TensorSpec((None, settings.batch_size), tf.int32)],
+            jit_compile=self.jit_compile,
         )
         self._evaluate_batch = tf.function(
             self._evaluate_batch_fn,

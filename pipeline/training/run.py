@@ -113,6 +113,8 @@ def run_training(
         settings,
         preprocessing=preprocessing,
         workers=settings.workers,
+        sync_mode=settings.sync_mode(),
+        xla=settings.compiles_with_xla(),
         epochs_completed=fit.epochs_completed,
         history=fit.history,
         samples_per_second=round(fit.samples_per_second, 1),

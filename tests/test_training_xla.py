@@ -1,0 +1,68 @@
+"""The training loop compiled with XLA (``train.jit_compile``): no Spark, a few seconds."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from pipeline.config import AugmentSettings, TrainSettings
+
+tf = pytest.importorskip("tensorflow")
+
+from pipeline.training.data import Segment  # noqa: E402
+from pipeline.training.loop import Trainer  # noqa: E402
+
+ROWS, BATCH, EPOCHS = 512, 32, 2
+
+
+@pytest.fixture(scope="module")
+def rows(sample_pixels):
+    pixels, labels = sample_pixels
+    x = (pixels[:ROWS].astype(np.float64) / 255.0).astype(np.float32)
+    return x, np.eye(10, dtype=np.float32)[labels[:ROWS]]
+
+
+def _trainer(settings: TrainSettings) -> Trainer:
+    import keras
+
+    keras.utils.set_random_seed(settings.seed)  # as the worker does: same initial weights
+    return Trainer(settings, workers=1)
+
+
+def _trained(settings: TrainSettings, x: np.ndarray, y: np.ndarray) -> Trainer:
+    """Two epochs over the rows, each in its own shuffled order, 8 steps per call."""
+    trainer = _trainer(settings)
+    trainer.make_store(len(x))
+    trainer.fill_store([(x, y)])
+    rng = np.random.default_rng(1)
+    for _ in range(EPOCHS):
+        order = rng.permutation(len(x)).astype(np.int32).reshape(-1, BATCH)
+        trainer.train([Segment(None, order)], len(order))
+    return trainer
+
+
+@pytest.mark.parametrize("augment", [False, True], ids=["plain", "augmented"])
+def test_xla_trains_to_the_weights_of_the_plain_loop(rows, augment):
+    x, y = rows
+    settings = TrainSettings(
+        seed=4, steps_per_call=8, augment=AugmentSettings(enabled=augment, max_shear=10.0)
+    )
+    compiled = _trained(settings.model_copy(update={"jit_compile": True}), x, y)
+    plain = _trained(settings.model_copy(update={"jit_compile": False}), x, y)
+    assert compiled.jit_compile and not plain.jit_compile
+
+    initial = _trainer(settings).weights()
+    for on, off, before in zip(compiled.weights(), plain.weights(), initial, strict=True):
+        assert np.abs(off - before).max() > 1e-3  # training moved the weights
+        np.testing.assert_allclose(on, off, rtol=0, atol=1e-4)
+    assert compiled.evaluate([(x, y)]) == pytest.approx(plain.evaluate([(x, y)]), rel=1e-4)
+
+
+def test_xla_is_used_alone_and_under_local_sgd_never_under_exact():
+    assert TrainSettings().jit_compile  # on by default
+    assert TrainSettings(workers=1, sync="exact").compiles_with_xla()  # one worker: no sync
+    assert TrainSettings(workers=2, sync="local_sgd").compiles_with_xla()
+    assert not TrainSettings(workers=2, sync="exact").compiles_with_xla()
+    assert not TrainSettings(workers=1, jit_compile=False).compiles_with_xla()
+    assert Trainer(TrainSettings(sync="local_sgd"), workers=2).jit_compile
+    assert not Trainer(TrainSettings(jit_compile=False), workers=1).jit_compile
