@@ -385,3 +385,21 @@ def test_a_split_ingest_output_trains_on_its_train_split_only(spark, tmp_path, s
     # Validation the user chose wins over split=validation.
     chosen = resolve_input(storage, str(features), TrainSettings(validation_fraction=0.1), report)
     assert chosen.train_path.endswith("/split=train") and chosen.validation_path is None
+
+    # A final model trains on split=validation too; split=test is still not read.
+    settings = {"epochs": 1, "include_validation_split": True}
+    both = run_training(
+        spark, Config().with_overrides({"train": settings}), str(features),
+        str(tmp_path / "final"),
+    )  # fmt: skip
+    metadata = json.loads((tmp_path / "final" / "metadata.json").read_text())
+    assert metadata["data"]["splits"] == {"train": rows["train"], "validation": rows["validation"]}
+    assert metadata["data"]["rows"] == rows["train"] + rows["validation"]
+    folders = {f["path"].rsplit("/", 2)[-2] for f in metadata["data"]["files"]}
+    assert folders == {"split=train", "split=validation"}
+    worker = both.fit.workers[0]
+    assert (worker["train_rows"], worker["validation_rows"]) == (
+        rows["train"] + rows["validation"],
+        0,
+    )
+    assert "val_accuracy" not in both.history[-1]

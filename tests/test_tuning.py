@@ -39,10 +39,13 @@ CONF_DIR = REPO / "conf"
 def test_the_documented_space_file_is_the_default_space():
     documented = load_config(files=[CONF_DIR / "search-space.yaml"]).tune.space
     assert documented == TuneSettings().space
-    # and the default space is good for digits: wide layers, dropout searched
+    # and the default space is good for digits: wide layers, real dropout, augmentation
+    # in every trial, a decaying learning rate; pruning waits for slow starters
     space = TuneSettings().space
     assert min(units[0] for units in space["hidden_units"]) >= 256
-    assert space["dropout"].high >= 0.3
+    assert space["dropout"].low >= 0.1 and space["dropout"].high >= 0.3
+    assert space["augment.enabled"] == [True] and space["decay"].low > 0
+    assert TuneSettings().prune_warmup_epochs >= 10
 
 
 def test_suggest_decodes_list_candidates_and_draws_ranges():
@@ -174,11 +177,13 @@ def test_best_yaml_trains_the_winner_on_all_the_data_and_loads_unchanged(tmp_pat
             "workers": 2,
             "validation_fraction": 0.0,
             "validation_path": None,
+            "include_validation_split": True,  # a split ingest output's validation rows too
             "early_stopping": config.train.early_stopping,
             "epochs": 17,  # the median epoch the confirmation runs kept
         }
     )
     assert loaded == expected
+    assert not settings.include_validation_split  # the trials never train on them
     kept = SimpleNamespace(
         output="file:/x", winner=None, decision="kept", confirmations=[reference]
     )

@@ -2,8 +2,9 @@
 
 `resolve_input` says where the training and validation rows come from: for an ingest
 output written with ``ingest.split.enabled``, its ``split=train`` rows, validated on its
-``split=validation`` rows unless the user chose other validation; its ``split=test`` rows
-are never read unless the user names that folder. `prepare_training_data` turns features
+``split=validation`` rows unless the user chose other validation (or trains on them too,
+``train.include_validation_split``); its ``split=test`` rows are never read unless the user
+names that folder. `prepare_training_data` turns features
 into the stream a barrier task receives (float features, one-hot labels and the
 validation flag). `describe_input` says what was read
 (rows, rows per class, schema, files and their fingerprint, recorded in ``metadata.json``
@@ -41,16 +42,23 @@ class TrainingInput:
     train_path: str
     validation_path: str | None  # None: a fraction of the training rows, or no validation
     split_output: str | None = None  # the split ingest output the paths were taken from
+    more_train_paths: tuple[str, ...] = ()  # further folders trained on (split=validation)
+
+    @property
+    def train_paths(self) -> tuple[str, ...]:
+        return (self.train_path, *self.more_train_paths)
 
     def splits(self) -> dict[str, str]:
         """The splits used, by name (empty unless a split output was resolved)."""
         if self.split_output is None:
             return {}
-        used = {"train": self.train_path}
         prefix = f"{self.split_output}/{SPLIT}="
-        if self.validation_path and self.validation_path.startswith(prefix):
-            used[self.validation_path[len(prefix) :]] = self.validation_path
-        return used
+        named = [*self.train_paths, *([self.validation_path] if self.validation_path else [])]
+        return {p[len(prefix) :]: p for p in named if p.startswith(prefix)}
+
+    def trained_splits(self) -> list[str]:
+        """The names of the splits trained on."""
+        return [name for name, p in self.splits().items() if p in self.train_paths]
 
 
 def resolve_input(
@@ -61,13 +69,19 @@ def resolve_input(
     A split ingest output (its report's ``preprocessing.split.enabled``, given as the
     output itself rather than one of its ``split=…`` folders) trains on ``split=train`` and
     validates on ``split=validation``, unless ``train.validation_path`` or
-    ``train.validation_fraction`` says otherwise; ``split=test`` is left alone.
+    ``train.validation_fraction`` says otherwise; ``split=test`` is left alone. With
+    ``train.include_validation_split`` it trains on ``split=validation`` as well, and
+    validates only on what those two settings give.
     """
     root = input_path.rstrip("/")
     split = ((report or {}).get("preprocessing") or {}).get("split") or {}
     if not split.get("enabled") or root.rpartition("/")[2].startswith(f"{SPLIT}="):
         return TrainingInput(input_path, settings.validation_path)
     validation = settings.validation_path
+    if settings.include_validation_split:
+        candidate = f"{root}/{SPLIT}=validation"
+        more = (candidate,) if storage.exists(candidate) else ()
+        return TrainingInput(f"{root}/{SPLIT}=train", validation, root, more)
     if not validation and not settings.validation_fraction:
         candidate = f"{root}/{SPLIT}=validation"
         validation = candidate if storage.exists(candidate) else None
@@ -115,13 +129,14 @@ def _contract_columns(df: DataFrame, what: str) -> DataFrame:
     return df.select(F.col(FEATURES).cast(floats).alias(FEATURES), onehot.alias(LABEL_ONEHOT))
 
 
-def describe_input(storage: Storage, df: DataFrame, path: str) -> dict[str, Any]:
-    """Row count, rows per class, schema and files (name, size) of the training data, and
-    the data fingerprint (their sha256). Counting reads only the label column."""
-    files = [{"path": p, "bytes": size} for p, size in storage.list_files(path)]
+def describe_input(storage: Storage, df: DataFrame, path: str, *more: str) -> dict[str, Any]:
+    """Row count, rows per class, schema and files (name, size) of the training data read
+    from `path` (and the folders `more`), and the data fingerprint (their sha256).
+    Counting reads only the label column."""
+    files = [{"path": p, "bytes": size} for d in (path, *more) for p, size in storage.list_files(d)]
     counts = class_counts(df)
     described = {
-        "path": storage.qualify(path),
+        "path": ", ".join(storage.qualify(p) for p in (path, *more)),
         "rows": sum(counts.values()),
         "class_counts": counts,
         "schema": df.schema.simpleString(),

@@ -84,12 +84,14 @@ def run_training(
             "train.validation_fraction or train.validation_path"
         )
     features = read_features(spark, source.train_path)
+    for more in source.more_train_paths:
+        features = features.unionByName(read_features(spark, more))
     validation = read_features(spark, source.validation_path) if source.validation_path else None
     data = prepare_training_data(features, settings, validation)
-    described = describe_input(storage, features, source.train_path)
-    check_classes(described["class_counts"], source.train_path)
+    described = describe_input(storage, features, *source.train_paths)
+    check_classes(described["class_counts"], ", ".join(source.train_paths))
     if source.split_output is not None:
-        described["splits"] = _split_rows(source, settings, described["rows"], validation)
+        described["splits"] = _split_rows(spark, source, settings, validation)
     if fresh and storage.exists(checkpoint_dir):
         log.info("--fresh: deleting %s", checkpoint_dir)
         storage.delete(checkpoint_dir)
@@ -139,14 +141,15 @@ def run_training(
     return TrainResult(model_dir, metadata, fit, time.monotonic() - started)
 
 
-def _split_rows(source, settings, train_rows: int, validation) -> dict[str, int]:
+def _split_rows(spark: SparkSession, source, settings, validation) -> dict[str, int]:
     """Rows of each split used (for ``metadata.json``), and the console line that says so."""
-    rows = {"train": train_rows}
-    for name in source.splits():
-        if name != "train":
-            rows[name] = validation.count()
-    if len(rows) > 1:
-        validating = ", ".join(f"split={n} ({rows[n]:,} rows)" for n in rows if n != "train")
+    from pipeline.ingest import read_features
+
+    rows = {name: read_features(spark, path).count() for name, path in source.splits().items()}
+    trained = source.trained_splits()
+    validated = [n for n in rows if n not in trained]
+    if validated:
+        validating = ", ".join(f"split={n} ({rows[n]:,} rows)" for n in validated)
     elif source.validation_path:
         validating = source.validation_path
     elif settings.validation_fraction:
@@ -154,10 +157,9 @@ def _split_rows(source, settings, train_rows: int, validation) -> dict[str, int]
     else:
         validating = "nothing"
     log.info(
-        "%s is a split ingest output: training on split=train (%s rows), validating on %s; "
-        "split=test is not read",
+        "%s is a split ingest output: training on %s, validating on %s; split=test is not read",
         source.split_output,
-        f"{train_rows:,}",
+        " and ".join(f"split={n} ({rows[n]:,} rows)" for n in trained),
         validating,
     )
     return rows

@@ -303,15 +303,18 @@ def best_config_yaml(result: TuneResult, config: Config) -> str:
         header = (
             f"# Structure search in {result.output}: trial {winner.trial.name} "
             f"({winner.trial.structure}).\n# {decision}\n"
-            f"# Its train section for the final model: all the data (the train section's "
-            f"own\n# validation and workers), {winner.epochs_to_train} epochs (the median "
-            "epoch its confirmation runs kept).\n"
+            "# Its train section for the final model: all the training data (the rows the "
+            "search\n# validated on, and a split ingest output's split=validation rows "
+            "too), the train\n# section's own validation and workers, "
+            f"{winner.epochs_to_train} epochs (the median epoch its\n# confirmation runs "
+            "kept).\n"
         )
         settings = winner.trial.settings.model_copy(
             update={
                 "workers": config.train.workers,
                 "validation_fraction": config.train.validation_fraction,
                 "validation_path": config.train.validation_path,
+                "include_validation_split": True,
                 "early_stopping": config.train.early_stopping,
                 "seed": config.train.seed,
                 "epochs": winner.epochs_to_train,

@@ -62,13 +62,15 @@ class Trial:
 
 def trial_base(train: TrainSettings, tune: TuneSettings) -> dict[str, Any]:
     """The train section every trial starts from: one worker, the tune section's epochs,
-    validation split and early stopping."""
+    validation split and early stopping; never a split ingest output's split=validation
+    rows (only the final model trains on them)."""
     return {
         **train.model_dump(mode="json"),
         "workers": 1,
         "epochs": tune.epochs,
         "validation_fraction": tune.validation_fraction,
         "validation_path": None,
+        "include_validation_split": False,
         "early_stopping": tune.early_stopping.model_dump(mode="json"),
     }
 
