@@ -284,25 +284,30 @@ def read_onnx_model(storage, model_dir: str) -> tuple[Metadata, bytes]:
 
 
 def export_onnx(metadata: Metadata, model_bytes: bytes) -> bytes:
-    """``model.onnx`` of verified Keras `model_bytes`, refused unless it gives Keras's
-    probabilities within `ONNX_TOLERANCE` on probe inputs.
+    """``model.onnx`` of verified Keras `model_bytes` (`onnx_of_model`)."""
+    return onnx_of_model(metadata.train, model_from_bytes(metadata, model_bytes), metadata.seed)
 
-    Built node by node from the weights of the network `build_model` makes
-    (`pipeline.onnx_graph`). The probes are features in [0, 1]: uniform ones, and sparse
-    near-binary ones like digits' strokes.
+
+def onnx_of_model(train: TrainSettings, model, seed: int) -> bytes:
+    """``model.onnx`` of the Keras `model` that `build_model` made for `train`, refused
+    unless it gives Keras's probabilities within `ONNX_TOLERANCE` on probe inputs.
+
+    Built node by node from the model's weights (`pipeline.onnx_graph`). The probes are
+    features in [0, 1] drawn from `seed`: uniform ones, and sparse near-binary ones like
+    digits' strokes. Training runs this in its TensorFlow worker, so that the driver never
+    imports TensorFlow.
     """
     import numpy as np
 
     from pipeline.onnx_graph import build_graph, session
 
-    model = model_from_bytes(metadata, model_bytes)
-    layers = [f"hidden_{i}" for i in range(len(metadata.train.hidden_units))]
+    layers = [f"hidden_{i}" for i in range(len(train.hidden_units))]
     weights = [
         w for name in (*layers, "probabilities") for w in model.get_layer(name).get_weights()
     ]
-    onnx_bytes = build_graph(metadata.train, weights)
+    onnx_bytes = build_graph(train, weights)
 
-    rng = np.random.default_rng(metadata.seed)
+    rng = np.random.default_rng(seed)
     uniform = rng.random((_PROBE_ROWS // 2, FEATURE_DIM), dtype=np.float32)
     strokes = (rng.random((_PROBE_ROWS // 2, FEATURE_DIM)) < 0.2) * rng.uniform(0.5, 1.0)
     probe = np.concatenate([uniform, strokes.astype(np.float32)])
@@ -334,17 +339,26 @@ def write_model_dir(
     metadata: Metadata,
     model_bytes: bytes,
     extra_files: dict[str, bytes] | None = None,
+    onnx_bytes: bytes | None = None,
 ) -> Metadata:
     """Publish a complete model directory at once (any URI), keeping its checkpoints.
 
-    Exports ``model.onnx`` (`export_onnx`) beside ``model.keras`` and records its sha256:
-    the metadata written, and returned, is `metadata` with ``onnx_sha256`` set. Files
+    Writes ``model.onnx`` beside ``model.keras`` and records its sha256: the metadata
+    written, and returned, is `metadata` with ``onnx_sha256`` set. `onnx_bytes` is the
+    export training made (`onnx_of_model`, already checked against Keras); here it must
+    be the graph `pipeline.onnx_graph` builds for the metadata's architecture, and no
+    TensorFlow is imported. Without it the model is exported here (`export_onnx`). Files
     are written into a hidden staging directory and moved into place together, so a
     crash never leaves a ``MODEL/`` that looks complete. `metadata.model_sha256` must be
     the checksum of `model_bytes`.
     """
     check_checksum(metadata, model_bytes, model_dir)
-    onnx_bytes = export_onnx(metadata, model_bytes)
+    if onnx_bytes is None:
+        onnx_bytes = export_onnx(metadata, model_bytes)
+    else:
+        from pipeline.onnx_graph import check_graph
+
+        check_graph(metadata.train, onnx_bytes, f"{model_dir.rstrip('/')}/{ONNX_FILE}")
     metadata = metadata.model_copy(update={"onnx_sha256": sha256_bytes(onnx_bytes)})
     model_dir = model_dir.rstrip("/")
     staging = storage.staging_dir(model_dir)

@@ -3,16 +3,32 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 
 import pytest
 
+from pipeline.artifact import read_onnx_model, sha256_bytes
+from pipeline.storage import Storage
 from tests.faults import job_command, job_env, run_job
+
+# Loaded by every Python process the job starts (PYTHONPATH); in the train job's driver it
+# records at exit which of these modules that process imported.
+_MODULES_PROBE = """
+import atexit, json, os, sys
+if sys.argv and sys.argv[0].endswith("train.py"):
+    atexit.register(lambda: open(os.environ["DIGITS_MODULES_PROBE"], "w").write(json.dumps(
+        {name: name in sys.modules for name in ("tensorflow", "keras", "onnxruntime")})))
+"""
 
 
 @pytest.mark.slow
-def test_spark_submit_train_two_workers_on_the_sample(tmp_path, ingested_sample):
+def test_spark_submit_train_two_workers_on_the_sample(spark, tmp_path, ingested_sample):
     model_dir = tmp_path / "model"
+    probe_dir, report = tmp_path / "probe", tmp_path / "modules.json"
+    probe_dir.mkdir()
+    (probe_dir / "sitecustomize.py").write_text(_MODULES_PROBE)
+    path = os.pathsep.join(filter(None, [str(probe_dir), os.environ.get("PYTHONPATH")]))
     result = run_job(
         "train.py",
         "--input",
@@ -26,9 +42,14 @@ def test_spark_submit_train_two_workers_on_the_sample(tmp_path, ingested_sample)
         "--set",
         "train.validation_fraction=0.2",
         cwd=tmp_path,
+        env=job_env(PYTHONPATH=path, DIGITS_MODULES_PROBE=str(report)),
     )
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-3000:]
+    # The workers trained and exported the model; the driver scored the validation rows
+    # with ONNX Runtime on the executors and never imported TensorFlow or Keras.
+    imported = json.loads(report.read_text())
+    assert imported == {"tensorflow": False, "keras": False, "onnxruntime": False}, imported
     epoch_lines = [line for line in output.splitlines() if "pipeline.training: epoch " in line]
     assert [line.split("epoch ")[1].split()[0] for line in epoch_lines] == [
         "1/4",
@@ -44,8 +65,11 @@ def test_spark_submit_train_two_workers_on_the_sample(tmp_path, ingested_sample)
     assert metadata["workers"] == 2 and metadata["epochs_completed"] == 4
     # held-out digits: 20 % of the sample, never trained on
     assert metadata["history"][-1]["val_accuracy"] > 0.88
-    for name in ("model.keras", "history.png", "checkpoints"):
+    for name in ("model.keras", "model.onnx", "history.png", "checkpoints"):
         assert (model_dir / name).exists()
+    # exported by worker 0, verified on the driver and recorded in metadata.json
+    verified, onnx_bytes = read_onnx_model(Storage(spark), str(model_dir))
+    assert metadata["onnx_sha256"] == verified.onnx_sha256 == sha256_bytes(onnx_bytes)
 
 
 @pytest.mark.slow

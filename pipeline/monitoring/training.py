@@ -44,11 +44,14 @@ def model_extras(
     metadata: Metadata,
     model_bytes: bytes,
     command: str | None = None,
+    onnx_bytes: bytes | None = None,
 ) -> tuple[Metadata, dict[str, bytes]]:
     """`metadata` with the training profile (and temperature), and the extra files of the
     model directory: ``first_layer.png`` and ``model_card.md``.
 
-    `training` and `validation` hold `features` and `label` or `label_onehot`.
+    `training` and `validation` hold `features` and `label` or `label_onehot`. The
+    validation rows are scored with `onnx_bytes`, the model's ONNX export (made here,
+    with TensorFlow, when not given).
     """
     from pipeline.explain.weights import first_layer_weights
     from pipeline.plots import first_layer_png
@@ -57,7 +60,9 @@ def model_extras(
     update: dict[str, Any] = {"profile": profile.as_dict()}
     summary = None
     if validation is not None:
-        probabilities, labels = _validation_predictions(spark, validation, metadata, model_bytes)
+        probabilities, labels = _validation_predictions(
+            spark, validation, metadata, model_bytes, onnx_bytes
+        )
         if len(labels):
             temperature = fit_temperature(probabilities, labels) if config.train.calibrate else None
             summary = _validation_summary(probabilities, labels, temperature, config)
@@ -86,9 +91,11 @@ def training_extras(
     prepared: DataFrame,
     metadata: Metadata,
     model_bytes: bytes,
+    onnx_bytes: bytes,
 ) -> tuple[Metadata, dict[str, bytes]]:
     """`model_extras` of the DataFrame training prepared (`features`, `label_onehot` and
-    the validation flag): its training rows profiled, its validation rows, if any, used."""
+    the validation flag): its training rows profiled, its validation rows, if any, scored
+    with `onnx_bytes` (exported by the training worker: no TensorFlow here)."""
     from pipeline.training.data import VALIDATION_FLAG
 
     train = config.train
@@ -103,6 +110,7 @@ def training_extras(
         metadata,
         model_bytes,
         _train_command(metadata, config),
+        onnx_bytes,
     )
 
 
@@ -130,13 +138,18 @@ def _with_label(df: DataFrame) -> DataFrame:
 
 
 def _validation_predictions(
-    spark: SparkSession, validation: DataFrame, metadata: Metadata, model_bytes: bytes
+    spark: SparkSession,
+    validation: DataFrame,
+    metadata: Metadata,
+    model_bytes: bytes,
+    onnx_bytes: bytes | None,
 ) -> tuple[np.ndarray, np.ndarray]:
     from pipeline.artifact import export_onnx, sha256_bytes
     from pipeline.scoring import broadcast_model, predict_digits, task_cpus
 
     # Scored as the scoring job scores: the model's ONNX export, run by ONNX Runtime.
-    onnx_bytes = export_onnx(metadata, model_bytes)
+    if onnx_bytes is None:
+        onnx_bytes = export_onnx(metadata, model_bytes)
     exported = metadata.model_copy(update={"onnx_sha256": sha256_bytes(onnx_bytes)})
     model = broadcast_model(spark, exported, onnx_bytes)
     try:

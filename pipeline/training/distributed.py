@@ -6,7 +6,8 @@ executor's address, and shares (address, row counts, checkpoint to resume from) 
 others through ``BarrierTaskContext.allGather``: every worker then knows the cluster, the
 same number of steps per epoch, and the same checkpoint. It writes ``TF_CONFIG`` and a
 spec, starts the TensorFlow worker process (`pipeline.training.worker`), waits for it and
-yields one small row: worker 0's model bytes and history, the others' statistics.
+yields one small row: worker 0's model bytes (``model.keras`` and ``model.onnx``) and
+history, the others' statistics.
 
 A failed barrier ResultStage is never retried by Spark, so the barrier stage is followed
 by a shuffle (``repartition(1)``), which makes it a ShuffleMapStage: when a worker dies,
@@ -53,12 +54,17 @@ from pipeline.training.progress import send_once
 
 log = logging.getLogger(__name__)
 
-RESULT_SCHEMA = "rank int, model binary, info string"
+RESULT_SCHEMA = "rank int, model binary, onnx binary, info string"
 # Exit codes of the worker process (pipeline.training.worker) that the task explains.
 BIND_FAILED_EXIT = 75  # its gRPC port was taken
 STALLED_EXIT = 76  # its watchdog saw no progress for train.stall_timeout_s: a peer stalled
 _RESULT_ARROW_SCHEMA = pa.schema(
-    [pa.field("rank", pa.int32()), pa.field("model", pa.binary()), pa.field("info", pa.string())]
+    [
+        pa.field("rank", pa.int32()),
+        pa.field("model", pa.binary()),
+        pa.field("onnx", pa.binary()),
+        pa.field("info", pa.string()),
+    ]
 )
 _LOG_TAIL_CHARS = 3000
 
@@ -255,14 +261,19 @@ def _run_worker(spec, context, rank: int, workers: int, batches, workdir: str) -
         "process": process_seconds,
         **info.get("phases", {}),
     }
-    model = None
+    model = onnx = None
     if rank == 0:
-        with open(os.path.join(workdir, "model.keras"), "rb") as f:
+        from pipeline.artifact import MODEL_FILE, ONNX_FILE
+
+        with open(os.path.join(workdir, MODEL_FILE), "rb") as f:
             model = f.read()
+        with open(os.path.join(workdir, ONNX_FILE), "rb") as f:
+            onnx = f.read()
     return pa.record_batch(
         [
             pa.array([rank], pa.int32()),
             pa.array([model], pa.binary()),
+            pa.array([onnx], pa.binary()),
             pa.array([json.dumps(info)]),
         ],
         schema=_RESULT_ARROW_SCHEMA,

@@ -2,8 +2,9 @@
 
 It opens the progress channel, runs one barrier task per worker over the DataFrame
 (`pipeline.training.distributed` holds the task), turns a failed stage into the error the
-tasks reported, and returns worker 0's model bytes, its history and every worker's
-statistics: nothing else reaches the driver.
+tasks reported, and returns worker 0's model bytes (``model.keras`` and its checked ONNX
+export), its history and every worker's statistics: nothing else reaches the driver,
+which never imports TensorFlow.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ class FitResult:
     """What the barrier stage hands back to the driver."""
 
     model_bytes: bytes
+    onnx_bytes: bytes  # the same network for ONNX Runtime, checked against Keras by worker 0
     history: list[dict[str, float]]
     workers: list[dict[str, Any]]  # per-worker statistics, by rank
     seconds: float
@@ -159,13 +161,14 @@ def run_stage(
             sc.setLocalProperty("spark.jobGroup.id", None)
     infos = sorted((json.loads(r["info"]) for r in rows), key=lambda i: i["rank"])
     chief = next((r for r in rows if r["rank"] == 0), None)
-    if chief is None or chief["model"] is None:
+    if chief is None or chief["model"] is None or chief["onnx"] is None:
         raise TrainingError(f"worker 0 returned no model ({len(rows)} results)")
     for info in infos:
         if info["resumed_from"] and info["resumed_from"] not in resumed:
             resumed.append(info["resumed_from"])
     return FitResult(
         model_bytes=bytes(chief["model"]),
+        onnx_bytes=bytes(chief["onnx"]),
         history=infos[0]["history"],
         workers=infos,
         seconds=time.monotonic() - started,

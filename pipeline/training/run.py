@@ -130,13 +130,16 @@ def run_training(
     from pipeline.plots import history_png
 
     # The data profile, temperature, first-layer picture and model card.
-    metadata, extras = training_extras(spark, config, data, metadata, fit.model_bytes)
-    write_model_dir(
+    metadata, extras = training_extras(
+        spark, config, data, metadata, fit.model_bytes, fit.onnx_bytes
+    )
+    metadata = write_model_dir(
         storage,
         model_dir,
         metadata,
         fit.model_bytes,
         {"history.png": history_png(fit.history), **extras},
+        onnx_bytes=fit.onnx_bytes,
     )
     return TrainResult(model_dir, metadata, fit, time.monotonic() - started)
 

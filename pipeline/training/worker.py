@@ -3,7 +3,7 @@
 ``python -m pipeline.training.worker SPEC.json`` reads the spec its Spark task wrote
 (plain values: settings, rank, cluster addresses, steps per epoch, spooled data files,
 checkpoint directory), trains, and writes ``result.json`` (and, on worker 0,
-``model.keras``) beside the spec.
+``model.keras`` and its ONNX export ``model.onnx``) beside the spec.
 
 Why a process of its own rather than TensorFlow inside the Python worker: Spark reuses
 Python workers across tasks, and a TensorFlow process can join one collective cluster
@@ -13,7 +13,9 @@ out of the executor log, and dies with its task (``PR_SET_PDEATHSIG``).
 
 `train` reads top to bottom as the worker's steps: start TensorFlow, join the cluster,
 load the rows into the trainer's tensor store, resume, run the epochs (train, validate,
-agree on the epoch's record, stop early or not, checkpoint, report), export the model.
+agree on the epoch's record, stop early or not, checkpoint, report), export the model:
+``model.keras`` and ``model.onnx``, checked here to give Keras's probabilities, so that
+the driver never imports TensorFlow.
 """
 
 from __future__ import annotations
@@ -149,7 +151,8 @@ def train(spec: dict[str, Any]) -> dict[str, Any]:
                         done.stopper.best_epoch,
                     )
     if chief:
-        _export_model(settings, trainer, spec["workdir"])
+        with phases.timed("export"):
+            _export_model(settings, trainer, spec["workdir"])
     return {
         "rank": rank,
         "epochs_completed": done.history[-1]["epoch"] if done.history else 0,
@@ -348,14 +351,17 @@ class _CheckpointClock:
 
 
 def _export_model(settings, trainer, workdir: str) -> None:
-    """Worker 0's weights as a plain ``model.keras`` (built outside any strategy scope)."""
-    from pipeline.artifact import model_to_bytes
+    """Worker 0's weights as a plain ``model.keras`` (built outside any strategy scope)
+    and as ``model.onnx``, refused unless it gives the same probabilities."""
+    from pipeline.artifact import MODEL_FILE, ONNX_FILE, model_to_bytes, onnx_of_model
     from pipeline.model import build_model
 
     plain = build_model(settings)
     plain.set_weights(trainer.weights())
-    with open(os.path.join(workdir, "model.keras"), "wb") as f:
-        f.write(model_to_bytes(plain))
+    onnx_bytes = onnx_of_model(settings, plain, settings.seed)
+    for name, data in ((MODEL_FILE, model_to_bytes(plain)), (ONNX_FILE, onnx_bytes)):
+        with open(os.path.join(workdir, name), "wb") as f:
+            f.write(data)
 
 
 # -- around the steps ---------------------------------------------------------------------
