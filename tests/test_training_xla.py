@@ -66,3 +66,16 @@ def test_xla_is_used_alone_and_under_local_sgd_never_under_exact():
     assert not TrainSettings(workers=1, jit_compile=False).compiles_with_xla()
     assert Trainer(TrainSettings(sync="local_sgd"), workers=2).jit_compile
     assert not Trainer(TrainSettings(jit_compile=False), workers=1).jit_compile
+
+
+def test_a_multi_worker_run_names_its_sync_mode_and_the_other_ones_cost():
+    from pipeline.training.fit import SYNC_BENCHMARK, sync_message
+
+    local = sync_message(TrainSettings(workers=2))
+    assert local.startswith("2 workers, train.sync=local_sgd (local SGD, weights averaged")
+    assert "XLA on" in local and "--set train.sync=exact for exact" in local
+    assert f"exact at {SYNC_BENCHMARK['exact'][0]:.2f}x" in local
+    exact = sync_message(TrainSettings(workers=2, sync="exact"))
+    assert "train.sync=exact (exact synchronous SGD" in exact
+    assert "XLA off, it cannot compile the all-reduce on CPU" in exact
+    assert "--set train.sync=local_sgd for local SGD" in exact
