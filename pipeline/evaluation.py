@@ -5,7 +5,8 @@ alike: as Spark aggregate columns (`metric_columns`) and as NumPy sums over an A
 batch (`batch_metric_sums`). The scoring job gets them while it writes: through
 `DataFrame.observe` when Spark holds the rows, or summed by an accumulator in the
 executors that read an ingest output themselves (there the 124 aggregate columns cost
-about a second per 300,000 rows, the NumPy sums a few milliseconds). `run_evaluation`
+about a second per 300,000 rows, the NumPy sums a few milliseconds), one total a task
+(`PartitionSums`), so a re-run task is not counted twice. `run_evaluation`
 recomputes them from an existing ``PRED/`` with `DataFrame.agg`. Only the aggregated
 numbers reach the driver, never rows. The plots are drawn from those numbers.
 """
@@ -215,15 +216,29 @@ def metric_values(sums: np.ndarray, has_label: bool, bins: int) -> dict[str, Any
     return values
 
 
-class MetricSums(AccumulatorParam):
-    """Adds `batch_metric_sums` vectors: the executors' share of the evaluation."""
+class PartitionSums(AccumulatorParam):
+    """{partition: what its task added up}: the executors' share of a job's figures.
 
-    def zero(self, value: np.ndarray) -> np.ndarray:
-        return np.zeros_like(value)
+    A task adds its partition's total once, when it has seen all its rows. A retried or
+    re-run task (a lost executor, a stage computed again, a DataFrame acted on twice)
+    replaces its partition's entry instead of adding to it, so the totals count every row
+    once, whichever stage the task runs in; an accumulator that adds would count it again.
+    """
 
-    def addInPlace(self, value1: np.ndarray, value2: np.ndarray) -> np.ndarray:
-        value1 += value2
+    def zero(self, value: dict) -> dict:
+        return {}
+
+    def addInPlace(self, value1: dict, value2: dict) -> dict:
+        value1.update(value2)
         return value1
+
+
+def partition_total(by_partition: Mapping[int, np.ndarray], size: int) -> np.ndarray:
+    """The sum of the vectors of a `PartitionSums` accumulator (zeros when it holds none)."""
+    total = np.zeros(size)
+    for partition in sorted(by_partition):
+        total += by_partition[partition]
+    return total
 
 
 def summarize(

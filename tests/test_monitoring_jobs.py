@@ -157,3 +157,44 @@ def test_the_train_job_records_them(spark, ingested_sample, tmp_path):
     card = (model_dir / "model_card.md").read_text()
     assert "--set train.calibrate=true" in card and "## Validation" in card
     assert (model_dir / "first_layer.png").exists()
+
+
+def test_scoring_sums_count_each_row_once_when_the_scoring_runs_again(
+    spark, ingested_sample, trained_model_dir
+):
+    """Acting twice on scored rows runs every scoring task twice; the evaluation,
+    calibration and drift sums still count each row once (a re-run task replaces its
+    partition's total), on both routes: rows Spark reads, and row groups the tasks read."""
+    from pipeline.config import ScoreSettings
+    from pipeline.evaluation import PartitionSums, metric_names, partition_total
+    from pipeline.monitoring.watch import WatchShape
+    from pipeline.scoring import (
+        broadcast_model,
+        plan_row_groups,
+        predict_digits,
+        read_scoring_model,
+        score_row_groups,
+    )
+    from pipeline.storage import Storage
+
+    storage = Storage(spark)
+    metadata, onnx_bytes = read_scoring_model(storage, trained_model_dir)
+    model = broadcast_model(spark, metadata, onnx_bytes)
+    shape = WatchShape.of(ScoreSettings())
+    features = spark.read.parquet(ingested_sample).select("features", "label")
+    rows = features.count()
+    plan = plan_row_groups(storage, ingested_sample, features)
+    assert plan is not None
+
+    watched = spark.sparkContext.accumulator({}, PartitionSums())
+    by_spark = predict_digits(features, model, 1, (watched, shape))
+    sums = spark.sparkContext.accumulator({}, PartitionSums())
+    planned = spark.sparkContext.accumulator({}, PartitionSums())
+    by_files = score_row_groups(spark, plan, model, 1, 1024, (sums, 0.5, 10), (planned, shape))
+    for scored in (by_spark, by_spark, by_files, by_files):
+        scored.write.format("noop").mode("overwrite").save()
+
+    assert partition_total(watched.value, shape.size)[0] == rows  # the profile's row count
+    assert partition_total(planned.value, shape.size)[0] == rows
+    evaluation = partition_total(sums.value, len(metric_names(True, 10)))
+    assert evaluation[metric_names(True, 10).index("rows")] == rows

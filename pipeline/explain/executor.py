@@ -2,7 +2,8 @@
 
 `explain_batches` is the `mapInArrow` body. Each Python worker rebuilds the verified
 model from the broadcast once and caches its `IntegratedGradients`. Besides the output
-rows, every task adds one `TaskSums` to an accumulator, keyed by its partition: per-class
+rows, every task adds one `TaskSums` to a `pipeline.evaluation.PartitionSums`
+accumulator, keyed by its partition: per-class
 sums of inputs and attributions (for the class pictures), completeness errors, the
 deletion curves of its first rows (its share of ``explain.faithfulness_rows``) and its
 most confident errors. A retried or re-run task replaces its own entry instead of adding
@@ -18,7 +19,6 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-from pyspark.accumulators import AccumulatorParam
 
 from pipeline.contract import CONFIDENCE, FEATURE_DIM, FEATURES, NUM_CLASSES, PREDICTION
 from pipeline.explain.faithfulness import deletion_drops
@@ -87,17 +87,6 @@ class TaskSums:
             deletion_random=add(self.deletion_random, other.deletion_random),
             errors=heapq.nlargest(error_examples, self.errors + other.errors, key=_error_key),
         )
-
-
-class PartitionSums(AccumulatorParam):
-    """{partition: TaskSums}; a later update of a partition replaces the earlier one."""
-
-    def zero(self, value):
-        return {}
-
-    def addInPlace(self, value1, value2):
-        value1.update(value2)
-        return value1
 
 
 def explain_batches(

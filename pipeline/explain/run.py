@@ -31,13 +31,13 @@ from pipeline.artifact import Metadata
 from pipeline.config import Config
 from pipeline.contract import CONFIDENCE, FEATURES, LABEL, PREDICTION, Layout
 from pipeline.errors import ConfigError, DataQualityError, InputDataError
+from pipeline.evaluation import PartitionSums
 from pipeline.explain.executor import (
     ATTRIBUTION,
     COMPLETENESS,
     EXPLAINED,
     TOP_PIXELS,
     ExplainTask,
-    PartitionSums,
     TaskSums,
     explain_batches,
 )

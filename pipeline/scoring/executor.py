@@ -59,6 +59,7 @@ def score_batches(
     """Predictions for Arrow batches of ids, `features` and `label`, in that output order."""
     predict = _predictor(broadcast, key, threads)
     names = [*ids, PREDICTION, PROBABILITIES, CONFIDENCE, *([label] if label else [])]
+    watched = None
     for batch in batches:
         x = features_matrix(batch.column(FEATURES))
         probabilities = predict(x) if len(x) else np.zeros((0, NUM_CLASSES), np.float32)
@@ -68,8 +69,9 @@ def score_batches(
             *([batch.column(label)] if label else []),
         ]
         if watch is not None:
-            _add_watch(watch, x, out, label is not None)
+            watched = _plus(watched, _watch_sums(watch, x, out, label is not None))
         yield pa.RecordBatch.from_arrays(out, names=names)
+    _add_task_total(watch, watched)
 
 
 def append_predictions(
@@ -129,6 +131,7 @@ def score_files(
     names = [*passthrough, PREDICTION, PROBABILITIES, CONFIDENCE]
     names += [plan.label] if plan.label else []
     predict = None
+    measured = watched = None
     for batch in tasks:
         for task in batch.column(0).to_pylist():
             for index in plan.tasks[task]:
@@ -148,34 +151,51 @@ def score_files(
                     out += prediction_arrays(probabilities)
                     if plan.label:
                         out.append(data.column(plan.label).cast(types[plan.label]))
+                    labelled = plan.label is not None
                     if metrics is not None:
-                        _add_metrics(metrics, out, probabilities, plan.label is not None)
+                        sums = _metric_sums(metrics, out, probabilities, labelled)
+                        measured = _plus(measured, sums)
                     if watch is not None:
-                        _add_watch(watch, x, out, plan.label is not None)
+                        watched = _plus(watched, _watch_sums(watch, x, out, labelled))
                     yield pa.RecordBatch.from_arrays(out, names=names)
+    _add_task_total(metrics, measured)
+    _add_task_total(watch, watched)
 
 
-def _add_metrics(
+def _metric_sums(
     metrics: tuple[Any, float, int], out: list[pa.Array], probabilities: np.ndarray, labelled: bool
-) -> None:
-    accumulator, threshold, bins = metrics
+) -> np.ndarray:
+    """The batch's evaluation sums (`pipeline.evaluation.batch_metric_sums`)."""
+    _, threshold, bins = metrics
     prediction, _, confidence = out[-4:-1] if labelled else out[-3:]
     label = out[-1].fill_null(-1).to_numpy() if labelled else None
-    accumulator.add(
-        batch_metric_sums(
-            prediction.to_numpy(), confidence.to_numpy(), probabilities, label, threshold, bins
-        )
+    return batch_metric_sums(
+        prediction.to_numpy(), confidence.to_numpy(), probabilities, label, threshold, bins
     )
 
 
-def _add_watch(watch: tuple[Any, Any], x: np.ndarray, out: list[pa.Array], labelled: bool) -> None:
-    """Add the batch's calibration and profile sums (`pipeline.monitoring.watch`)."""
+def _watch_sums(
+    watch: tuple[Any, Any], x: np.ndarray, out: list[pa.Array], labelled: bool
+) -> np.ndarray:
+    """The batch's calibration and profile sums (`pipeline.monitoring.watch`)."""
     from pipeline.monitoring.watch import batch_watch_sums
 
-    accumulator, shape = watch
+    _, shape = watch
     prediction, _, confidence = out[-4:-1] if labelled else out[-3:]
     label = out[-1].fill_null(-1).to_numpy().astype(np.int64) if labelled else None
-    accumulator.add(batch_watch_sums(shape, x, prediction.to_numpy(), confidence.to_numpy(), label))
+    return batch_watch_sums(shape, x, prediction.to_numpy(), confidence.to_numpy(), label)
+
+
+def _plus(total: np.ndarray | None, sums: np.ndarray) -> np.ndarray:
+    return sums if total is None else total + sums
+
+
+def _add_task_total(gathered: tuple | None, total: np.ndarray | None) -> None:
+    """Add this task's total, once, to the `PartitionSums` accumulator of `gathered`."""
+    if gathered is not None and total is not None:
+        from pyspark import TaskContext
+
+        gathered[0].add({TaskContext.get().partitionId(): total})
 
 
 def features_matrix(column: pa.Array) -> np.ndarray:

@@ -104,8 +104,9 @@ def predict_digits(
     `features` must hold a non-null array<float> of FEATURE_DIM values per row (validated
     features); every other column passes through unchanged, `label` last. Inference runs
     in the executors, one call per Arrow batch (``spark.sql.execution.arrow.maxRecordsPerBatch``
-    rows), with the model limited to `threads` threads per task. `watch`, (an accumulator of
-    vectors, a `pipeline.monitoring.watch.WatchShape`), collects calibration and drift sums.
+    rows), with the model limited to `threads` threads per task. `watch`, (a
+    `pipeline.evaluation.PartitionSums` accumulator, a `pipeline.monitoring.watch.WatchShape`),
+    collects calibration and drift sums: one total a task, which a re-run task replaces.
     """
     schema, ids, label = prediction_schema(features.schema)
     score = functools.partial(
@@ -156,8 +157,8 @@ def score_row_groups(
 
     The tasks are the rows of a tiny range, one per partition, so task i scores exactly
     ``plan.tasks[i]``: a rerun or a retried task reads the same row groups. `metrics`,
-    (a `MetricSums` accumulator, confidence threshold, bins), collects the evaluation's
-    sums as the batches are scored; Spark applies a task's update once, when it succeeds.
+    (a `PartitionSums` accumulator, confidence threshold, bins), collects the evaluation's
+    sums as the batches are scored, one total a task, which a re-run task replaces.
     `watch` does the same for calibration and drift (see `predict_digits`).
     """
     score = functools.partial(

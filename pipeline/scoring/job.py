@@ -25,7 +25,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
-import numpy as np
 from pyspark import StorageLevel
 from pyspark.errors import PythonException
 from pyspark.sql import DataFrame, Observation, SparkSession
@@ -37,13 +36,14 @@ from pipeline.contract import LABEL, REJECT_REASON, SPLIT, Layout
 from pipeline.errors import DataQualityError, InputDataError
 from pipeline.evaluation import (
     Evaluation,
-    MetricSums,
+    PartitionSums,
     evaluation_files,
     evaluations_by_split,
     metric_columns,
     metric_inputs,
     metric_names,
     metric_values,
+    partition_total,
     summarize,
 )
 from pipeline.ingest import REPORT_FILE
@@ -125,7 +125,7 @@ def run_scoring(
     threads = task_cpus(spark)
     training_profile = DataProfile.from_dict(metadata.profile) if metadata.profile else None
     shape = WatchShape.of(score, training_profile)
-    watched = spark.sparkContext.accumulator(np.zeros(shape.size), MetricSums())
+    watched = spark.sparkContext.accumulator({}, PartitionSums())
     watch = (watched, shape)
     observation = Observation("evaluation")
     metrics = metric_columns(source.has_label, score.confidence_threshold, score.confidence_bins)
@@ -147,7 +147,7 @@ def run_scoring(
         # Rows of an ingest output are never rejected (the executors refuse a bad batch
         # instead), so the quarantine contract holds with the scored rows themselves.
         names = metric_names(source.has_label, score.confidence_bins)
-        sums = spark.sparkContext.accumulator(np.zeros(len(names)), MetricSums())
+        sums = spark.sparkContext.accumulator({}, PartitionSums())
         scored = score_row_groups(
             spark,
             plan,
@@ -164,7 +164,8 @@ def run_scoring(
             return good.drop(REJECT_REASON)
 
         def metric_results() -> dict:
-            return metric_values(sums.value, source.has_label, score.confidence_bins)
+            total = partition_total(sums.value, len(names))
+            return metric_values(total, source.has_label, score.confidence_bins)
 
     phases = {"prepare": time.monotonic() - started}
     by_split: dict[str, Evaluation] = {}
@@ -209,7 +210,7 @@ def run_scoring(
             )
             report["evaluation"] = evaluation.as_dict()
             watched_result = watch_from_sums(
-                watched.value,
+                partition_total(watched.value, shape.size),
                 shape,
                 score,
                 training_profile,
