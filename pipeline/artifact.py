@@ -126,12 +126,15 @@ def check_fits(
 
 def check_checksum(metadata: Metadata, model_bytes: bytes, where: str) -> None:
     """Refuse model bytes whose sha256 is not the one recorded in the metadata."""
-    actual = sha256_bytes(model_bytes)
-    if actual != metadata.model_sha256:
+    _check_sha256(model_bytes, metadata.model_sha256, f"{where}/{MODEL_FILE}")
+
+
+def _check_sha256(data: bytes, expected: str | None, path: str) -> None:
+    actual = sha256_bytes(data)
+    if actual != expected:
         raise ModelError(
-            f"{where}/{MODEL_FILE} does not match its metadata (sha256 {actual[:12]}..., "
-            f"expected {metadata.model_sha256[:12]}...): the file was changed or truncated; "
-            f"refusing to load it"
+            f"{path} does not match its metadata (sha256 {actual[:12]}..., expected "
+            f"{str(expected)[:12]}...): the file was changed or truncated; refusing to load it"
         )
 
 
@@ -248,13 +251,7 @@ def model_from_bytes(metadata: Metadata, model_bytes: bytes):
 
 def check_onnx_checksum(metadata: Metadata, onnx_bytes: bytes, where: str) -> None:
     """Refuse ONNX bytes whose sha256 is not the one recorded in the metadata."""
-    actual = sha256_bytes(onnx_bytes)
-    if actual != metadata.onnx_sha256:
-        raise ModelError(
-            f"{where}/{ONNX_FILE} does not match its metadata (sha256 {actual[:12]}..., "
-            f"expected {str(metadata.onnx_sha256)[:12]}...): the file was changed or "
-            f"truncated; refusing to load it"
-        )
+    _check_sha256(onnx_bytes, metadata.onnx_sha256, f"{where}/{ONNX_FILE}")
 
 
 def read_onnx_model(storage, model_dir: str) -> tuple[Metadata, bytes]:

@@ -46,21 +46,17 @@ from pipeline.explain.weights import first_layer_weights
 from pipeline.outputs import EXPLAIN, REPORT_FILE, check_output, staged_output
 from pipeline.plots import class_attributions_png, errors_png, first_layer_png
 from pipeline.quarantine import (
-    REJECTED_DIR,
     RejectLimit,
     StageResult,
     stage_report,
-    write_with_quarantine,
 )
 from pipeline.scoring import (
-    arrow_batch_rows,
     broadcast_model,
     read_source,
     read_verified_model,
     task_cpus,
-    translate_task_errors,
+    write_model_outputs,
 )
-from pipeline.sources import translate_read_errors
 from pipeline.storage import Storage
 
 log = logging.getLogger(__name__)
@@ -139,21 +135,15 @@ def run_explain(
     )
     try:
         with staged_output(storage, output, EXPLAIN) as staging:
-            with (
-                translate_read_errors(input_path),
-                translate_task_errors(input_path),
-                arrow_batch_rows(spark, settings.batch_size),
-            ):
-                counts = write_with_quarantine(
-                    validated,
-                    to_output=lambda good: good.select(*source.columns).mapInArrow(body, schema),
-                    rejected_columns=source.raw_columns,
-                    output_path=staging,
-                    rejected_path=f"{staging}/{REJECTED_DIR}",
-                    max_rows_per_file=config.score.max_rows_per_file,
-                )
-            if counts.rows_in == 0:
-                raise InputDataError(f"{input_path} holds no rows: nothing to explain")
+            counts = write_model_outputs(
+                validated,
+                lambda good: good.select(*source.columns).mapInArrow(body, schema),
+                source.raw_columns,
+                staging,
+                input_path,
+                settings.batch_size,
+                config.score.max_rows_per_file,
+            )
             totals = _total(sums.value, settings.error_examples)
             if totals.rows != counts.rows_out:
                 raise DataQualityError(

@@ -27,7 +27,12 @@ from pipeline.scoring.inputs import (
     read_source,
     scoring_preprocessing,
 )
-from pipeline.scoring.job import ScoreResult, run_scoring, translate_task_errors
+from pipeline.scoring.job import (
+    ScoreResult,
+    run_scoring,
+    translate_task_errors,
+    write_model_outputs,
+)
 from pipeline.scoring.library import predict
 from pipeline.scoring.plan import RowGroupPlan, group_tasks, plan_row_groups
 
@@ -56,4 +61,5 @@ __all__ = [
     "scoring_preprocessing",
     "task_cpus",
     "translate_task_errors",
+    "write_model_outputs",
 ]

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -171,22 +171,16 @@ def run_scoring(
     by_split: dict[str, Evaluation] = {}
     try:
         with staged_output(storage, output, SCORE) as staging:
-            with (
-                translate_read_errors(input_path),
-                translate_task_errors(input_path),
-                arrow_batch_rows(spark, score.batch_size),
-            ):
-                counts = write_with_quarantine(
-                    validated,
-                    to_output=to_output,
-                    rejected_columns=rejected_columns,
-                    output_path=staging,
-                    rejected_path=f"{staging}/{REJECTED_DIR}",
-                    max_rows_per_file=score.max_rows_per_file,
-                )
+            counts = write_model_outputs(
+                validated,
+                to_output,
+                rejected_columns,
+                staging,
+                input_path,
+                score.batch_size,
+                score.max_rows_per_file,
+            )
             phases["score_and_write"] = time.monotonic() - started - phases["prepare"]
-            if counts.rows_in == 0:
-                raise InputDataError(f"{input_path} holds no rows: nothing to score")
             if plan is not None and counts.rows_in != plan.rows:
                 raise DataQualityError(
                     f"the file footers of {input_path} list {plan.rows} rows but "
@@ -255,6 +249,40 @@ def _evaluations_by_split(
         config.score.confidence_threshold,
         config.score.confidence_bins,
     )
+
+
+def write_model_outputs(
+    validated: DataFrame,
+    to_output: Callable[[DataFrame], DataFrame],
+    rejected_columns: Sequence[str],
+    staging: str,
+    input_path: str,
+    batch_rows: int,
+    max_rows_per_file: int,
+) -> Counts:
+    """`write_with_quarantine` for a job that runs the model on `input_path`'s rows.
+
+    The model sees `batch_rows` rows an Arrow batch; an unreadable input or a task's
+    refusal of it becomes the pipeline's error for it. Raises `InputDataError` when the
+    input holds no rows.
+    """
+    spark = validated.sparkSession
+    with (
+        translate_read_errors(input_path),
+        translate_task_errors(input_path),
+        arrow_batch_rows(spark, batch_rows),
+    ):
+        counts = write_with_quarantine(
+            validated,
+            to_output=to_output,
+            rejected_columns=rejected_columns,
+            output_path=staging,
+            rejected_path=f"{staging}/{REJECTED_DIR}",
+            max_rows_per_file=max_rows_per_file,
+        )
+    if counts.rows_in == 0:
+        raise InputDataError(f"{input_path} holds no rows: nothing to run the model on")
+    return counts
 
 
 @contextmanager
