@@ -157,6 +157,21 @@ def test_confirmation_seeds_never_repeat_the_search_seed():
     assert confirmation_seeds(42, 3) == [43, 44, 45]
 
 
+def test_the_budget_left_decides_how_many_top_trials_are_confirmed():
+    from pipeline.tuning.search import _confirmable
+
+    tune = TuneSettings(confirm_top=3, confirm_seeds=3)
+    durations = {0: 100.0, 4: 200.0, 7: 300.0, 9: 50.0}  # the reference runs as long as 009
+    # three seeds each, two at a time: (200 + 50) * 3 / 2 = 375 s for the best alone,
+    # (200 + 100 + 50) * 3 / 2 = 525 s with the second, 975 s with all three
+    assert _confirmable(durations, [4, 0, 7], tune, 2, math.inf) == 3
+    assert _confirmable(durations, [4, 0, 7], tune, 2, 975.0) == 3
+    assert _confirmable(durations, [4, 0, 7], tune, 2, 974.0) == 2
+    assert _confirmable(durations, [4, 0, 7], tune, 2, 525.0) == 2
+    assert _confirmable(durations, [4, 0, 7], tune, 2, 400.0) == 1
+    assert _confirmable(durations, [4, 0, 7], tune, 2, -60.0) == 1  # the best, always
+
+
 def test_best_yaml_trains_the_winner_on_all_the_data_and_loads_unchanged(tmp_path):
     from types import SimpleNamespace
 

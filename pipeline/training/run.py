@@ -91,7 +91,7 @@ def run_training(
     described = describe_input(storage, features, *source.train_paths)
     check_classes(described["class_counts"], ", ".join(source.train_paths))
     if source.split_output is not None:
-        described["splits"] = _split_rows(spark, source, settings, validation)
+        described["splits"] = _split_rows(spark, source, settings, described["rows"])
     if fresh and storage.exists(checkpoint_dir):
         log.info("--fresh: deleting %s", checkpoint_dir)
         storage.delete(checkpoint_dir)
@@ -144,12 +144,18 @@ def run_training(
     return TrainResult(model_dir, metadata, fit, time.monotonic() - started)
 
 
-def _split_rows(spark: SparkSession, source, settings, validation) -> dict[str, int]:
-    """Rows of each split used (for ``metadata.json``), and the console line that says so."""
+def _split_rows(spark: SparkSession, source, settings, trained_rows: int) -> dict[str, int]:
+    """Rows of each split used (for ``metadata.json``), and the console line that says so;
+    `trained_rows` are all the rows trained on (split=train's unless more were added)."""
     from pipeline.ingest import read_features
 
-    rows = {name: read_features(spark, path).count() for name, path in source.splits().items()}
+    rows = {
+        name: read_features(spark, path).count()
+        for name, path in source.splits().items()
+        if name != "train"
+    }
     trained = source.trained_splits()
+    rows = {"train": trained_rows - sum(rows[n] for n in trained if n in rows), **rows}
     validated = [n for n in rows if n not in trained]
     if validated:
         validating = ", ".join(f"split={n} ({rows[n]:,} rows)" for n in validated)

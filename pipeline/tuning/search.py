@@ -154,6 +154,16 @@ def run_tuning(
         winner, decision = None, "no trial finished: nothing to confirm"
         if finished:
             top = _distinct(finished)[: tune.confirm_top]
+            fits = _confirmable(
+                _durations(study), [r.trial.number for r in top], tune, parallelism, clock.left()
+            )
+            if fits < len(top):
+                notes.append(
+                    f"{fits} of the best {len(top)} trials confirmed: what was left of "
+                    f"tune.budget_minutes ({max(clock.left(), 0) / 60:.1f} minutes) held no more"
+                )
+                log.warning("%s", notes[-1])
+                top = top[:fits]
             confirmations = run_confirmation(
                 spark,
                 config,
@@ -318,25 +328,51 @@ class _Clock:
         self._study.set_user_attr(ELAPSED_ATTR, round(self.elapsed(), 1))
 
 
-def _confirmation_estimate(study: Any, tune: TuneSettings, parallelism: int) -> float:
-    """Seconds the confirmation is expected to take, plus one trial's time for the trials
-    still running: each run as long as the trial it repeats took in the search, the
-    reference as the quickest finished trial."""
+def _durations(study: Any) -> dict[int, float]:
+    """Seconds each finished trial took, by trial number."""
     from optuna.trial import TrialState
 
-    finished = [
-        t
+    return {
+        t.number: t.duration.total_seconds()
         for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-        if t.value is not None and math.isfinite(t.value)
-    ]
-    if not finished:
-        return 0.0
-    durations = {t.number: t.duration.total_seconds() for t in finished if t.duration}
+        if t.value is not None and math.isfinite(t.value) and t.duration
+    }
+
+
+def _confirmation_seconds(
+    durations: dict[int, float], top: list[int], tune: TuneSettings, parallelism: int
+) -> float:
+    """Seconds confirming the trials numbered `top` is expected to take: each run as long
+    as the trial it repeats took in the search, the reference's as the quickest one."""
     if not durations:
         return 0.0
-    top = sorted(finished, key=lambda t: -t.value)[: tune.confirm_top]
-    runs = sum(durations.get(t.number, 0.0) for t in top) + min(durations.values())
-    return runs * tune.confirm_seeds / parallelism + statistics.median(durations.values())
+    runs = sum(durations.get(n, 0.0) for n in top) + min(durations.values())
+    return runs * tune.confirm_seeds / parallelism
+
+
+def _confirmable(
+    durations: dict[int, float], top: list[int], tune: TuneSettings, parallelism: int, left: float
+) -> int:
+    """How many of the trials numbered `top` (best first) the `left` seconds of the budget
+    can confirm; at least one."""
+    fits = [
+        k
+        for k in range(1, len(top) + 1)
+        if _confirmation_seconds(durations, top[:k], tune, parallelism) <= left
+    ]
+    return max([1, *fits])
+
+
+def _confirmation_estimate(study: Any, tune: TuneSettings, parallelism: int) -> float:
+    """Seconds the confirmation is expected to take, plus one trial's time for the trials
+    still running (see `_confirmation_seconds`)."""
+    durations = _durations(study)
+    if not durations:
+        return 0.0
+    values = {t.number: t.value for t in study.get_trials(deepcopy=False) if t.number in durations}
+    top = sorted(durations, key=lambda n: -values[n])[: tune.confirm_top]
+    seconds = _confirmation_seconds(durations, top, tune, parallelism)
+    return seconds + statistics.median(durations.values())
 
 
 def _results(study: Any, output: str) -> list[TrialResult]:
