@@ -88,9 +88,9 @@ def executors(job: subprocess.Popen) -> list[psutil.Process]:
 
 
 def training_workers(root: psutil.Process | None = None) -> dict[int, psutil.Process]:
-    """The TensorFlow worker processes (``python -m pipeline.training.worker SPEC``) below
-    `root` (default: this process), by rank, read from the spec path on their command line
-    (``.../digits-train-RANK-.../spec.json``)."""
+    """The TensorFlow worker processes (``python -m pipeline.training.worker WORKDIR ...``)
+    below `root` (default: this process), by rank, read from the work directory on their
+    command line (``.../digits-train-RANK-XXXX``)."""
     root = root or psutil.Process()
     found = {}
     try:
@@ -103,8 +103,8 @@ def training_workers(root: psutil.Process | None = None) -> dict[int, psutil.Pro
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
         if "pipeline.training.worker" in command and child.status() != psutil.STATUS_ZOMBIE:
-            spec = Path(command[-1]).parent.name  # digits-train-RANK-XXXX
-            found[int(spec.split("-")[2])] = child
+            workdir = Path(command[command.index("pipeline.training.worker") + 1]).name
+            found[int(workdir.split("-")[2])] = child
     return found
 
 

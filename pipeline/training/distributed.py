@@ -156,84 +156,59 @@ def _run_worker(spec, context, rank: int, workers: int, batches, workdir: str) -
     from pipeline.training.data import TRAIN_FILE, VALIDATION_FILE, spool_partition
 
     started = time.monotonic()
-    counts = spool_partition(batches, workdir)
-    spooled = time.monotonic()
-    host = _executor_host(context, rank, workers)
-    reserved = _reserve_port(host) if workers > 1 else None
-    resume = CheckpointDir(spec["checkpoint_dir"]).latest() if rank == 0 else None
-    mine = {
-        "rank": rank,
-        "address": f"{host}:{reserved.getsockname()[1]}" if reserved else None,
-        "train_rows": counts.train_rows,
-        "validation_rows": counts.validation_rows,
-        "resume_epoch": resume,
-    }
-    if workers > 1:
-        everyone = sorted((json.loads(m) for m in context.allGather(json.dumps(mine))),
-                          key=lambda m: m["rank"])  # fmt: skip
-    else:
-        everyone = [mine]
-    empty = [m["rank"] for m in everyone if m["train_rows"] == 0]
-    if empty:
-        raise InputDataError(
-            f"worker(s) {empty} received no training rows out of "
-            f"{sum(m['train_rows'] for m in everyone)}: fewer rows than workers, or an "
-            f"empty partition; lower --workers"
-        )
-    total_train = sum(m["train_rows"] for m in everyone)
-    batch = int(spec["train"]["batch_size"])
-    child_spec = {
-        **spec,
-        "rank": rank,
-        "parent_pid": os.getpid(),
-        "workdir": workdir,
-        "threads": _task_cpus(context),
-        "train_file": os.path.join(workdir, TRAIN_FILE),
-        "validation_file": os.path.join(workdir, VALIDATION_FILE),
-        "total_train_rows": total_train,
-        "total_validation_rows": sum(m["validation_rows"] for m in everyone),
-        "steps_per_epoch": math.ceil(total_train / (workers * batch)),
-        "resume_epoch": everyone[0]["resume_epoch"],
-    }
-    spec_path = os.path.join(workdir, "spec.json")
-    with open(spec_path, "w", encoding="utf-8") as f:
-        json.dump(child_spec, f)
-
-    env = dict(os.environ)
-    env.update(
-        TF_CPP_MIN_LOG_LEVEL="2",
-        TF_ENABLE_ONEDNN_OPTS="0",
-        # Record batches are tens of MB: always mmap them, so freed ones go back to the OS
-        # instead of growing the heap (glibc raises its mmap threshold after each free).
-        MALLOC_MMAP_THRESHOLD_="1048576",
-        MALLOC_ARENA_MAX="2",
-        PYTHONPATH=os.pathsep.join(filter(None, [_package_root(), env.get("PYTHONPATH")])),
-    )
-    env.pop("TF_CONFIG", None)
-    if workers > 1:
-        env["TF_CONFIG"] = json.dumps(
-            {
-                "cluster": {"worker": [m["address"] for m in everyone]},
-                "task": {"type": "worker", "index": rank},
-            }
-        )
-        # The reservation (SO_REUSEPORT, bound, never listening) is held until the worker
-        # exits, and TensorFlow's server may share the port with it: no other process can
-        # take the port between the reservation and the server's start.
-        env["TF_GRPC_REUSE_PORT"] = "1"
+    # The worker process starts first: it imports TensorFlow (seconds) while this task
+    # spools the partition, then waits for its spec on stdin.
     log_path = os.path.join(workdir, "worker.log")
+    process = _start_process(workdir, _task_cpus(context), log_path)
+    reserved = None
     try:
-        with open(log_path, "wb") as log_file:
-            process = subprocess.Popen(
-                [sys.executable, "-m", "pipeline.training.worker", spec_path],
-                stdout=log_file,
-                stderr=subprocess.STDOUT,
-                env=env,
-                cwd=workdir,
+        counts = spool_partition(batches, workdir)
+        spooled = time.monotonic()
+        host = _executor_host(context, rank, workers)
+        reserved = _reserve_port(host) if workers > 1 else None
+        resume = CheckpointDir(spec["checkpoint_dir"]).latest() if rank == 0 else None
+        mine = {
+            "rank": rank,
+            "address": f"{host}:{reserved.getsockname()[1]}" if reserved else None,
+            "train_rows": counts.train_rows,
+            "validation_rows": counts.validation_rows,
+            "resume_epoch": resume,
+        }
+        if workers > 1:
+            everyone = sorted((json.loads(m) for m in context.allGather(json.dumps(mine))),
+                              key=lambda m: m["rank"])  # fmt: skip
+        else:
+            everyone = [mine]
+        empty = [m["rank"] for m in everyone if m["train_rows"] == 0]
+        if empty:
+            raise InputDataError(
+                f"worker(s) {empty} received no training rows out of "
+                f"{sum(m['train_rows'] for m in everyone)}: fewer rows than workers, or an "
+                f"empty partition; lower --workers"
             )
-            process_started = time.monotonic()
-            code = process.wait()
+        total_train = sum(m["train_rows"] for m in everyone)
+        batch = int(spec["train"]["batch_size"])
+        child_spec = {
+            **spec,
+            "rank": rank,
+            "workdir": workdir,
+            "train_file": os.path.join(workdir, TRAIN_FILE),
+            "validation_file": os.path.join(workdir, VALIDATION_FILE),
+            "total_train_rows": total_train,
+            "total_validation_rows": sum(m["validation_rows"] for m in everyone),
+            "steps_per_epoch": math.ceil(total_train / (workers * batch)),
+            "resume_epoch": everyone[0]["resume_epoch"],
+            "environment": _cluster_environment(everyone, rank) if workers > 1 else {},
+        }
+        process_started = time.monotonic()
+        with contextlib.suppress(BrokenPipeError):  # it died early: its exit code says why
+            process.stdin.write((json.dumps(child_spec) + "\n").encode("utf-8"))
+            process.stdin.close()
+        code = process.wait()
     finally:
+        if process.poll() is None:  # this task failed before the worker could run
+            process.kill()
+            process.wait()
         if reserved is not None:
             reserved.close()
     process_seconds = time.monotonic() - process_started
@@ -257,8 +232,8 @@ def _run_worker(spec, context, rank: int, workers: int, batches, workdir: str) -
     info["address"] = mine["address"]  # this worker's entry in TF_CONFIG
     info["phases"] = {
         "spool": spooled - started,
-        "until_process": process_started - spooled,
-        "process": process_seconds,
+        "until_spec": process_started - spooled,
+        "process_after_spec": process_seconds,
         **info.get("phases", {}),
     }
     model = onnx = None
@@ -282,6 +257,48 @@ def _run_worker(spec, context, rank: int, workers: int, batches, workdir: str) -
 
 class _Stalled(TrainingError):
     """A worker's watchdog ended it: no progress within train.stall_timeout_s."""
+
+
+def _start_process(workdir: str, threads: int, log_path: str) -> subprocess.Popen:
+    """``python -m pipeline.training.worker WORKDIR THREADS PARENT_PID``, its spec to come
+    on stdin, its output in `log_path`."""
+    env = dict(os.environ)
+    env.update(
+        TF_CPP_MIN_LOG_LEVEL="2",
+        TF_ENABLE_ONEDNN_OPTS="0",
+        # Record batches are tens of MB: always mmap them, so freed ones go back to the OS
+        # instead of growing the heap (glibc raises its mmap threshold after each free).
+        MALLOC_MMAP_THRESHOLD_="1048576",
+        MALLOC_ARENA_MAX="2",
+        PYTHONPATH=os.pathsep.join(filter(None, [_package_root(), env.get("PYTHONPATH")])),
+    )
+    env.pop("TF_CONFIG", None)  # the worker sets it from its spec
+    command = [sys.executable, "-m", "pipeline.training.worker", workdir, str(threads)]
+    with open(log_path, "wb") as log_file:
+        return subprocess.Popen(
+            [*command, str(os.getpid())],
+            stdin=subprocess.PIPE,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=workdir,
+        )
+
+
+def _cluster_environment(everyone: list[dict[str, Any]], rank: int) -> dict[str, str]:
+    """The variables the worker sets before it joins the TensorFlow cluster."""
+    return {
+        "TF_CONFIG": json.dumps(
+            {
+                "cluster": {"worker": [m["address"] for m in everyone]},
+                "task": {"type": "worker", "index": rank},
+            }
+        ),
+        # The reservation (SO_REUSEPORT, bound, never listening) is held until the worker
+        # exits, and TensorFlow's server may share the port with it: no other process can
+        # take the port between the reservation and the server's start.
+        "TF_GRPC_REUSE_PORT": "1",
+    }
 
 
 def stalled_message(rank: int, workers: int, timeout_s: float) -> str:

@@ -1,9 +1,11 @@
 """One training worker: the TensorFlow process a barrier task starts for its partition.
 
-``python -m pipeline.training.worker SPEC.json`` reads the spec its Spark task wrote
-(plain values: settings, rank, cluster addresses, steps per epoch, spooled data files,
-checkpoint directory), trains, and writes ``result.json`` (and, on worker 0,
-``model.keras`` and its ONNX export ``model.onnx``) beside the spec.
+``python -m pipeline.training.worker WORKDIR THREADS PARENT_PID`` is started by its
+Spark task before the task reads its partition: it imports TensorFlow while the task
+spools the rows, then reads its spec from stdin (plain values: settings, rank, cluster
+addresses, steps per epoch, spooled data files, checkpoint directory), trains, and writes
+``result.json`` (and, on worker 0, ``model.keras`` and its ONNX export ``model.onnx``)
+into WORKDIR.
 
 Why a process of its own rather than TensorFlow inside the Python worker: Spark reuses
 Python workers across tasks, and a TensorFlow process can join one collective cluster
@@ -42,7 +44,9 @@ class _BindFailed(TrainingError):
     """TensorFlow's gRPC server could not take its port."""
 
 
-def main(spec_path: str) -> int:
+def main(workdir: str, threads: int, parent_pid: int) -> int:
+    """Start TensorFlow, then train as the spec on stdin says (it comes once the task has
+    spooled its partition and agreed on the cluster with the others)."""
     from pipeline.training.distributed import BIND_FAILED_EXIT
 
     logging.basicConfig(
@@ -50,17 +54,24 @@ def main(spec_path: str) -> int:
         format="%(asctime)s %(levelname)s worker: %(message)s",
         stream=sys.stderr,
     )
-    with open(spec_path, encoding="utf-8") as f:
-        spec = json.load(f)
-    _die_with_parent(spec["parent_pid"])
+    _die_with_parent(parent_pid)
     peak = _PeakMemory()
+    phases = _Phases()
+    with phases.timed("import"):
+        tf = _start_tensorflow(threads)
+    with phases.timed("wait_for_spec"):
+        line = sys.stdin.readline()
+    if not line.strip():
+        return 1  # the task failed before it could send the spec
+    spec = json.loads(line)
+    os.environ.update(spec.get("environment") or {})
     try:
-        result = train(spec)
+        result = train(spec, tf, phases)
     except _BindFailed as exc:
         log.error("gRPC port taken: %s", exc)
         return _exit_now(BIND_FAILED_EXIT)
     result["peak_rss_mb"] = peak.stop()
-    with open(os.path.join(spec["workdir"], "result.json"), "w", encoding="utf-8") as f:
+    with open(os.path.join(workdir, "result.json"), "w", encoding="utf-8") as f:
         json.dump(result, f)
     return 0
 
@@ -99,14 +110,11 @@ class _Progress:
     epoch_seconds: list[float] = field(default_factory=list)
 
 
-def train(spec: dict[str, Any]) -> dict[str, Any]:
-    """The worker's whole run; the statistics that go into ``result.json``."""
-    phases = _Phases()
-    with phases.timed("import"):
-        tf = _start_tensorflow(int(spec["threads"]))
-        from pipeline.config import TrainSettings
-        from pipeline.training.checkpoints import CheckpointDir
-        from pipeline.training.progress import ProgressSender
+def train(spec: dict[str, Any], tf, phases: _Phases) -> dict[str, Any]:
+    """The worker's whole run, TensorFlow started; the statistics for ``result.json``."""
+    from pipeline.config import TrainSettings
+    from pipeline.training.checkpoints import CheckpointDir
+    from pipeline.training.progress import ProgressSender
 
     settings = TrainSettings.model_validate(spec["train"])
     workers, rank = int(spec["workers"]), int(spec["rank"])
@@ -529,4 +537,4 @@ class _PeakMemory:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1]))
+    sys.exit(main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3])))
