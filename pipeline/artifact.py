@@ -58,6 +58,8 @@ class Metadata(BaseModel):
     history: list[dict[str, float]] = Field(default_factory=list)
     samples_per_second: float | None = None
     training_seconds: float | None = None
+    # Seconds of each phase of the training job (`pipeline.training.run.job_phases`).
+    phases: dict[str, float] | None = None
     data: dict[str, Any] = Field(default_factory=dict)
     # The training data's profile (pipeline.monitoring.drift), which scoring compares with.
     profile: dict[str, Any] | None = None

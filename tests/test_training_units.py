@@ -230,3 +230,60 @@ def test_checkpoints_every_n_epochs_or_seconds_and_always_at_the_end(monkeypatch
     assert due == [False, False, True, False, True]  # 35 s after the start; the last epoch
     with pytest.raises(ValueError, match="seconds"):
         TrainSettings(checkpoint_every="5m")
+
+
+def test_shares_of_rows_are_contiguous_and_balanced_to_one_row():
+    from pipeline.training.inputs import balanced_shares
+
+    rows = [7, 0, 30, 4, 12]
+    for workers in (1, 2, 3, 5):
+        shares = balanced_shares(rows, workers)
+        sizes = [sum(stop - start for _, start, stop in share) for share in shares]
+        assert sum(sizes) == sum(rows) and max(sizes) - min(sizes) <= 1
+        # Read in worker order, the shares are the rows in file order, each once.
+        flat = [(i, r) for share in shares for i, start, stop in share for r in range(start, stop)]
+        assert flat == [(i, r) for i, n in enumerate(rows) for r in range(n)]
+
+
+@pytest.mark.parametrize("label_column", [LABEL_ONEHOT, "label"])
+def test_a_share_of_row_groups_spools_its_rows_and_counts_their_classes(tmp_path, label_column):
+    import pyarrow.parquet as pq
+
+    from pipeline import rowgroups
+    from pipeline.training.data import read_share
+    from pipeline.training.inputs import balanced_shares
+
+    ids = np.arange(250)
+    batch = _record_batch(ids, ids < 0)
+    table = pa.table(
+        {FEATURES: batch.column(0), LABEL_ONEHOT: batch.column(1), "label": ids % NUM_CLASSES}
+    )
+    path = str(tmp_path / "part-0.parquet")
+    pq.write_table(table, path, row_group_size=100)  # row groups of 100, 100, 50 rows
+    footer = pq.read_metadata(path)
+    groups = rowgroups.row_groups(path, (tmp_path / "part-0.parquet").stat().st_size, footer)
+    shares = balanced_shares([g.rows for g in groups], 2)
+    seen = []
+    for worker, share in enumerate(shares):
+        ranges = [(*groups[i][:4], start, stop, False) for i, start, stop in share]
+        directory = tmp_path / f"worker-{worker}"
+        directory.mkdir()
+        counts = spool_partition(
+            read_share(rowgroups.LOCAL, ranges, label_column, batch_rows=40), str(directory)
+        )
+        assert (counts.train_rows, counts.validation_rows) == (125, 0)
+        data = LocalData(str(directory / TRAIN_FILE), budget_bytes=1 << 30)
+        x, y = (np.concatenate(a) for a in zip(*data.chunks(), strict=True))
+        assert np.array_equal(y.argmax(axis=1), x[:, 0].astype(int) % NUM_CLASSES)
+        mine = x[:, 0].astype(int)
+        assert counts.train_classes == {
+            str(c): int(n) for c, n in enumerate(np.bincount(mine % NUM_CLASSES)) if n
+        }
+        seen.append(mine)
+    assert np.array_equal(np.concatenate(seen), ids)  # every row once, in file order
+
+    # A file rewritten since its footer was read is refused, not read.
+    pq.write_table(table.slice(0, 200), path, row_group_size=100)
+    ranges = [(*groups[0][:4], 0, 100, False)]
+    with pytest.raises(InputDataError, match="changed while the job ran"):
+        list(read_share(rowgroups.LOCAL, ranges, label_column))

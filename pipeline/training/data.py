@@ -1,13 +1,16 @@
 """A worker's rows: from Arrow record batches to the NumPy blocks its tensor store holds.
 
-A barrier task receives its Spark partition as a stream of Arrow record batches and
-spools them, batch by batch, into local Arrow IPC files (`spool_partition`): the task
-never holds more than one record batch. The worker process opens the files with
-`LocalData` and hands the trainer NumPy blocks, one record batch at a time: the whole
-partition once, when it fits the memory budget (epochs 2..n read no disk), or else one
-shuffle window after another, streamed back from the local file, so a worker's memory
-stays bounded whatever the data's size. This module never touches TensorFlow: the
-trainer copies the blocks into its tensor store (`pipeline.training.loop`).
+A barrier task receives its rows as a stream of Arrow record batches: its Spark
+partition, or, for an ingest output, its share of the Parquet row groups read with
+pyarrow (`read_share`, planned on the driver by `pipeline.training.inputs.plan_files`).
+It spools them, batch by batch, into local Arrow IPC files (`spool_partition`), counting
+the rows of each class as they pass: the task never holds more than one record batch.
+The worker process opens the files with `LocalData` and hands the trainer NumPy blocks,
+one record batch at a time: the whole partition once, when it fits the memory budget
+(epochs 2..n read no disk), or else one shuffle window after another, streamed back from
+the local file, so a worker's memory stays bounded whatever the data's size. This module
+never touches TensorFlow: the trainer copies the blocks into its tensor store
+(`pipeline.training.loop`).
 
 No batch is assembled in Python: `epoch_segments` plans an epoch as row positions only.
 Each `Segment` names the rows to place in the store (none when the whole partition is
@@ -22,14 +25,15 @@ memory and from disk: it is what a checkpoint records as the data position.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline.contract import FEATURE_DIM, FEATURES, LABEL_ONEHOT, NUM_CLASSES
+from pipeline import rowgroups
+from pipeline.contract import FEATURE_DIM, FEATURES, LABEL, LABEL_ONEHOT, NUM_CLASSES
 from pipeline.errors import InputDataError
 
 # Boolean column marking validation rows in the stream a barrier task receives.
@@ -49,11 +53,15 @@ _ROW_BYTES = 4 * (FEATURE_DIM + NUM_CLASSES)
 class SpoolCounts:
     train_rows: int
     validation_rows: int
+    # Rows per class ("-1": a one-hot row without a 1), of the training and validation rows.
+    train_classes: dict[str, int] = field(default_factory=dict)
+    validation_classes: dict[str, int] = field(default_factory=dict)
 
 
 def spool_partition(batches: Iterable[pa.RecordBatch], directory: str) -> SpoolCounts:
     """Write a partition's record batches to ``train.arrow`` and ``validation.arrow``."""
     counts = {TRAIN_FILE: 0, VALIDATION_FILE: 0}
+    classes = {name: np.zeros(NUM_CLASSES + 1, np.int64) for name in counts}
     writers = {
         name: pa.ipc.new_file(os.path.join(directory, name), _SPOOL_SCHEMA) for name in counts
     }
@@ -77,10 +85,96 @@ def spool_partition(batches: Iterable[pa.RecordBatch], directory: str) -> SpoolC
                         )
                     )
                 counts[name] += part.num_rows
+                classes[name] += _class_counts(part.column(LABEL_ONEHOT))
     finally:
         for writer in writers.values():
             writer.close()
-    return SpoolCounts(counts[TRAIN_FILE], counts[VALIDATION_FILE])
+    return SpoolCounts(
+        counts[TRAIN_FILE],
+        counts[VALIDATION_FILE],
+        _named_counts(classes[TRAIN_FILE]),
+        _named_counts(classes[VALIDATION_FILE]),
+    )
+
+
+def _class_counts(onehot: pa.Array) -> np.ndarray:
+    """Rows per class of one-hot labels, the last entry counting rows without a 1."""
+    if not len(onehot):
+        return np.zeros(NUM_CLASSES + 1, np.int64)
+    values = onehot.flatten().to_numpy(zero_copy_only=False)
+    if len(values) != len(onehot) * NUM_CLASSES:
+        return np.zeros(NUM_CLASSES + 1, np.int64)  # the worker refuses these rows
+    hot = values.reshape(-1, NUM_CLASSES) == 1.0
+    label = np.where(hot.any(axis=1), hot.argmax(axis=1), NUM_CLASSES)
+    return np.bincount(label, minlength=NUM_CLASSES + 1)
+
+
+def _named_counts(counts: np.ndarray) -> dict[str, int]:
+    named = {str(c): int(n) for c, n in enumerate(counts[:NUM_CLASSES]) if n}
+    if counts[NUM_CLASSES]:
+        named["-1"] = int(counts[NUM_CLASSES])
+    return named
+
+
+def add_counts(*counts: dict[str, int]) -> dict[str, int]:
+    """Rows per class of several counts together, classes sorted as text (as Spark's)."""
+    total: dict[str, int] = {}
+    for each in counts:
+        for label, n in each.items():
+            total[label] = total.get(label, 0) + int(n)
+    return {label: total[label] for label in sorted(total)}
+
+
+# -- an ingest output's row groups, read by the task itself -------------------------------
+def read_share(
+    filesystem: str,
+    share: Sequence[Sequence],
+    label_column: str,
+    batch_rows: int = 10_000,
+) -> Iterator[pa.RecordBatch]:
+    """A worker's share of an ingest output as the record batches `spool_partition` takes.
+
+    `share` lists row ranges, each ``(path, group, rows, file_size, start, stop,
+    validation)``: rows ``start:stop`` of row group `group` of the file at `path` (in the
+    plan's `filesystem`), as the footer described it when the job planned the reads.
+    `label_column` is `label_onehot`, read as it is, or `label`, one-hot encoded here.
+    Raises `InputDataError` when a file changed since then.
+    """
+    fs = rowgroups.filesystem(filesystem)
+    for path, group, rows, size, start, stop, validation in share:
+        item = rowgroups.RowGroup(path, int(group), int(rows), int(size), None)
+        offset = 0
+        try:
+            for batch in rowgroups.read_row_group(fs, item, [FEATURES, label_column], batch_rows):
+                lo, hi = max(start - offset, 0), min(stop - offset, batch.num_rows)
+                offset += batch.num_rows
+                if lo < hi:
+                    yield _spool_batch(batch.slice(lo, hi - lo), label_column, validation)
+                if offset >= stop:
+                    break
+        except rowgroups.InputChanged as exc:
+            raise InputDataError(
+                f"the training input changed while the job ran: {exc}; rerun on stable input"
+            ) from None
+
+
+def _spool_batch(batch: pa.RecordBatch, label_column: str, validation: bool) -> pa.RecordBatch:
+    float_lists = pa.list_(pa.float32())
+    labels = batch.column(label_column)
+    if label_column == LABEL:
+        codes = labels.to_numpy(zero_copy_only=False)
+        known = (codes >= 0) & (codes < NUM_CLASSES)
+        onehot = np.zeros((len(codes), NUM_CLASSES), np.float32)
+        onehot[np.flatnonzero(known), codes[known].astype(np.int64)] = 1.0
+        labels = pa.FixedSizeListArray.from_arrays(pa.array(onehot.ravel()), NUM_CLASSES)
+    return pa.record_batch(
+        [
+            batch.column(FEATURES).cast(float_lists),
+            labels.cast(float_lists),
+            pa.array(np.full(batch.num_rows, validation)),
+        ],
+        names=[FEATURES, LABEL_ONEHOT, VALIDATION_FLAG],
+    )
 
 
 def to_numpy(batch: pa.RecordBatch) -> tuple[np.ndarray, np.ndarray]:

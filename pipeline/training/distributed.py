@@ -153,7 +153,13 @@ def make_task(spec: dict[str, Any]) -> Callable[[Iterator[pa.RecordBatch]], Iter
 
 def _run_worker(spec, context, rank: int, workers: int, batches, workdir: str) -> pa.RecordBatch:
     from pipeline.training.checkpoints import CheckpointDir
-    from pipeline.training.data import TRAIN_FILE, VALIDATION_FILE, spool_partition
+    from pipeline.training.data import (
+        TRAIN_FILE,
+        VALIDATION_FILE,
+        add_counts,
+        read_share,
+        spool_partition,
+    )
 
     started = time.monotonic()
     # The worker process starts first: it imports TensorFlow (seconds) while this task
@@ -162,6 +168,11 @@ def _run_worker(spec, context, rank: int, workers: int, batches, workdir: str) -
     process = _start_process(workdir, _task_cpus(context), log_path)
     reserved = None
     try:
+        files = spec.get("files")
+        if files:  # this task reads its share of the row groups; its one input row is its rank
+            for _ in batches:
+                pass
+            batches = read_share(files["filesystem"], files["shares"][rank], files["label_column"])
         counts = spool_partition(batches, workdir)
         spooled = time.monotonic()
         host = _executor_host(context, rank, workers)
@@ -172,6 +183,8 @@ def _run_worker(spec, context, rank: int, workers: int, batches, workdir: str) -
             "address": f"{host}:{reserved.getsockname()[1]}" if reserved else None,
             "train_rows": counts.train_rows,
             "validation_rows": counts.validation_rows,
+            "train_classes": counts.train_classes,
+            "validation_classes": counts.validation_classes,
             "resume_epoch": resume,
         }
         if workers > 1:
@@ -179,6 +192,7 @@ def _run_worker(spec, context, rank: int, workers: int, batches, workdir: str) -
                               key=lambda m: m["rank"])  # fmt: skip
         else:
             everyone = [mine]
+        classes = _input_classes(spec.get("classes_of"), everyone, add_counts)
         empty = [m["rank"] for m in everyone if m["train_rows"] == 0]
         if empty:
             raise InputDataError(
@@ -230,8 +244,10 @@ def _run_worker(spec, context, rank: int, workers: int, batches, workdir: str) -
         info = json.load(f)
     info["log_tail"] = _tail(log_path, 600) if rank == 0 else ""
     info["address"] = mine["address"]  # this worker's entry in TF_CONFIG
+    if classes is not None:
+        info["class_counts"] = classes
     info["phases"] = {
-        "spool": spooled - started,
+        "read": spooled - started,
         "until_spec": process_started - spooled,
         "process_after_spec": process_seconds,
         **info.get("phases", {}),
@@ -253,6 +269,24 @@ def _run_worker(spec, context, rank: int, workers: int, batches, workdir: str) -
         ],
         schema=_RESULT_ARROW_SCHEMA,
     )
+
+
+def _input_classes(of: dict[str, Any] | None, everyone, add_counts) -> dict[str, int] | None:
+    """The training input's rows per class, counted by all workers as they spooled, once
+    checked (`check_classes`); None when the stage was not asked to check them.
+
+    ``of["with_validation"]`` says that the validation rows are part of the input (chosen
+    from it by ``train.validation_fraction``) rather than a dataset of their own."""
+    if of is None:
+        return None
+    from pipeline.training.inputs import check_classes
+
+    counts = add_counts(
+        *(m["train_classes"] for m in everyone),
+        *(m["validation_classes"] for m in everyone if of["with_validation"]),
+    )
+    check_classes(counts, of["path"])
+    return counts
 
 
 class _Stalled(TrainingError):

@@ -102,13 +102,23 @@ def run_stage(
     fingerprint: str,
     tensorboard_dir: str | None,
     on_epoch: Callable[[dict[str, Any]], None] | None,
+    files: dict[str, Any] | None = None,
+    classes_of: dict[str, Any] | None = None,
 ) -> FitResult:
-    """`fit_partitions` once the task slots have been checked."""
+    """`fit_partitions` once the task slots have been checked.
+
+    `files` (a `FilePlan.spec()`) makes each task read its own share of an ingest output's
+    row groups instead of a partition of `data` (then unused: nothing is shuffled).
+    `classes_of` (``{"path", "with_validation"}``) makes the tasks count the input's rows
+    per class and refuse it through `check_classes` before training.
+    """
     started = time.monotonic()
     workers = settings.workers
     if workers > 1:
         log.info("%s", sync_message(settings))
-    if data.rdd.getNumPartitions() != workers:
+    if files is not None:
+        data = spark.range(0, workers, 1, numPartitions=workers)  # one row per task: its rank
+    elif data.rdd.getNumPartitions() != workers:
         data = data.repartition(workers)
     resumed: list[int] = []
     errors: list[dict[str, Any]] = []
@@ -143,6 +153,8 @@ def run_stage(
         "fingerprint": fingerprint,
         "tensorboard_dir": tensorboard_dir,
         "settings_key": resume_key(settings),
+        "files": files,
+        "classes_of": classes_of,
     }
     host = sc.getConf().get("spark.driver.host", "127.0.0.1")
     with ProgressListener(host, on_message) as listener:

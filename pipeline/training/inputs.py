@@ -6,11 +6,13 @@ output written with ``ingest.split.enabled``, its ``split=train`` rows, validate
 ``train.include_validation_split``); its ``split=test`` rows are never read unless the user
 names that folder. `prepare_training_data` turns features
 into the stream a barrier task receives (float features, one-hot labels and the
-validation flag). `describe_input` says what was read
-(rows, rows per class, schema, files and their fingerprint, recorded in ``metadata.json``
-and in every checkpoint); `check_classes` refuses data a classifier cannot learn from.
-A profile of the input (per-feature statistics for drift checks) belongs beside
-`describe_input`: it runs on the same DataFrame, once, before training starts.
+validation flag) when Spark reads the rows; for an ingest output, `plan_files` plans
+instead, from the Parquet footers alone, which rows of which row groups each barrier task
+reads itself with pyarrow, so the features never pass through the JVM and are never
+shuffled. `describe_input` says what is read (rows, schema, files and their fingerprint,
+recorded in ``metadata.json`` and in every checkpoint) without reading it: the rows per
+class are counted by the tasks as they spool their rows, and `check_classes` refuses, in
+the tasks before training starts, data a classifier cannot learn from.
 """
 
 from __future__ import annotations
@@ -20,10 +22,12 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
+import pyarrow as pa
 from pyspark.sql import Column, DataFrame
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
+from pipeline import rowgroups
 from pipeline.artifact import sha256_bytes
 from pipeline.config import TrainSettings
 from pipeline.contract import FEATURES, LABEL, LABEL_ONEHOT, NUM_CLASSES, SPLIT
@@ -88,6 +92,136 @@ def resolve_input(
     return TrainingInput(f"{root}/{SPLIT}=train", validation, split_output=root)
 
 
+@dataclass(frozen=True)
+class FilePlan:
+    """The rows each barrier task reads itself from an ingest output's Parquet files.
+
+    Made on the driver from the footers alone. ``shares[k]`` lists worker k's row ranges,
+    each ``(path, group, rows, file_size, start, stop, validation)`` (see
+    `pipeline.training.data.read_share`): its training rows, then its validation rows,
+    each a contiguous run of the files' rows in sorted file order, balanced by rows across
+    the workers (they differ by one row at most).
+    """
+
+    filesystem: str  # a `rowgroups.locate` root
+    label_column: str  # `label_onehot` when every file has it, else `label`
+    shares: tuple[tuple[tuple, ...], ...]
+    train_rows: int
+    validation_rows: int
+    rows_by_path: dict[str, int]  # rows of each folder read
+
+    def spec(self) -> dict[str, Any]:
+        """The plan as plain values, for the barrier tasks."""
+        return {
+            "filesystem": self.filesystem,
+            "label_column": self.label_column,
+            "shares": [[list(r) for r in share] for share in self.shares],
+        }
+
+
+def plan_files(storage: Storage, source: TrainingInput, settings: TrainSettings) -> FilePlan | None:
+    """Plan the barrier tasks' own reads of the ingest output(s) of `source`.
+
+    None, with a log line, when Spark must read the rows: input that is not an ingest
+    output (its own or its validation data), validation rows chosen by
+    ``train.validation_fraction`` (a hash Spark computes), storage pyarrow cannot reach,
+    partition folders, files without the contract's columns or unreadable footers.
+    """
+    from pipeline.ingest import ingest_report
+
+    if settings.validation_fraction and not source.validation_path:
+        log.info("train.validation_fraction picks the validation rows: Spark reads the rows")
+        return None
+    validating = [source.validation_path] if source.validation_path else []
+    runs: list[list[tuple[rowgroups.RowGroup, bool]]] = [[], []]  # training, validation
+    rows_by_path: dict[str, int] = {}
+    root, common = None, {LABEL, LABEL_ONEHOT}
+    for path in (*source.train_paths, *validating):
+        if ingest_report(storage, path) is None:
+            log.info("%s is not an ingest output: Spark reads the training rows", path)
+            return None
+        found = _row_groups(storage, path)
+        if found is None:
+            return None
+        fs_root, groups, labels = found
+        if root not in (None, fs_root):
+            return None
+        root, common = fs_root, common & labels
+        validation = path in validating
+        runs[validation] += [(g, validation) for g in groups]
+        rows_by_path[path] = sum(g.rows for g in groups)
+    if not common:
+        return None  # training and validation files label their rows differently
+    shares: list[list[tuple]] = [[] for _ in range(settings.workers)]
+    for run in runs:
+        for worker, share in enumerate(balanced_shares([g.rows for g, _ in run], settings.workers)):
+            for index, start, stop in share:
+                group, validation = run[index]
+                shares[worker].append((*group[:4], start, stop, validation))
+    rows = [sum(g.rows for g, _ in run) for run in runs]
+    return FilePlan(
+        filesystem=root,
+        label_column=LABEL_ONEHOT if LABEL_ONEHOT in common else LABEL,
+        shares=tuple(tuple(s) for s in shares),
+        train_rows=rows[0],
+        validation_rows=rows[1],
+        rows_by_path=rows_by_path,
+    )
+
+
+def _row_groups(
+    storage: Storage, path: str
+) -> tuple[str, list[rowgroups.RowGroup], set[str]] | None:
+    """(filesystem root, non-empty row groups in file order, label columns every file has)
+    of the Parquet files at `path`, or None when the tasks cannot read them with pyarrow."""
+    root = storage.qualify(path).rstrip("/")
+    try:
+        fs_root, _ = rowgroups.locate(root)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError) as exc:
+        log.info("pyarrow cannot open %s (%s): Spark reads the training rows", root, exc)
+        return None
+    files = storage.list_files(path)
+    if any(rowgroups.partition_values(root, uri) for uri, _ in files):
+        log.info("%s has partition folders: Spark reads the training rows", path)
+        return None
+    paths = [rowgroups.locate(uri)[1] for uri, _ in files]
+    try:
+        footers = rowgroups.read_footers(rowgroups.filesystem(fs_root), paths)
+    except rowgroups.UnreadableFooter as exc:
+        log.info("cannot read the footer of %s (%s): Spark reads the training rows", exc.path, exc)
+        return None
+    groups: list[rowgroups.RowGroup] = []
+    labels = {LABEL, LABEL_ONEHOT}
+    for (_, size), file, footer in zip(files, paths, footers, strict=True):
+        schema = footer.schema.to_arrow_schema()
+        feature = schema.field(FEATURES).type if FEATURES in schema.names else None
+        if not (pa.types.is_list(feature) and pa.types.is_floating(feature.value_type)):
+            log.info("%s has no float array '%s': Spark reads the training rows", file, FEATURES)
+            return None
+        labels &= set(schema.names)
+        groups += rowgroups.row_groups(file, size, footer)
+    if not labels:
+        log.info("%s has no '%s' or '%s' column: Spark reads the rows", path, LABEL, LABEL_ONEHOT)
+        return None
+    return fs_root, groups, labels
+
+
+def balanced_shares(rows: list[int], workers: int) -> list[list[tuple[int, int, int]]]:
+    """Split the concatenated rows of consecutive items into `workers` contiguous shares
+    whose sizes differ by one row at most: for each worker, ``(item, start, stop)``."""
+    total = sum(rows)
+    bounds = [total * k // workers for k in range(workers + 1)]
+    shares: list[list[tuple[int, int, int]]] = [[] for _ in range(workers)]
+    offset = 0
+    for index, n in enumerate(rows):
+        for worker in range(workers):
+            start, stop = max(bounds[worker], offset), min(bounds[worker + 1], offset + n)
+            if start < stop:
+                shares[worker].append((index, start - offset, stop - offset))
+        offset += n
+    return shares
+
+
 def prepare_training_data(
     features: DataFrame, settings: TrainSettings, validation: DataFrame | None = None
 ) -> DataFrame:
@@ -129,16 +263,17 @@ def _contract_columns(df: DataFrame, what: str) -> DataFrame:
     return df.select(F.col(FEATURES).cast(floats).alias(FEATURES), onehot.alias(LABEL_ONEHOT))
 
 
-def describe_input(storage: Storage, df: DataFrame, path: str, *more: str) -> dict[str, Any]:
-    """Row count, rows per class, schema and files (name, size) of the training data read
-    from `path` (and the folders `more`), and the data fingerprint (their sha256).
-    Counting reads only the label column."""
+def describe_input(
+    storage: Storage, df: DataFrame, path: str, *more: str, rows: int
+) -> dict[str, Any]:
+    """Row count, schema and files (name, size) of the training data read from `path` (and
+    the folders `more`), and the data fingerprint (their sha256). `rows` come from the
+    Parquet footers (`plan_files`) or Spark's count; the rows per class are added once the
+    tasks have counted them."""
     files = [{"path": p, "bytes": size} for d in (path, *more) for p, size in storage.list_files(d)]
-    counts = class_counts(df)
     described = {
         "path": ", ".join(storage.qualify(p) for p in (path, *more)),
-        "rows": sum(counts.values()),
-        "class_counts": counts,
+        "rows": rows,
         "schema": df.schema.simpleString(),
         "files": files,
     }

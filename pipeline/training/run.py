@@ -20,8 +20,8 @@ from pipeline.training.checkpoints import check_resumable
 from pipeline.training.distributed import check_slots
 from pipeline.training.fit import FitResult, run_stage
 from pipeline.training.inputs import (
-    check_classes,
     describe_input,
+    plan_files,
     prepare_training_data,
     resolve_input,
 )
@@ -88,16 +88,26 @@ def run_training(
         features = features.unionByName(read_features(spark, more))
     validation = read_features(spark, source.validation_path) if source.validation_path else None
     data = prepare_training_data(features, settings, validation)
-    described = describe_input(storage, features, *source.train_paths)
-    check_classes(described["class_counts"], ", ".join(source.train_paths))
+    plan = plan_files(storage, source, settings)
+    if plan is not None:
+        log.info(
+            "%s rows read by the %d training task(s) from the files, %s each",
+            f"{plan.train_rows + plan.validation_rows:,}",
+            settings.workers,
+            "/".join(f"{sum(r[5] - r[4] for r in share):,}" for share in plan.shares),
+        )
+    rows = plan.train_rows if plan is not None else features.count()
+    described = describe_input(storage, features, *source.train_paths, rows=rows)
     if source.split_output is not None:
-        described["splits"] = _split_rows(spark, source, settings, described["rows"])
+        counted = plan.rows_by_path if plan is not None else {}
+        described["splits"] = _split_rows(spark, source, settings, rows, counted)
     if fresh and storage.exists(checkpoint_dir):
         log.info("--fresh: deleting %s", checkpoint_dir)
         storage.delete(checkpoint_dir)
     check_resumable(storage, checkpoint_dir, settings, described["sha256"])
     preprocessing = IngestSettings.model_validate(report.get("preprocessing") or {})
 
+    staged = time.monotonic()
     fit = run_stage(
         spark,
         data,
@@ -106,7 +116,14 @@ def run_training(
         fingerprint=described["sha256"],
         tensorboard_dir=f"{model_dir}/logs" if settings.tensorboard else None,
         on_epoch=on_epoch,
+        files=plan.spec() if plan is not None else None,
+        classes_of={
+            "path": ", ".join(source.train_paths),
+            "with_validation": bool(settings.validation_fraction and validation is None),
+        },
     )
+    fitted = time.monotonic()
+    described["class_counts"] = fit.workers[0].get("class_counts", {})
     overfit = overfitting(fit.history, settings.overfit_patience)
     if overfit is not None:
         log.warning("%s", overfitting_message(overfit, settings))
@@ -133,6 +150,9 @@ def run_training(
     metadata, extras = training_extras(
         spark, config, data, metadata, fit.model_bytes, fit.onnx_bytes
     )
+    phases = job_phases(started, staged, fitted, fit.workers, time.monotonic())
+    metadata = metadata.model_copy(update={"phases": phases})
+    log.info("phases (s): %s", ", ".join(f"{k} {v:.1f}" for k, v in phases.items()))
     metadata = write_model_dir(
         storage,
         model_dir,
@@ -144,13 +164,70 @@ def run_training(
     return TrainResult(model_dir, metadata, fit, time.monotonic() - started)
 
 
-def _split_rows(spark: SparkSession, source, settings, trained_rows: int) -> dict[str, int]:
+def job_phases(
+    started: float, staged: float, fitted: float, workers: list[dict[str, Any]], ended: float
+) -> dict[str, float]:
+    """Seconds of what the user waits for, in order (``metadata.json`` ``phases``).
+
+    ``start``: the process's start (the ``spark-submit`` JVM's, when it launched this
+    driver) until training began; ``prepare``: the driver's checks and plan, no data read;
+    then, in the barrier stage, the slowest worker's ``read`` (its rows spooled) and
+    ``import`` (TensorFlow, in its own process at the same time as the read: the two
+    overlap), ``load`` (model built, rows in its tensor store, cluster joined), ``trace``
+    (the first epoch's extra time over the later ones': tracing and compiling), ``steps``
+    (the SGD steps of every epoch, without that extra), ``validate``, ``checkpoints``,
+    ``export`` (worker 0's model file); ``stage`` is the whole barrier stage as the driver
+    saw it; ``publish``: the profile, calibration, model card and plots until the model
+    directory is written."""
+    import statistics
+
+    def slowest(name: str) -> float:
+        return max((float(w.get("phases", {}).get(name, 0.0)) for w in workers), default=0.0)
+
+    epochs = [float(s) for s in workers[0].get("epoch_seconds", [])] if workers else []
+    trace = max(0.0, epochs[0] - statistics.median(epochs[1:])) if len(epochs) > 1 else 0.0
+    phases = {
+        "start": _process_age() - (time.monotonic() - started),
+        "prepare": staged - started,
+        "read": slowest("read"),
+        "import": slowest("import"),
+        "load": slowest("cluster") + slowest("load") + slowest("first_collective"),
+        "trace": trace,
+        "steps": sum(epochs) - trace,
+        "validate": slowest("validate"),
+        "checkpoints": slowest("checkpoints"),
+        "export": slowest("export"),
+        "stage": fitted - staged,
+        "publish": ended - fitted,
+    }
+    return {name: round(max(seconds, 0.0), 3) for name, seconds in phases.items()}
+
+
+def _process_age() -> float:
+    """Seconds since this process started, or since the ``spark-submit`` JVM that started
+    it (a Java parent) did."""
+    import psutil
+
+    now = time.time()
+    process = psutil.Process()
+    born = process.create_time()
+    parent = process.parent()
+    if parent is not None and "java" in parent.name().lower():
+        born = min(born, parent.create_time())
+    return now - born
+
+
+def _split_rows(
+    spark: SparkSession, source, settings, trained_rows: int, counted: dict[str, int]
+) -> dict[str, int]:
     """Rows of each split used (for ``metadata.json``), and the console line that says so;
-    `trained_rows` are all the rows trained on (split=train's unless more were added)."""
+    `trained_rows` are all the rows trained on (split=train's unless more were added).
+    `counted` holds the rows of the folders the plan read from their footers; Spark counts
+    the others."""
     from pipeline.ingest import read_features
 
     rows = {
-        name: read_features(spark, path).count()
+        name: counted[path] if path in counted else read_features(spark, path).count()
         for name, path in source.splits().items()
         if name != "train"
     }

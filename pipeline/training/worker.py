@@ -89,11 +89,12 @@ class _Phases(dict):
 
     @contextlib.contextmanager
     def timed(self, name: str):
+        """Add the seconds of the block to phase `name`."""
         started = time.monotonic()
         try:
             yield
         finally:
-            self[name] = time.monotonic() - started
+            self[name] = self.get(name, 0.0) + time.monotonic() - started
 
 
 @dataclass
@@ -142,10 +143,13 @@ def train(spec: dict[str, Any], tf, phases: _Phases) -> dict[str, Any]:
             for epoch in range(done.start_epoch + 1, settings.epochs + 1):
                 if done.stopped_early:
                     break
-                record = _run_epoch(spec, settings, trainer, train_data, validation, epoch, done)
+                record = _run_epoch(
+                    spec, settings, trainer, train_data, validation, epoch, done, phases
+                )
                 if chief:
                     if clock.due(epoch, last=epoch == settings.epochs or done.stopped_early):
-                        _checkpoint(spec, settings, trainer, checkpoints, epoch, done)
+                        with phases.timed("checkpoints"):
+                            _checkpoint(spec, settings, trainer, checkpoints, epoch, done)
                         trainer.on_progress()
                     left = (settings.epochs - epoch) * done.epoch_seconds[-1]
                     progress.send(
@@ -270,7 +274,9 @@ def _resume(spec, settings, trainer, checkpoints, progress) -> _Progress:
     )
 
 
-def _run_epoch(spec, settings, trainer, train_data, validation, epoch: int, done: _Progress):
+def _run_epoch(
+    spec, settings, trainer, train_data, validation, epoch: int, done: _Progress, phases
+):
     """Train and validate one epoch; every worker ends with the same epoch record."""
     from pipeline.training.data import epoch_segments
 
@@ -287,7 +293,8 @@ def _run_epoch(spec, settings, trainer, train_data, validation, epoch: int, done
     )
     loss_sum, correct = trainer.train(segments, steps)
     seconds = time.monotonic() - started
-    val = trainer.evaluate(validation.chunks()) if validation.rows else (0.0, 0.0, 0)
+    with phases.timed("validate"):
+        val = trainer.evaluate(validation.chunks()) if validation.rows else (0.0, 0.0, 0)
     trainer.on_progress()
     totals = trainer.allreduce_sum([loss_sum, correct, *val, seconds])
     epoch_samples = steps * batch * workers
