@@ -121,3 +121,25 @@ if __name__ == "__main__":  # `python -m pipeline.session`: the Makefile's Java 
         check_java()
     except EnvironmentProblem as problem:
         sys.exit(f"error: {problem}")
+
+
+_STARTED: list[bool] = []  # a job of this process has asked for its start already
+
+
+def start_seconds() -> float | None:
+    """Seconds from this process's start (or from the ``spark-submit`` JVM that launched
+    it, its Java parent) until now: what a user waited before the first job of the process
+    began. None for every later call: a second job in one process waited for no start."""
+    import time
+
+    import psutil
+
+    if _STARTED:
+        return None
+    _STARTED.append(True)
+    process = psutil.Process()
+    born = process.create_time()
+    parent = process.parent()
+    if parent is not None and "java" in parent.name().lower():
+        born = min(born, parent.create_time())
+    return time.time() - born

@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import signal
+from collections import Counter
 
 import numpy as np
 import psutil
@@ -375,6 +376,16 @@ def test_a_split_ingest_output_trains_on_its_train_split_only(spark, tmp_path, s
     assert (worker["train_rows"], worker["validation_rows"]) == (rows["train"], rows["validation"])
     assert "val_accuracy" in result.history[-1]
     assert f"training on split=train ({rows['train']:,} rows)" in caplog.text
+    # The task read the row groups itself (no shuffle), counted the classes as it read
+    # them, and the job says where its time went.
+    total = rows["train"] + rows["validation"]
+    assert f"{total:,} rows read by the 1 training task(s) from the files" in caplog.text
+    train_labels = pq.read_table(features / "split=train", columns=["label"])["label"]
+    expected = Counter(str(v) for v in train_labels.to_pylist())
+    assert metadata["data"]["class_counts"] == dict(sorted(expected.items()))
+    phases = metadata["phases"]
+    assert {"read", "import", "trace", "steps", "checkpoints", "publish"} <= set(phases)
+    assert phases["read"] > 0 and phases["import"] > 0 and phases["steps"] > 0
     assert f"split=validation ({rows['validation']:,} rows)" in caplog.text
 
     # A split named on the command line is used as it is, test rows included.

@@ -71,6 +71,7 @@ from pipeline.scoring.inference import (
 )
 from pipeline.scoring.inputs import Source, read_source
 from pipeline.scoring.plan import plan_row_groups
+from pipeline.session import start_seconds
 from pipeline.sources import read_parquet, translate_read_errors
 from pipeline.storage import Storage
 
@@ -92,6 +93,7 @@ def run_scoring(
 ) -> ScoreResult:
     """Score `input_path` (raw or ingested) with the model in `model_dir` into `output_path`."""
     started = time.monotonic()
+    waited = start_seconds()
     storage = Storage(spark)
     output = check_output(
         storage, output_path, SCORE, {"--input": input_path, "--model-dir": model_dir}
@@ -167,7 +169,8 @@ def run_scoring(
             total = partition_total(sums.value, len(names))
             return metric_values(total, source.has_label, score.confidence_bins)
 
-    phases = {"prepare": time.monotonic() - started}
+    phases = {"start": waited} if waited is not None else {}
+    phases["prepare"] = time.monotonic() - started
     by_split: dict[str, Evaluation] = {}
     try:
         with staged_output(storage, output, SCORE) as staging:
@@ -223,6 +226,8 @@ def run_scoring(
                     report["evaluation_by_split"] = {n: e.as_dict() for n, e in by_split.items()}
                     phases["evaluation_by_split"] = time.monotonic() - plotted - phases["plots"]
                 storage.write_text(f"{staging}/{REPORT_MD}", scoring_report_md(report, list(files)))
+            # start: the process's start until the job began (Spark's start-up included;
+            # the first job of a process only);
             # prepare: model, input, plan; score_and_write: the Spark job(s) that read,
             # score and write; plots: drawing and writing them; evaluation_by_split: one
             # aggregation of the written predictions. `seconds` excludes the last two.

@@ -15,6 +15,7 @@ from pipeline.artifact import CHECKPOINTS_DIR, Metadata, new_metadata, write_mod
 from pipeline.config import Config, IngestSettings
 from pipeline.errors import ConfigError
 from pipeline.outputs import MODEL, check_output
+from pipeline.session import start_seconds
 from pipeline.storage import Storage
 from pipeline.training.checkpoints import check_resumable
 from pipeline.training.distributed import check_slots
@@ -58,6 +59,7 @@ def run_training(
     runs (default: one log line).
     """
     started = time.monotonic()
+    waited = start_seconds()
     settings = config.train
     if workers is not None and workers != settings.workers:
         settings = settings.model_copy(update={"workers": workers})
@@ -150,7 +152,7 @@ def run_training(
     metadata, extras = training_extras(
         spark, config, data, metadata, fit.model_bytes, fit.onnx_bytes
     )
-    phases = job_phases(started, staged, fitted, fit.workers, time.monotonic())
+    phases = job_phases(waited, started, staged, fitted, fit.workers, time.monotonic())
     metadata = metadata.model_copy(update={"phases": phases})
     log.info("phases (s): %s", ", ".join(f"{k} {v:.1f}" for k, v in phases.items()))
     metadata = write_model_dir(
@@ -165,20 +167,25 @@ def run_training(
 
 
 def job_phases(
-    started: float, staged: float, fitted: float, workers: list[dict[str, Any]], ended: float
+    waited: float | None,
+    started: float,
+    staged: float,
+    fitted: float,
+    workers: list[dict[str, Any]],
+    ended: float,
 ) -> dict[str, float]:
     """Seconds of what the user waits for, in order (``metadata.json`` ``phases``).
 
     ``start``: the process's start (the ``spark-submit`` JVM's, when it launched this
-    driver) until training began; ``prepare``: the driver's checks and plan, no data read;
-    then, in the barrier stage, the slowest worker's ``read`` (its rows spooled) and
-    ``import`` (TensorFlow, in its own process at the same time as the read: the two
-    overlap), ``load`` (model built, rows in its tensor store, cluster joined), ``trace``
-    (the first epoch's extra time over the later ones': tracing and compiling), ``steps``
-    (the SGD steps of every epoch, without that extra), ``validate``, ``checkpoints``,
-    ``export`` (worker 0's model file); ``stage`` is the whole barrier stage as the driver
-    saw it; ``publish``: the profile, calibration, model card and plots until the model
-    directory is written."""
+    driver) until training began (for the first job of a process only); ``prepare``: the
+    driver's checks and plan, no data read. Then, in the barrier stage, the slowest
+    worker's ``read`` (its rows spooled) and ``import`` (TensorFlow, in its own process,
+    at the same time as the read: the two overlap), ``load`` (model built, rows in its
+    tensor store, cluster joined), ``trace`` (the first epoch's extra time over the later
+    ones': tracing and compiling), ``steps`` (the SGD steps of every epoch, without that
+    extra), ``validate``, ``checkpoints``, ``export`` (worker 0's model file); ``stage``:
+    the whole barrier stage as the driver saw it; ``publish``: the profile, calibration,
+    model card and plots, until the model directory is written."""
     import statistics
 
     def slowest(name: str) -> float:
@@ -187,7 +194,7 @@ def job_phases(
     epochs = [float(s) for s in workers[0].get("epoch_seconds", [])] if workers else []
     trace = max(0.0, epochs[0] - statistics.median(epochs[1:])) if len(epochs) > 1 else 0.0
     phases = {
-        "start": _process_age() - (time.monotonic() - started),
+        **({"start": waited} if waited is not None else {}),
         "prepare": staged - started,
         "read": slowest("read"),
         "import": slowest("import"),
@@ -201,20 +208,6 @@ def job_phases(
         "publish": ended - fitted,
     }
     return {name: round(max(seconds, 0.0), 3) for name, seconds in phases.items()}
-
-
-def _process_age() -> float:
-    """Seconds since this process started, or since the ``spark-submit`` JVM that started
-    it (a Java parent) did."""
-    import psutil
-
-    now = time.time()
-    process = psutil.Process()
-    born = process.create_time()
-    parent = process.parent()
-    if parent is not None and "java" in parent.name().lower():
-        born = min(born, parent.create_time())
-    return now - born
 
 
 def _split_rows(
