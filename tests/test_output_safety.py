@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -205,27 +203,3 @@ def test_spark_submit_train_keeps_a_folder_of_notes(tmp_path, ingested_sample):
     assert code == 2, output[-3000:]
     assert "holds 2 entries this pipeline did not write, e.g. keep.txt, sub/" in output
     assert _tree(tmp_path) == before
-
-
-@pytest.mark.parametrize(
-    "job, option",
-    [
-        ("ingest.py", "--output"),
-        ("generate.py", "--output"),
-        ("train.py", "--model-dir"),
-        ("score.py", "--output"),
-        ("tune.py", "--output"),
-        ("evaluate.py", "--predictions"),
-    ],
-)
-def test_help_says_what_an_existing_output_path_gets(job, option):
-    result = subprocess.run(
-        [sys.executable, str(faults.REPO / "jobs" / job), "--help"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env=faults.job_env(),
-    )
-    text = " ".join(result.stdout.split())
-    described = text[text.rindex(f"{option} {option.strip('-').upper().replace('-', '_')} ") :]
-    assert "refused with exit code 2 and left untouched" in described[:700]

@@ -311,7 +311,10 @@ def test_grpc_servers_use_the_reserved_ports_of_their_executors(spark, tmp_path,
 
 
 @pytest.mark.slow
-def test_a_stalled_worker_fails_the_job_naming_the_stall_timeout(spark, tmp_path, ingested_sample):
+def test_a_stalled_worker_fails_the_job_naming_the_stall_timeout(
+    spark, tmp_path, ingested_sample, caplog
+):
+    """A stall is final: the first attempt's error ends the job, Spark never reruns it."""
     config = Config().with_overrides(
         {"train": {"epochs": 4, "workers": 2, "sync": "local_sgd", "stall_timeout_s": 5}}
     )
@@ -326,7 +329,10 @@ def test_a_stalled_worker_fails_the_job_naming_the_stall_timeout(spark, tmp_path
             paused.append(victim)
 
     try:
-        with pytest.raises(TrainingError) as caught:
+        with (
+            caplog.at_level(logging.INFO, logger="pipeline.training"),
+            pytest.raises(TrainingError) as caught,
+        ):
             run_training(
                 spark, config, ingested_sample, str(tmp_path / "model"),
                 on_epoch=pause_the_last_worker,
@@ -338,6 +344,11 @@ def test_a_stalled_worker_fails_the_job_naming_the_stall_timeout(spark, tmp_path
     assert paused  # the fault did happen
     message = str(caught.value)
     assert "train.stall_timeout_s = 5 s" in message and "stalled" in message
+    # One attempt only: a retry would form a second TensorFlow cluster and resume from
+    # epoch 1's checkpoint (and, with the worker gone, finish and publish a model).
+    clusters = [r for r in caplog.records if r.getMessage().startswith("TensorFlow cluster")]
+    assert len(clusters) == 1, caplog.text
+    assert "resuming from the checkpoint" not in caplog.text
     assert not (tmp_path / "model" / "model.keras").exists()
     checkpoints = sorted(p.name for p in (tmp_path / "model" / "checkpoints").iterdir())
     assert "epoch-0001.npz" in checkpoints and "epoch-0004.npz" not in checkpoints
