@@ -17,12 +17,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
+
+import timing
 
 ROOT = Path(__file__).resolve().parent.parent
 TARGET = 0.5
@@ -84,19 +85,10 @@ def _measure_here(steps: int, repeats: int) -> dict[str, Any]:
         "steps_per_call": TrainSettings().steps_per_call,
         "batch_size": TrainSettings().batch_size,
         "tensorflow_threads": 1,
-        "steps_per_second_off": _summary(rates["off"]),
-        "steps_per_second_on": _summary(rates["on"]),
-        "ratio_on_vs_off": _summary(ratios),
+        "steps_per_second_off": timing.stats(rates["off"], 4),
+        "steps_per_second_on": timing.stats(rates["on"], 4),
+        "ratio_on_vs_off": timing.stats(ratios, 4),
         "target_ratio": TARGET,
-    }
-
-
-def _summary(values: list[float]) -> dict[str, Any]:
-    return {
-        "median": statistics.median(values),
-        "min": min(values),
-        "max": max(values),
-        "values": [round(v, 4) for v in values],
     }
 
 

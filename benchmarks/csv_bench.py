@@ -18,6 +18,7 @@ ingest / csv_to_parquet. `run()` returns them as a dict for ``benchmarks/run.py`
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import os
@@ -29,7 +30,8 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from ingest_bench import DEFAULT_DATA_DIR, _raw_data, _session, _stats, _time
+import timing
+from ingest_bench import DEFAULT_DATA_DIR, _raw_data
 
 log = logging.getLogger("benchmarks.csv")
 
@@ -46,29 +48,15 @@ def run(
 
     data_dir = Path(data_dir or DEFAULT_DATA_DIR)
     data_dir.mkdir(parents=True, exist_ok=True)
-    spark = spark or _session()
+    spark = spark or timing.session("csv-bench")
     config = Config()
     csv = _kaggle_csv(spark, config, data_dir, rows, seed)
-    measures = {"csv_to_parquet": _measure_copy, "ingest": _measure_ingest}
-    timings: dict[str, list[float]] = {name: [] for name in measures}
-    cpu: dict[str, list[float]] = {name: [] for name in measures}
-    with tempfile.TemporaryDirectory(dir=data_dir, prefix="bench-out-") as scratch:
-        for repeat in range(repeats):
-            for name, measure in measures.items():
-                out = os.path.join(scratch, f"{name}-{repeat}")
-                seconds, cpu_seconds = _time(measure, spark, config, csv, out)
-                timings[name].append(seconds)
-                cpu[name].append(cpu_seconds)
-                log.info(
-                    "%s repeat %d: %.2f s (%.1f CPU s, load %.1f)",
-                    name,
-                    repeat + 1,
-                    seconds,
-                    cpu_seconds,
-                    os.getloadavg()[0],
-                )
-                shutil.rmtree(out, ignore_errors=True)
-    figures = {name: _stats(values) for name, values in timings.items()}
+    measures = {
+        "csv_to_parquet": functools.partial(_measure_copy, spark, csv),
+        "ingest": functools.partial(_measure_ingest, spark, config, csv),
+    }
+    timings, cpu = timing.rounds(measures, repeats, data_dir)
+    figures = {name: timing.stats(values) for name, values in timings.items()}
     paired = [i / c for i, c in zip(timings["ingest"], timings["csv_to_parquet"], strict=True)]
     return {
         "stage": "csv_ingest",
@@ -81,8 +69,8 @@ def run(
         "ratio_ingest_to_csv_to_parquet": round(
             figures["ingest"]["median"] / figures["csv_to_parquet"]["median"], 3
         ),
-        "ratio_ingest_to_csv_to_parquet_paired": _stats(paired),
-        "cpu_seconds": {name: _stats(values) for name, values in cpu.items()},
+        "ratio_ingest_to_csv_to_parquet_paired": timing.stats(paired),
+        "cpu_seconds": {name: timing.stats(values) for name, values in cpu.items()},
         "ratio_ingest_to_csv_to_parquet_cpu": round(
             statistics.median(cpu["ingest"]) / statistics.median(cpu["csv_to_parquet"]), 3
         ),
@@ -121,7 +109,7 @@ def _measure_ingest(spark, config, csv: str, out: str) -> None:
         log.warning("ingest rejected %d rows of generated data", result.counts.rows_rejected)
 
 
-def _measure_copy(spark, config, csv: str, out: str) -> None:
+def _measure_copy(spark, csv: str, out: str) -> None:
     from pyspark.sql import types as T
 
     names = spark.read.option("header", True).csv(csv).columns

@@ -22,6 +22,7 @@ import sys
 from pathlib import Path
 
 import score_bench
+import timing
 
 log = logging.getLogger("explain_bench")
 
@@ -42,7 +43,7 @@ def run_benchmark(
 
     workdir = Path(workdir).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
-    spark = spark or score_bench._session(master)
+    spark = spark or timing.session("explain-bench", master=master, log_level="ERROR")
     config = Config()
     features = score_bench._features_data(spark, workdir, rows)
     model_dir = score_bench._model_dir(spark, workdir)
@@ -51,11 +52,11 @@ def run_benchmark(
         "score": lambda: run_scoring(spark, config, features, model_dir, str(out / "pred")),
         "explain": lambda: run_explain(spark, config, features, model_dir, str(out / "expl")),
     }
-    first = {name: score_bench._seconds(step)[0] for name, step in steps.items()}
+    first = {name: timing.seconds(step)[0] for name, step in steps.items()}
     timings: dict[str, list[float]] = {name: [] for name in steps}
     for round_ in range(runs):
         for name, step in steps.items():
-            timings[name].append(score_bench._seconds(step)[0])
+            timings[name].append(timing.seconds(step)[0])
         log.info("%d rows, round %d: %s", rows, round_ + 1, score_bench._brief(timings, -1))
     per_round = [e / s for e, s in zip(timings["explain"], timings["score"], strict=True)]
     ratio = statistics.median(timings["explain"]) / statistics.median(timings["score"])
@@ -65,10 +66,10 @@ def run_benchmark(
         "master": spark.sparkContext.master,
         "steps": config.explain.steps,
         "load_average": [round(v, 2) for v in os.getloadavg()],
-        "seconds": {name: score_bench._stats(t) for name, t in timings.items()},
+        "seconds": {name: timing.stats(t) for name, t in timings.items()},
         "first_run": {name: round(t, 3) for name, t in first.items()},
         "ratio_explain_vs_score": round(ratio, 3),
-        "ratio_explain_vs_score_per_round": score_bench._stats(per_round),
+        "ratio_explain_vs_score_per_round": timing.stats(per_round),
         "meets_target": ratio <= 5.0,
     }
 

@@ -19,16 +19,14 @@ figures as a dict for ``benchmarks/run.py``.
 from __future__ import annotations
 
 import argparse
+import functools
 import io
 import json
 import logging
 import os
-import shutil
 import statistics
 import sys
-import tempfile
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +34,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+import timing
 
 log = logging.getLogger("benchmarks.ingest")
 
@@ -59,34 +58,18 @@ def run(
 
     data_dir = Path(data_dir or DEFAULT_DATA_DIR)
     data_dir.mkdir(parents=True, exist_ok=True)
-    spark = spark or _session()
+    spark = spark or timing.session("ingest-bench")
     config = Config()
     results: dict[str, Any] = {}
     for layout in layouts:
         raw = _raw_data(spark, config, data_dir, rows, layout, seed, regenerate)
         raw_bytes = sum(f.stat().st_size for f in Path(raw).glob("*.parquet"))
-        timings: dict[str, list[float]] = {"read_write": [], "ingest": []}
-        if baseline:
-            timings["pyarrow"] = []
-        cpu: dict[str, list[float]] = {name: [] for name in timings}
-        with tempfile.TemporaryDirectory(dir=data_dir, prefix="bench-out-") as scratch:
-            for repeat in range(repeats):
-                for name in timings:
-                    out = os.path.join(scratch, f"{name}-{repeat}")
-                    seconds, cpu_seconds = _time(_MEASURES[name], spark, config, raw, out, layout)
-                    timings[name].append(seconds)
-                    cpu[name].append(cpu_seconds)
-                    log.info(
-                        "%s %s repeat %d: %.2f s (%.1f CPU s, load %.1f)",
-                        layout,
-                        name,
-                        repeat + 1,
-                        seconds,
-                        cpu_seconds,
-                        os.getloadavg()[0],
-                    )
-                    shutil.rmtree(out, ignore_errors=True)
-        figures = {name: _stats(values) for name, values in timings.items()}
+        names = ["read_write", "ingest", *(["pyarrow"] if baseline else [])]
+        measures = {
+            name: functools.partial(_MEASURES[name], spark, config, raw, layout) for name in names
+        }
+        timings, cpu = timing.rounds(measures, repeats, data_dir, layout)
+        figures = {name: timing.stats(values) for name, values in timings.items()}
         paired = [i / rw for i, rw in zip(timings["ingest"], timings["read_write"], strict=True)]
         entry: dict[str, Any] = {
             "raw_data": Path(raw).name,  # under the data directory
@@ -98,9 +81,9 @@ def run(
             "ratio_ingest_to_read_write": round(
                 figures["ingest"]["median"] / figures["read_write"]["median"], 3
             ),
-            "ratio_ingest_to_read_write_paired": _stats(paired),
+            "ratio_ingest_to_read_write_paired": timing.stats(paired),
             "target_ratio": TARGET_RATIO,
-            "cpu_seconds": {name: _stats(values) for name, values in cpu.items()},
+            "cpu_seconds": {name: timing.stats(values) for name, values in cpu.items()},
             "ratio_ingest_to_read_write_cpu": round(
                 statistics.median(cpu["ingest"]) / statistics.median(cpu["read_write"]), 3
             ),
@@ -121,20 +104,6 @@ def run(
     }
 
 
-def _session():
-    from pipeline.config import SparkSettings
-    from pipeline.session import build_session
-
-    os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
-    return build_session(
-        SparkSettings(
-            app_name="ingest-bench",
-            show_progress=False,
-            conf={"spark.driver.memory": "4g", "spark.ui.enabled": "false"},
-        )
-    )
-
-
 def _raw_data(spark, config, data_dir: Path, rows, layout, seed, regenerate) -> str:
     """The generated raw dataset for (rows, layout, seed), made once and reused."""
     from pipeline.generate import METADATA_FILE, run_generate
@@ -151,44 +120,7 @@ def _raw_data(spark, config, data_dir: Path, rows, layout, seed, regenerate) -> 
     return str(path)
 
 
-def _time(measure: Callable, *args) -> tuple[float, float]:
-    """(wall-clock seconds, CPU seconds of this process and its children) of one measure.
-
-    CPU seconds include Spark's JVM and its Python workers (children of this process in
-    local mode); they are far less sensitive than wall-clock time to other work on the
-    machine, so both are reported.
-    """
-    cpu_before = _cpu_seconds()
-    started = time.perf_counter()
-    measure(*args)
-    wall = time.perf_counter() - started
-    return wall, _cpu_seconds() - cpu_before
-
-
-def _cpu_seconds() -> float:
-    import psutil
-
-    me = psutil.Process()
-    total = 0.0
-    for process in [me, *me.children(recursive=True)]:
-        try:
-            times = process.cpu_times()
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            continue
-        total += times.user + times.system
-    return total
-
-
-def _stats(values: Sequence[float]) -> dict[str, Any]:
-    return {
-        "median": round(statistics.median(values), 3),
-        "min": round(min(values), 3),
-        "max": round(max(values), 3),
-        "runs": [round(v, 3) for v in values],
-    }
-
-
-def _measure_ingest(spark, config, raw: str, out: str, layout: str) -> None:
+def _measure_ingest(spark, config, raw: str, layout: str, out: str) -> None:
     from pipeline.ingest import run_ingest
 
     result = run_ingest(spark, config, raw, out)
@@ -196,11 +128,11 @@ def _measure_ingest(spark, config, raw: str, out: str, layout: str) -> None:
         log.warning("ingest rejected %d rows of generated data", result.counts.rows_rejected)
 
 
-def _measure_read_write(spark, config, raw: str, out: str, layout: str) -> None:
+def _measure_read_write(spark, config, raw: str, layout: str, out: str) -> None:
     spark.read.parquet(raw).write.parquet(out)
 
 
-def _measure_pyarrow(spark, config, raw: str, out: str, layout: str) -> None:
+def _measure_pyarrow(spark, config, raw: str, layout: str, out: str) -> None:
     pyarrow_ingest(raw, out, layout)
 
 
@@ -397,10 +329,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         baseline=not args.no_baseline,
         regenerate=args.regenerate,
     )
-    print(format_table(result))
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
-    return 0
+    return timing.finish(format_table(result), result, args.json)
 
 
 if __name__ == "__main__":

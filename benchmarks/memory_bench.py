@@ -17,7 +17,6 @@ import argparse
 import json
 import logging
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -43,12 +42,13 @@ def run(
     sys.path.insert(0, str(HERE))
     import ingest_bench
     import score_bench
+    import timing
 
     from pipeline.config import Config
 
     data_dir = Path(data_dir or DEFAULT_DATA_DIR)
     data_dir.mkdir(parents=True, exist_ok=True)
-    session = spark or ingest_bench._session()
+    session = spark or timing.session("memory-bench")
     sizes = {"1x": max(rows // 100, 1000), "10x": max(rows // 100, 1000) * 10}
     raws = {
         name: ingest_bench._raw_data(session, Config(), data_dir, n, "array", 0, False)
@@ -74,7 +74,7 @@ def run(
                         peaks[role].append(peak)
                     log.info("%s %s run %d: %s", stage, name, attempt + 1,
                              {r: round(v[-1]) for r, v in peaks.items()})  # fmt: skip
-                result[stage][name] = {role: _stats(v) for role, v in peaks.items()}
+                result[stage][name] = {role: timing.stats(v, 1) for role, v in peaks.items()}
             for role in (*ROLES, "total"):
                 small = result[stage]["1x"][role]["median"]
                 large = result[stage]["10x"][role]["median"]
@@ -134,15 +134,6 @@ def _sample(pid: int) -> dict[str, float]:
             found["driver_python"] += rss
         found["total"] += rss
     return found
-
-
-def _stats(values: Sequence[float]) -> dict[str, Any]:
-    return {
-        "median": round(statistics.median(values), 1),
-        "min": round(min(values), 1),
-        "max": round(max(values), 1),
-        "runs": [round(v, 1) for v in values],
-    }
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -39,7 +39,6 @@ import json
 import logging
 import os
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -47,6 +46,8 @@ import time
 from functools import partial
 from pathlib import Path
 from typing import Any
+
+import timing
 
 log = logging.getLogger("benchmarks.process")
 
@@ -148,7 +149,7 @@ def _result(
 ) -> dict[str, Any]:
     def paired(numerator: str, key_a: str, denominator: str, key_b: str) -> dict[str, Any]:
         pairs = zip(samples[numerator], samples[denominator], strict=True)
-        return _stats([a[key_a] / b[key_b] for a, b in pairs if a[key_a] and b[key_b]])
+        return timing.stats([a[key_a] / b[key_b] for a, b in pairs if a[key_a] and b[key_b]], 4)
 
     accuracy = [
         100 * (two["val_accuracy"] - one["val_accuracy"])
@@ -159,8 +160,8 @@ def _result(
         "ratio_train_small_vs_reference": paired(
             "train_small", "seconds", "reference_small", "seconds"
         ),
-        "ratio_train_vs_steps": _stats(
-            [s["seconds"] / s["steps_seconds"] for s in samples["train"] if s["steps_seconds"]]
+        "ratio_train_vs_steps": timing.stats(
+            [s["seconds"] / s["steps_seconds"] for s in samples["train"] if s["steps_seconds"]], 4
         ),
         "ratio_score_vs_copy": paired("score", "seconds", "copy", "seconds"),
         "ratio_score_vs_mllib": paired("score", "seconds", "mllib", "seconds"),
@@ -168,7 +169,7 @@ def _result(
             "train_2_workers", "samples_per_second", "train", "samples_per_second"
         ),
         "ratio_2_workers_vs_1_seconds": paired("train_2_workers", "seconds", "train", "seconds"),
-        "accuracy_points_2_workers_minus_1": _stats(accuracy),
+        "accuracy_points_2_workers_minus_1": timing.stats(accuracy, 4),
     }
     targets = {}
     for key, target in TARGETS.items():
@@ -189,9 +190,11 @@ def _result(
         "epochs": epochs,
         "repeats": repeats,
         "master": "local[*]",
-        "seconds": {name: _stats([s["seconds"] for s in runs]) for name, runs in samples.items()},
+        "seconds": {
+            name: timing.stats([s["seconds"] for s in runs], 4) for name, runs in samples.items()
+        },
         "jobs": {
-            name: _summarise(runs, skip={"seconds", "phases"})
+            name: timing.summarise_runs(runs, skip={"seconds", "phases"}, settings=_SETTINGS)
             for name, runs in samples.items()
             if name.startswith(("train", "score"))
         },
@@ -370,35 +373,9 @@ def _readable(part: str) -> str:
     return part
 
 
-def _stats(values: list[float]) -> dict[str, Any]:
-    if not values:
-        return {"median": float("nan"), "min": float("nan"), "max": float("nan"), "values": []}
-    return {
-        "median": round(statistics.median(values), 4),
-        "min": round(min(values), 4),
-        "max": round(max(values), 4),
-        "values": [round(v, 4) for v in values],
-    }
-
-
-def _summarise(runs: list[dict[str, Any]], skip: set[str]) -> dict[str, Any]:
-    """Median/min/max of every number the repeats of one contender recorded."""
-    summary: dict[str, Any] = {}
-    for key, first in runs[0].items():
-        if key in skip:
-            continue
-        values = [r.get(key) for r in runs]
-        numbers = all(isinstance(v, int | float) and not isinstance(v, bool) for v in values)
-        if numbers and key not in _SETTINGS:
-            summary[key] = _stats(values)
-        else:
-            summary[key] = first if len({json.dumps(v) for v in values}) == 1 else values
-    return summary
-
-
 def _phase_stats(runs: list[dict[str, float]]) -> dict[str, Any]:
     names = dict.fromkeys(name for phases in runs for name in phases)
-    return {name: _stats([p[name] for p in runs if name in p]) for name in names}
+    return {name: timing.stats([p[name] for p in runs if name in p], 4) for name in names}
 
 
 def format_table(result: dict[str, Any]) -> str:
@@ -445,10 +422,7 @@ def main(argv: list[str] | None = None) -> int:
         heldout_rows=args.heldout_rows,
         fit_rows=args.fit_rows,
     )
-    print(format_table(result))
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-    return 0
+    return timing.finish(format_table(result), result, args.json)
 
 
 if __name__ == "__main__":

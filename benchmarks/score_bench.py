@@ -42,9 +42,10 @@ import math
 import os
 import statistics
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
+
+import timing
 
 log = logging.getLogger("score_bench")
 
@@ -69,7 +70,7 @@ def run_benchmark(
 
     workdir = Path(workdir).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
-    spark = spark or _session(master)
+    spark = spark or timing.session("score-bench", master=master, log_level="ERROR")
     config = Config()
     if batch_size is not None:
         config = config.with_overrides({"score": {"batch_size": batch_size}})
@@ -93,12 +94,12 @@ def run_benchmark(
         "predict": lambda: _keras_predict(model_dir, spark, x),
     }
     steps = {name: steps[name] for name in measurements}
-    first = {name: _seconds(step)[0] for name, step in steps.items()}
+    first = {name: timing.seconds(step)[0] for name, step in steps.items()}
     timings: dict[str, list[float]] = {name: [] for name in steps}
     phases: dict[str, dict[str, list[float]]] = {}
     for round_ in range(runs):
         for name, step in steps.items():
-            seconds, value = _seconds(step)
+            seconds, value = timing.seconds(step)
             timings[name].append(seconds)
             report = getattr(value, "report", None)
             for phase, t in (report or {}).get("seconds_by_phase", {}).items():
@@ -112,10 +113,10 @@ def run_benchmark(
         "default_parallelism": spark.sparkContext.defaultParallelism,
         "batch_size": config.score.batch_size,
         "load_average": [round(v, 2) for v in os.getloadavg()],
-        "seconds": {name: _stats(t) for name, t in timings.items()},
+        "seconds": {name: timing.stats(t) for name, t in timings.items()},
         "first_run": {name: round(t, 3) for name, t in first.items()},
         "phases": {
-            name: {phase: _stats(t) for phase, t in by_phase.items()}
+            name: {phase: timing.stats(t) for phase, t in by_phase.items()}
             for name, by_phase in phases.items()
         },
     }
@@ -124,7 +125,7 @@ def run_benchmark(
         if "score" in med and base in med:
             result[f"ratio_score_vs_{base}"] = round(med["score"] / med[base], 3)
             per_round = [s / b for s, b in zip(timings["score"], timings[base], strict=True)]
-            result[f"ratio_score_vs_{base}_per_round"] = _stats(per_round)
+            result[f"ratio_score_vs_{base}_per_round"] = timing.stats(per_round)
     if "ratio_score_vs_copy" in result and "ratio_score_vs_mllib" in result:
         result["meets_copy_target"] = result["ratio_score_vs_copy"] <= 1.0
         result["meets_mllib_target"] = result["ratio_score_vs_mllib"] <= 2 / 3
@@ -134,36 +135,6 @@ def run_benchmark(
 def run(rows: int, repeats: int, data_dir: str | None = None, spark=None) -> dict:
     """Entry point for ``benchmarks/run.py``."""
     return run_benchmark(rows, repeats, data_dir or "benchmarks/data", spark=spark)
-
-
-def _session(master: str):
-    from pipeline.config import SparkSettings
-    from pipeline.session import build_session
-
-    return build_session(
-        SparkSettings(
-            master=master,
-            app_name="score-bench",
-            show_progress=False,
-            log_level="ERROR",
-            conf={"spark.driver.memory": "4g", "spark.ui.enabled": "false"},
-        )
-    )
-
-
-def _seconds(fn: Callable[[], object]) -> tuple[float, object]:
-    started = time.perf_counter()
-    value = fn()
-    return time.perf_counter() - started, value
-
-
-def _stats(values: list[float]) -> dict:
-    return {
-        "median": round(statistics.median(values), 3),
-        "min": round(min(values), 3),
-        "max": round(max(values), 3),
-        "runs": [round(v, 3) for v in values],
-    }
 
 
 def _brief(timings: dict[str, list[float]], index: int) -> str:
@@ -302,7 +273,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     logging.getLogger("py4j").setLevel(logging.WARNING)
-    spark = _session(args.master)
+    spark = timing.session("score-bench", master=args.master, log_level="ERROR")
     results = []
     for rows in args.rows:
         results.append(

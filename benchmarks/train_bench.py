@@ -30,7 +30,6 @@ figure as a dict for ``benchmarks/run.py``.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import shutil
@@ -40,6 +39,8 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+import timing
 
 log = logging.getLogger("benchmarks.train")
 
@@ -66,7 +67,10 @@ def run(
     from pipeline.config import Config
 
     data_dir = Path(data_dir or DEFAULT_DATA_DIR)
-    spark = spark or _session()
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    spark = spark or timing.session(
+        "train-bench", driver_memory="2g", master="local[2]", log_level="ERROR"
+    )
     base = Config().with_overrides({"train": {"epochs": epochs, "validation_fraction": 0.2}})
     full = _tiled_features(spark, data_dir, rows)
     work = Path(tempfile.mkdtemp(prefix="train-bench-"))
@@ -108,9 +112,13 @@ def run(
 
     def ratios(numerator: str, denominator: str, key: str) -> dict[str, Any]:
         pairs = zip(samples[numerator], samples[denominator], strict=False)
-        return _summary([a[key] / b[key] for a, b in pairs])
+        return timing.stats([a[key] / b[key] for a, b in pairs], 4)
 
-    runs = {name: _summarise_runs(values) for name, values in samples.items() if values}
+    runs = {
+        name: {"repeats": len(values), **timing.summarise_runs(values)}
+        for name, values in samples.items()
+        if values
+    }
     return {
         "stage": "train",
         "rows": rows,
@@ -146,50 +154,7 @@ def run(
 
 
 def ratios_difference(a: list[dict], b: list[dict], key: str) -> dict[str, Any]:
-    return _summary([x[key] - y[key] for x, y in zip(a, b, strict=False)])
-
-
-def _summary(values: list[float]) -> dict[str, Any]:
-    if not values:
-        return {"median": float("nan"), "min": float("nan"), "max": float("nan"), "values": []}
-    return {
-        "median": statistics.median(values),
-        "min": min(values),
-        "max": max(values),
-        "values": [round(v, 4) for v in values],
-    }
-
-
-def _summarise_runs(values: list[dict[str, Any]]) -> dict[str, Any]:
-    """Median/min/max of every number the repeats of one contender measured."""
-    summary: dict[str, Any] = {"repeats": len(values)}
-    for key, first in values[0].items():
-        if isinstance(first, bool) or not isinstance(first, int | float):
-            summary[key] = (
-                first
-                if len({json.dumps(v[key]) for v in values}) == 1
-                else [v[key] for v in values]
-            )
-        else:
-            summary[key] = _summary([v[key] for v in values])
-    return summary
-
-
-def _session():
-    from pipeline.config import SparkSettings
-    from pipeline.session import build_session
-
-    os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    return build_session(
-        SparkSettings(
-            master="local[2]",
-            app_name="train-bench",
-            show_progress=False,
-            log_level="ERROR",
-            conf={"spark.driver.memory": "2g", "spark.ui.enabled": "false"},
-        )
-    )
+    return timing.stats([x[key] - y[key] for x, y in zip(a, b, strict=False)], 4)
 
 
 def _tiled_features(spark, data_dir: Path, rows: int) -> str:
@@ -370,10 +335,7 @@ def main(argv: list[str] | None = None) -> int:
         exact_repeats=args.exact_repeats,
         memory_rows=args.memory_rows,
     )
-    print(format_table(result))
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
-    return 0
+    return timing.finish(format_table(result), result, args.json)
 
 
 if __name__ == "__main__":
