@@ -18,8 +18,6 @@ import json
 import logging
 import os
 import statistics
-import sys
-from pathlib import Path
 
 import score_bench
 import timing
@@ -35,18 +33,14 @@ def run_benchmark(
     spark=None,
 ) -> dict:
     """Median, min and max seconds of scoring and explaining, and their ratio."""
-    os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     from pipeline.config import Config
     from pipeline.explain.run import run_explain
     from pipeline.scoring import run_scoring
 
-    workdir = Path(workdir).resolve()
-    workdir.mkdir(parents=True, exist_ok=True)
-    spark = spark or timing.session("explain-bench", master=master, log_level="ERROR")
+    spark, workdir, features, model_dir = score_bench.setup(
+        rows, workdir, master, spark, "explain-bench"
+    )
     config = Config()
-    features = score_bench._features_data(spark, workdir, rows)
-    model_dir = score_bench._model_dir(spark, workdir)
     out = workdir / "out"
     steps = {
         "score": lambda: run_scoring(spark, config, features, model_dir, str(out / "pred")),

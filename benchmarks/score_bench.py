@@ -64,20 +64,13 @@ def run_benchmark(
     spark=None,
 ) -> dict:
     """Median, min and max seconds of each measurement and the two ratios of the targets."""
-    os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     from pipeline.config import Config
 
-    workdir = Path(workdir).resolve()
-    workdir.mkdir(parents=True, exist_ok=True)
-    spark = spark or timing.session("score-bench", master=master, log_level="ERROR")
+    spark, workdir, features, model_dir = setup(rows, workdir, master, spark, "score-bench")
     config = Config()
     if batch_size is not None:
         config = config.with_overrides({"score": {"batch_size": batch_size}})
     spark_reader = config.with_overrides({"score": {"ingested_reader": "spark"}})
-
-    features = _features_data(spark, workdir, rows)
-    model_dir = _model_dir(spark, workdir)
     mllib_model = _mllib_model(spark, workdir)
     x = _in_memory_rows(spark, workdir, rows)
 
@@ -139,6 +132,17 @@ def run(rows: int, repeats: int, data_dir: str | None = None, spark=None) -> dic
 
 def _brief(timings: dict[str, list[float]], index: int) -> str:
     return ", ".join(f"{name} {t[index]:.2f} s" for name, t in timings.items())
+
+
+def setup(rows: int, workdir: str | os.PathLike, master: str, spark, app_name: str):
+    """(session, work directory, `rows` rows of ingested features, a model directory):
+    the data and model are made in `workdir` once and reused."""
+    os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    workdir = Path(workdir).resolve()
+    workdir.mkdir(parents=True, exist_ok=True)
+    spark = spark or timing.session(app_name, master=master, log_level="ERROR")
+    return spark, workdir, _features_data(spark, workdir, rows), _model_dir(spark, workdir)
 
 
 def _features_data(spark, workdir: Path, rows: int) -> str:
