@@ -31,18 +31,30 @@ TARGET = 0.5
 
 def measure(steps: int = 2000, repeats: int = 5) -> dict[str, Any]:
     """Run the benchmark in a subprocess; its figures (steps/s on, off and their ratio)."""
+    return in_fresh_process(__file__, ["--steps", str(steps), "--repeats", str(repeats)])
+
+
+def in_fresh_process(script: str, args: list[str]) -> dict[str, Any]:
+    """The figures a benchmark script prints as its last JSON line (``--json``), run in a
+    fresh Python process: TensorFlow's thread pools are fixed when a process starts."""
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    command = [sys.executable, str(Path(__file__).resolve()), "--steps", str(steps)]
-    command += ["--repeats", str(repeats), "--json"]
+    command = [sys.executable, str(Path(script).resolve()), *args, "--json"]
     out = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
     if out.returncode != 0:
-        raise RuntimeError(f"augment benchmark failed ({out.returncode}): {out.stderr[-2000:]}")
+        raise RuntimeError(f"{Path(script).name} failed ({out.returncode}): {out.stderr[-2000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def _measure_here(steps: int, repeats: int) -> dict[str, Any]:
+def on_off(off: Any, on: Any, steps: int, repeats: int) -> dict[str, Any]:
+    """Training steps per second with the `TrainSettings` `off` and `on`, alternating
+    within each repeat, their ratio, and the seconds of each one's first call (tracing,
+    and XLA's compilation when on), which happens before the clock starts.
+
+    The pipeline's own `Trainer`: one worker, one TensorFlow thread as under
+    ``spark.task.cpus=1``, the embedded sample in its store.
+    """
     import numpy as np
     import tensorflow as tf
 
@@ -50,7 +62,6 @@ def _measure_here(steps: int, repeats: int) -> dict[str, Any]:
     tf.config.threading.set_intra_op_parallelism_threads(1)
     tf.config.threading.set_inter_op_parallelism_threads(1)
 
-    from pipeline.config import AugmentSettings, TrainSettings
     from pipeline.contract import NUM_CLASSES
     from pipeline.generate import load_base_digits
     from pipeline.training.data import Segment
@@ -61,17 +72,20 @@ def _measure_here(steps: int, repeats: int) -> dict[str, Any]:
     y = np.eye(NUM_CLASSES, dtype=np.float32)[labels]
     rng = np.random.default_rng(0)
     trainers = {}
-    for name, enabled in (("off", False), ("on", True)):
-        settings = TrainSettings(augment=AugmentSettings(enabled=enabled))
+    first_call: dict[str, float] = {}
+    variants = {"off": off, "on": on}
+    for name, settings in variants.items():
         trainer = Trainer(settings, workers=1)
         trainer.make_store(len(x))
         trainer.fill_store([(x, y)])
         per_call = settings.steps_per_call
         warm_up = rng.integers(0, len(x), (per_call, settings.batch_size)).astype(np.int32)
+        started = time.perf_counter()
         trainer.train([Segment(None, warm_up)], per_call)  # trace and compile
+        first_call[name] = time.perf_counter() - started
         trainers[name] = trainer
 
-    rates: dict[str, list[float]] = {"off": [], "on": []}
+    rates: dict[str, list[float]] = {name: [] for name in variants}
     for _ in range(repeats):
         for name, trainer in trainers.items():
             batch_size = trainer.settings.batch_size
@@ -79,17 +93,25 @@ def _measure_here(steps: int, repeats: int) -> dict[str, Any]:
             started = time.perf_counter()
             trainer.train([Segment(None, batches)], steps)
             rates[name].append(steps / (time.perf_counter() - started))
-    ratios = [on / off for on, off in zip(rates["on"], rates["off"], strict=True)]
+    ratios = [r_on / r_off for r_on, r_off in zip(rates["on"], rates["off"], strict=True)]
     return {
         "steps": steps,
-        "steps_per_call": TrainSettings().steps_per_call,
-        "batch_size": TrainSettings().batch_size,
+        "steps_per_call": off.steps_per_call,
+        "batch_size": off.batch_size,
         "tensorflow_threads": 1,
         "steps_per_second_off": timing.stats(rates["off"], 4),
         "steps_per_second_on": timing.stats(rates["on"], 4),
         "ratio_on_vs_off": timing.stats(ratios, 4),
-        "target_ratio": TARGET,
+        # the first call of `steps_per_call` steps: tracing, plus XLA's compilation when on
+        "first_call_seconds": first_call,
     }
+
+
+def _measure_here(steps: int, repeats: int) -> dict[str, Any]:
+    from pipeline.config import AugmentSettings, TrainSettings
+
+    off, on = (TrainSettings(augment=AugmentSettings(enabled=e)) for e in (False, True))
+    return {**on_off(off, on, steps, repeats), "target_ratio": TARGET}
 
 
 def main(argv: list[str] | None = None) -> int:

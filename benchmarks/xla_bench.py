@@ -18,92 +18,26 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import statistics
-import subprocess
 import sys
-import time
-from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
+from augment_bench import in_fresh_process, on_off
 
 
 def measure(steps: int = 3000, repeats: int = 5, augment: bool = False) -> dict[str, Any]:
     """Run the benchmark in a subprocess; its figures (steps/s on, off and their ratio)."""
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    command = [sys.executable, str(Path(__file__).resolve()), "--steps", str(steps)]
-    command += ["--repeats", str(repeats), "--json"] + (["--augment"] if augment else [])
-    out = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
-    if out.returncode != 0:
-        raise RuntimeError(f"XLA benchmark failed ({out.returncode}): {out.stderr[-2000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    args = ["--steps", str(steps), "--repeats", str(repeats)] + (["--augment"] if augment else [])
+    return in_fresh_process(__file__, args)
 
 
 def _measure_here(steps: int, repeats: int, augment: bool) -> dict[str, Any]:
-    import numpy as np
-    import tensorflow as tf
-
-    tf.get_logger().setLevel("ERROR")
-    tf.config.threading.set_intra_op_parallelism_threads(1)
-    tf.config.threading.set_inter_op_parallelism_threads(1)
-
     from pipeline.config import AugmentSettings, TrainSettings
-    from pipeline.contract import NUM_CLASSES
-    from pipeline.generate import load_base_digits
-    from pipeline.training.data import Segment
-    from pipeline.training.loop import Trainer
 
-    pixels, labels = load_base_digits()
-    x = (pixels.astype(np.float64) / 255.0).astype(np.float32)
-    y = np.eye(NUM_CLASSES, dtype=np.float32)[labels]
-    rng = np.random.default_rng(0)
-    trainers = {}
-    first_call: dict[str, float] = {}
-    for name, jit in (("off", False), ("on", True)):
-        settings = TrainSettings(jit_compile=jit, augment=AugmentSettings(enabled=augment))
-        trainer = Trainer(settings, workers=1)
-        trainer.make_store(len(x))
-        trainer.fill_store([(x, y)])
-        per_call = settings.steps_per_call
-        warm_up = rng.integers(0, len(x), (per_call, settings.batch_size)).astype(np.int32)
-        started = time.perf_counter()
-        trainer.train([Segment(None, warm_up)], per_call)  # trace and compile
-        first_call[name] = time.perf_counter() - started
-        trainers[name] = trainer
-
-    rates: dict[str, list[float]] = {"off": [], "on": []}
-    for _ in range(repeats):
-        for name, trainer in trainers.items():
-            batch_size = trainer.settings.batch_size
-            batches = rng.integers(0, len(x), (steps, batch_size)).astype(np.int32)
-            started = time.perf_counter()
-            trainer.train([Segment(None, batches)], steps)
-            rates[name].append(steps / (time.perf_counter() - started))
-    ratios = [on / off for on, off in zip(rates["on"], rates["off"], strict=True)]
-    return {
-        "steps": steps,
-        "augment": augment,
-        "steps_per_call": TrainSettings().steps_per_call,
-        "batch_size": TrainSettings().batch_size,
-        "tensorflow_threads": 1,
-        "steps_per_second_off": _summary(rates["off"]),
-        "steps_per_second_on": _summary(rates["on"]),
-        "ratio_on_vs_off": _summary(ratios),
-        # the first call of 100 steps: tracing, plus XLA's compilation when on
-        "first_call_seconds": first_call,
-    }
-
-
-def _summary(values: list[float]) -> dict[str, Any]:
-    return {
-        "median": statistics.median(values),
-        "min": min(values),
-        "max": max(values),
-        "values": [round(v, 4) for v in values],
-    }
+    off, on = (
+        TrainSettings(jit_compile=jit, augment=AugmentSettings(enabled=augment))
+        for jit in (False, True)
+    )
+    return {**on_off(off, on, steps, repeats), "augment": augment}
 
 
 def main(argv: list[str] | None = None) -> int:
