@@ -92,14 +92,14 @@ def training_extras(
     metadata: Metadata,
     model_bytes: bytes,
     onnx_bytes: bytes,
+    has_validation: bool,
 ) -> tuple[Metadata, dict[str, bytes]]:
     """`model_extras` of the DataFrame training prepared (`features`, `label_onehot` and
-    the validation flag): its training rows profiled, its validation rows, if any, scored
-    with `onnx_bytes` (exported by the training worker: no TensorFlow here)."""
+    the validation flag): its training rows profiled, its validation rows (when
+    `has_validation`: a fraction held out, train.validation_path or a split=validation)
+    scored with `onnx_bytes` (exported by the training worker: no TensorFlow here)."""
     from pipeline.training.data import VALIDATION_FLAG
 
-    train = config.train
-    has_validation = bool(train.validation_path or train.validation_fraction)
     flag = F.col(VALIDATION_FLAG)
     validation = prepared.filter(flag) if has_validation else None
     return model_extras(

@@ -149,8 +149,9 @@ def run_training(
     from pipeline.plots import history_png
 
     # The data profile, temperature, first-layer picture and model card.
+    has_validation = bool(settings.validation_fraction or source.validation_path)
     metadata, extras = training_extras(
-        spark, config, data, metadata, fit.model_bytes, fit.onnx_bytes
+        spark, config, data, metadata, fit.model_bytes, fit.onnx_bytes, has_validation
     )
     phases = job_phases(waited, started, staged, fitted, fit.workers, time.monotonic())
     metadata = metadata.model_copy(update={"phases": phases})
