@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import subprocess
 import sys
+from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -136,3 +139,61 @@ def trained_model_dir(spark, tmp_path_factory, sample_pixels) -> str:
     model_dir = str(tmp_path_factory.mktemp("model") / "model")
     write_model_dir(Storage(spark), model_dir, metadata, model_bytes)
     return model_dir
+
+
+@pytest.fixture(scope="session")
+def split_features(spark, tmp_path_factory, sample_file) -> Path:
+    """The whole sample ingested once with the split on: split=train, validation and test."""
+    from pipeline.ingest import run_ingest
+
+    out = tmp_path_factory.mktemp("split") / "features"
+    run_ingest(spark, Config().with_overrides({"ingest": {"split": {"enabled": True}}}),
+               sample_file, str(out))  # fmt: skip
+    return out
+
+
+# The one training job that the tests of what a run records share (its splits, its
+# augmentation, its calibration, its MLflow run): short, with everything of theirs on.
+TRAINING_RUN = {
+    "epochs": 2,
+    "hidden_units": [16],
+    "augment": {"enabled": True, "max_rotation": 10.0, "max_shear": 5.0},
+    "calibrate": True,
+}
+
+
+@pytest.fixture(scope="session")
+def training_run(spark, tmp_path_factory, split_features) -> SimpleNamespace:
+    """`run_training` in-process on the split sample with `TRAINING_RUN`'s settings: its
+    config, result, model directory and the training stage's console lines."""
+    from pipeline.training import run_training
+
+    config = Config().with_overrides({"train": TRAINING_RUN})
+    model_dir = tmp_path_factory.mktemp("training-run") / "model"
+    console = logging.getLogger("pipeline.training")
+    handler, level = _Lines(), console.level
+    console.addHandler(handler)
+    console.setLevel(logging.INFO)
+    try:
+        result = run_training(spark, config, str(split_features), str(model_dir))
+    finally:
+        console.removeHandler(handler)
+        console.setLevel(level)
+    return SimpleNamespace(
+        config=config,
+        result=result,
+        model_dir=model_dir,
+        features=split_features,
+        log="\n".join(handler.lines),
+    )
+
+
+class _Lines(logging.Handler):
+    """Keeps the messages it handles (a session fixture cannot use `caplog`)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())

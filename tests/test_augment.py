@@ -261,26 +261,21 @@ def test_two_workers_train_with_augmentation(spark, tmp_path, training_rows, syn
 
 
 @pytest.mark.slow
-def test_one_worker_job_records_augmentation_and_ships_a_plain_model(
-    spark, tmp_path, ingested_sample
-):
+def test_one_worker_job_records_augmentation_and_ships_a_plain_model(spark, training_run):
     import json
 
     from pipeline.artifact import model_from_bytes, read_model_dir
     from pipeline.storage import Storage
-    from pipeline.training import run_training
 
-    augment = {"enabled": True, "max_rotation": 10.0, "max_shear": 5.0}
-    config = Config().with_overrides(
-        {"train": {"epochs": 2, "validation_fraction": 0.2, "augment": augment}}
-    )
-    model_dir = tmp_path / "model"
-    result = run_training(spark, config, ingested_sample, str(model_dir))
+    # The shared training job: one worker, augmentation on, validated on split=validation.
+    result, model_dir = training_run.result, training_run.model_dir
     assert [h["epoch"] for h in result.history] == [1.0, 2.0]
     assert all(0.5 < h["val_accuracy"] <= 1.0 for h in result.history)
 
     recorded = json.loads((model_dir / "metadata.json").read_text())["train"]["augment"]
-    assert recorded == {**AugmentSettings().model_dump(), **augment}
+    asked = training_run.config.train.augment
+    assert asked.enabled and (asked.max_rotation, asked.max_shear) == (10.0, 5.0)  # not defaults
+    assert recorded == asked.model_dump(mode="json")
     # Augmentation lives in the training loop only: the model scoring loads is the
     # reference network, layer for layer.
     metadata, model_bytes = read_model_dir(Storage(spark), str(model_dir))

@@ -142,18 +142,15 @@ def test_temperature_lowers_held_out_ece_and_keeps_accuracy(
     )
 
 
-def test_the_train_job_records_them(spark, ingested_sample, tmp_path):
-    from pipeline.training import run_training
-
-    config = Config().with_overrides(
-        {"train": {"epochs": 1, "validation_fraction": 0.2, "calibrate": True}}
-    )
-    model_dir = tmp_path / "model"
-    result = run_training(spark, config, ingested_sample, str(model_dir))
+@pytest.mark.slow
+def test_the_train_job_records_them(training_run):
+    """The shared training job (train.calibrate on, validated on split=validation)."""
+    model_dir, result = training_run.model_dir, training_run.result
     metadata = json.loads((model_dir / "metadata.json").read_text())
     assert metadata["temperature"] == result.metadata.temperature is not None
     profile = metadata["profile"]
-    assert 4500 < profile["rows"] < 5100  # the 6,000 sample rows less the validation 20 %
+    assert profile["rows"] == result.fit.workers[0]["train_rows"]  # the training rows
+    assert 4500 < profile["rows"] < 5100  # split=train: about 80 % of the 6,000
     card = (model_dir / "model_card.md").read_text()
     assert "--set train.calibrate=true" in card and "## Validation" in card
     assert (model_dir / "first_layer.png").exists()

@@ -165,32 +165,27 @@ def test_train_job_refuses_tracking_without_mlflow_before_spark(monkeypatch, cap
 
 @needs_mlflow
 @pytest.mark.slow
-def test_training_run_is_recorded(spark, ingested_sample, tmp_path):
+def test_training_run_is_recorded(spark, training_run, tmp_path):
     import hashlib
 
     from pipeline.tracking import record_training
-    from pipeline.training import run_training
 
-    config = Config().with_overrides(
-        {
-            "train": {"epochs": 3, "validation_fraction": 0.2, "hidden_units": [16]},
-            "tracking": _tracking(tmp_path, "train-test"),
-        }
-    )
-    result = run_training(spark, config, ingested_sample, str(tmp_path / "model"), fresh=True)
-    run_id = record_training(spark, config.tracking, result, input_path=ingested_sample)
+    tracking = Config().with_overrides({"tracking": _tracking(tmp_path, "train-test")}).tracking
+    result, features = training_run.result, str(training_run.features)
+    run_id = record_training(spark, tracking, result, input_path=features)
 
-    run = _read_back(config.tracking.uri, run_id, tmp_path)
+    run = _read_back(tracking.uri, run_id, tmp_path)
     assert run["experiment"] == "train-test"
     assert run["status"] == "FINISHED"
-    assert run["params"]["train.hidden_units"] == "[16]"
-    assert run["params"]["train.epochs"] == "3"
+    assert run["params"]["train.hidden_units"] == "[16]"  # the shared job's own settings
+    assert run["params"]["train.epochs"] == "2"
+    assert run["params"]["train.augment.max_rotation"] == "10.0"
     assert run["params"]["train.early_stopping.patience"] == "2"
-    assert run["params"]["input"] == ingested_sample
+    assert run["params"]["input"] == features
     assert run["tags"]["pipeline.job"] == "train"
     for name in ("loss", "accuracy", "val_loss", "val_accuracy"):
         history = run["history"][name]
-        assert [step for step, _ in history] == [1, 2, 3], name
+        assert [step for step, _ in history] == [1, 2], name
         assert [value for _, value in history] == pytest.approx(
             [epoch[name] for epoch in result.history]
         )
@@ -200,7 +195,7 @@ def test_training_run_is_recorded(spark, ingested_sample, tmp_path):
         "model/model.keras",
     }
     assert f"{MLFLOW_MODEL_PATH}/MLmodel" in run["artifacts"]  # the MLflow model beside them
-    first = tmp_path / "model" / run["downloaded"].removeprefix("model/")
+    first = training_run.model_dir / run["downloaded"].removeprefix("model/")
     assert run["downloaded_sha256"] == hashlib.sha256(first.read_bytes()).hexdigest()
     # the artifacts live beside the database, not in the working directory
     assert (tmp_path / ARTIFACTS_DIR / "train-test").is_dir()
