@@ -56,6 +56,24 @@ def run_job(
     )
 
 
+def run_in_process(job: str, *args: str) -> int:
+    """Run ``jobs/JOB`` with `args` in this process, as its command line would, on the test
+    run's SparkSession; return its exit code. For tests about what a job does, not about
+    spark-submit."""
+    import importlib.util
+
+    from pipeline.cli import run
+
+    spec = importlib.util.spec_from_file_location(f"job_{Path(job).stem}", REPO / "jobs" / job)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    try:
+        run(module.main, module.parser(), list(args))
+    except SystemExit as exited:
+        return exited.code
+    raise AssertionError(f"jobs/{job} returned without an exit code")
+
+
 def submit(
     job: str, *args: str, master: str = LOCAL_CLUSTER, conf=(), cwd=None
 ) -> subprocess.Popen:

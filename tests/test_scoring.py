@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import itertools
 import json
 import shutil
@@ -14,7 +13,6 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.artifact import METADATA_FILE, MODEL_FILE
-from pipeline.cli import run
 from pipeline.config import Config
 from pipeline.contract import (
     CONFIDENCE,
@@ -29,6 +27,7 @@ from pipeline.contract import (
 )
 from pipeline.errors import DataQualityError, InputDataError, ModelError
 from pipeline.quarantine import REJECTED_DIR
+from tests.faults import run_in_process, run_job
 
 HELD_OUT = slice(5000, 6000)  # trained_model_dir trains on the first 5,000 digits
 ROOT = Path(__file__).resolve().parent.parent
@@ -621,8 +620,6 @@ def test_features_matrix_is_a_view_of_the_arrow_values():
 
 @pytest.mark.slow
 def test_spark_submit_score_and_evaluate(tmp_path, ingested_holdout, trained_model_dir):
-    from tests.faults import run_job
-
     out = tmp_path / "pred"
     score = run_job(
         "score.py",
@@ -642,14 +639,8 @@ def test_spark_submit_score_and_evaluate(tmp_path, ingested_holdout, trained_mod
     assert f"accuracy: {report['evaluation']['accuracy']:.4f}" in score.stdout
     assert (out / "_confusion_matrix.png").read_bytes()[:4] == b"\x89PNG"
 
-    evaluate = _job("evaluate")
-    with pytest.raises(SystemExit) as exited:
-        run(
-            evaluate.main,
-            evaluate.parser(),
-            ["--predictions", str(out), "--set", "score.confidence_threshold=0.99"],
-        )
-    assert exited.value.code == 0
+    argv = ["--predictions", str(out), "--set", "score.confidence_threshold=0.99"]
+    assert run_in_process("evaluate.py", *argv) == 0
     again = json.loads((out / "_report.json").read_text())["evaluation"]
     assert again["accuracy"] == report["evaluation"]["accuracy"]
     assert again["confidence_threshold"] == 0.99
@@ -668,8 +659,6 @@ from pipeline.session import build_session
 spark = build_session(SparkSettings(
     master="local[1]", show_progress=False, log_level="ERROR", conf={"spark.ui.enabled": "false"}
 ))
-config = Config().with_overrides({"score": {"ingested_reader": sys.argv[4]}})
-result = run_scoring(spark, config, *sys.argv[1:4])
 
 def loaded(batches):
     import sys
@@ -679,27 +668,32 @@ def loaded(batches):
     names = ["tensorflow", "keras", "onnxruntime"]
     yield pa.RecordBatch.from_pydict({n: [n in sys.modules] for n in names})
 
-# One core: the Python worker that scored the rows answers (onnxruntime is loaded there).
-worker = spark.range(1, numPartitions=1).mapInArrow(
-    loaded, "tensorflow boolean, keras boolean, onnxruntime boolean"
-).first().asDict()
-driver = {n: n in sys.modules for n in worker}
-print(json.dumps({"rows": result.counts.rows_out, "driver": driver, "worker": worker}))
+found = {}
+features, model_dir, out = sys.argv[1:4]
+for reader in ("files", "spark"):  # both routes into the model
+    config = Config().with_overrides({"score": {"ingested_reader": reader}})
+    result = run_scoring(spark, config, features, model_dir, f"{out}-{reader}")
+    # One core: the Python worker that scored the rows answers (onnxruntime is loaded there).
+    worker = spark.range(1, numPartitions=1).mapInArrow(
+        loaded, "tensorflow boolean, keras boolean, onnxruntime boolean"
+    ).first().asDict()
+    found[reader] = {"rows": result.counts.rows_out, "worker": worker}
+found["driver"] = {n: n in sys.modules for n in ("tensorflow", "keras", "onnxruntime")}
+print(json.dumps(found))
 """
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("reader", ["files", "spark"])
-def test_scoring_imports_no_tensorflow(tmp_path, ingested_holdout, trained_model_dir, reader):
-    """Neither the driver nor the Python workers that score import TensorFlow."""
-    out = str(tmp_path / "pred")
+def test_scoring_imports_no_tensorflow(tmp_path, ingested_holdout, trained_model_dir):
+    """Neither the driver nor the Python workers that score import TensorFlow, whichever
+    reader feeds the model."""
     import subprocess
     import sys
 
     from tests.faults import job_env
 
     env = job_env(PYTHONPATH=str(ROOT))
-    args = [ingested_holdout, trained_model_dir, out, reader]  # both routes into the model
+    args = [ingested_holdout, trained_model_dir, str(tmp_path / "pred")]
     run = subprocess.run(
         [sys.executable, "-c", _SCORE_WITHOUT_TF, *args],
         capture_output=True,
@@ -710,26 +704,18 @@ def test_scoring_imports_no_tensorflow(tmp_path, ingested_holdout, trained_model
     )
     assert run.returncode == 0, run.stderr[-3000:]
     found = json.loads(run.stdout.strip().splitlines()[-1])
-    assert found["rows"] == 1000
-    assert found["worker"] == {"tensorflow": False, "keras": False, "onnxruntime": True}
+    for reader in ("files", "spark"):
+        assert found[reader]["rows"] == 1000, reader
+        worker = found[reader]["worker"]
+        assert worker == {"tensorflow": False, "keras": False, "onnxruntime": True}, reader
     assert found["driver"] == {"tensorflow": False, "keras": False, "onnxruntime": False}
 
 
-def _job(name: str):
-    """A job module loaded from jobs/, to run in this process (its session is the fixture's)."""
-    spec = importlib.util.spec_from_file_location(f"job_{name}", ROOT / "jobs" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_score_job_exit_code_names_the_missing_model(spark, tmp_path, ingested_holdout, capsys):
-    score = _job("score")
     argv = ["--input", ingested_holdout, "--model-dir", str(tmp_path / "nope")]
-    with pytest.raises(SystemExit) as exited:
-        run(score.main, score.parser(), [*argv, "--output", str(tmp_path / "pred")])
+    code = run_in_process("score.py", *argv, "--output", str(tmp_path / "pred"))
 
-    assert exited.value.code == ModelError.exit_code
+    assert code == ModelError.exit_code
     assert "no metadata.json" in capsys.readouterr().err
 
 
