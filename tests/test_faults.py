@@ -100,11 +100,7 @@ def test_driver_killed_during_write_leaves_nothing_that_looks_complete(
     with pytest.raises(InputDataError, match="input not found"):
         read_features(spark, str(out))
 
-    rerun = faults.submit(
-        "ingest.py", "--input", raw_array, "--output", str(out), master="local[2]"
-    )
-    code, log = faults.finish(rerun)
-    assert code == 0, log[-4000:]
+    run_ingest(spark, Config(), raw_array, str(out))  # the same job again, in this process
     assert faults.fingerprint(spark.read.parquet(str(out))) == clean_ingest
     assert faults.staging_dirs(out) == []  # the rerun removed the dead run's staging directory
 
@@ -138,24 +134,37 @@ def test_executor_killed_during_scoring_changes_no_prediction(
     assert faults.max_array_difference(faulty_df, clean_df, "id", "probabilities") < 1e-6
 
 
-def test_training_worker_killed_mid_run_resumes_from_its_checkpoint(spark, features, tmp_path):
+# Training: exact sync at a small batch makes an epoch long enough (its steps each wait on
+# an all-reduce) for the fault to land mid-run, on a fifth of the rows to spool.
+TRAIN = {"epochs": 3, "validation_fraction": 0.1, "sync": "exact", "batch_size": 16}
+TRAIN_ROWS = 24_000
+
+
+@pytest.fixture(scope="module")
+def train_features(spark, features, tmp_path_factory) -> str:
+    """The first `TRAIN_ROWS` rows of the clean run's ingest output, in four files."""
+    out = str(tmp_path_factory.mktemp("train") / "features")
+    spark.read.parquet(features).limit(TRAIN_ROWS).repartition(4).write.parquet(out)
+    return out
+
+
+def test_training_worker_killed_mid_run_resumes_from_its_checkpoint(
+    spark, train_features, tmp_path
+):
     from pipeline.training import run_training
 
-    settings = ["train.epochs=3", "train.validation_fraction=0.1", "train.sync=exact"]
-    overrides = {"train": {"epochs": 3, "validation_fraction": 0.1, "sync": "exact"}}
-    clean = run_training(
-        spark, Config().with_overrides(overrides), features, str(tmp_path / "clean"), workers=2
-    )
+    clean = run_training(spark, Config().with_overrides({"train": TRAIN}), train_features,
+                         str(tmp_path / "clean"), workers=2)  # fmt: skip
     model_dir = tmp_path / "model"
-    args = ["--input", features, "--model-dir", str(model_dir), "--workers", "2"]
-    for item in settings:
-        args += ["--set", item]
+    args = ["--input", train_features, "--model-dir", str(model_dir), "--workers", "2"]
+    for key, value in TRAIN.items():
+        args += ["--set", f"train.{key}={value}"]
     job = faults.submit("train.py", *args)
     first_checkpoint = model_dir / "checkpoints" / "epoch-0001.npz"
     log = _run_killing_one_executor(job, model_dir, ready=first_checkpoint.exists)
     assert "resuming from the checkpoint of epoch" in log, log[-4000:]
     metadata = json.loads((model_dir / "metadata.json").read_text())
-    assert metadata["epochs_completed"] == 3
+    assert metadata["epochs_completed"] == 3 and metadata["data"]["rows"] == TRAIN_ROWS
     faulty_accuracy = metadata["history"][-1]["val_accuracy"]
     clean_accuracy = clean.metadata.history[-1]["val_accuracy"]
     assert abs(faulty_accuracy - clean_accuracy) <= 0.005, (faulty_accuracy, clean_accuracy)
