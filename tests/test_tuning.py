@@ -30,7 +30,14 @@ from pipeline.tuning import (
 )
 from pipeline.tuning.confirm import confirmation_seeds
 from pipeline.tuning.space import grid_choices, suggest, trial_base
-from tests.faults import REPO, break_trials, kill_process_group, run_job, submit, wait_for
+from tests.faults import (
+    REPO,
+    break_trials,
+    kill_process_group,
+    run_in_process,
+    submit,
+    wait_for,
+)
 
 CONF_DIR = REPO / "conf"
 
@@ -329,9 +336,12 @@ def _study_trials(path: Path) -> list[tuple[int, str, str | None]]:
 
 
 @pytest.mark.slow
-def test_killed_search_resumes_then_train_job_takes_best_yaml(ingested_sample, tmp_path):
-    """spark-submit jobs/tune.py, killed after its first trial; the same command resumes
-    the study and keeps the finished trial; jobs/train.py --conf TUNE_DIR/best.yaml."""
+def test_killed_search_resumes_then_train_job_takes_best_yaml(
+    spark, ingested_sample, tmp_path, capsys
+):
+    """spark-submit jobs/tune.py, killed after its first trial; the same command (run in
+    this process) resumes the study and keeps the finished trial; then jobs/train.py
+    --conf TUNE_DIR/best.yaml."""
     tune_dir = tmp_path / "tune"
     mlruns = (tmp_path / "mlruns").as_uri()
     args = [
@@ -370,8 +380,9 @@ def test_killed_search_resumes_then_train_job_takes_best_yaml(ingested_sample, t
     before = [t for t in _study_trials(study) if t[1] == "COMPLETE"]
     assert before and len(before) < 3
 
-    resumed = run_job("tune.py", *args, timeout=600, cwd=tmp_path)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    capsys.readouterr()
+    assert run_in_process("tune.py", *args) == 0
+    resumed = capsys.readouterr()
     after = _study_trials(study)
     for trial in before:
         assert trial in after  # same number, state and completion time: not trained again
@@ -381,21 +392,13 @@ def test_killed_search_resumes_then_train_job_takes_best_yaml(ingested_sample, t
             "on t.trial_id = p.trial_id where t.state = 'COMPLETE'"
         ).fetchall()
     assert len(params) == 3 and len({value for _, value in params}) == 3  # each point once
-    assert "confirmation" in resumed.stdout and "best.yaml" in resumed.stdout
+    assert "confirmation" in resumed.out and "best.yaml" in resumed.out
     assert list((tmp_path / "mlruns").rglob("results.md")), "the tune run was not recorded"
 
-    trained = run_job(
-        "train.py",
-        "--input",
-        ingested_sample,
-        "--model-dir",
-        str(tmp_path / "model"),
-        "--conf",
-        str(tune_dir / BEST_FILE),
-        timeout=300,
-        cwd=tmp_path,
-    )
-    assert trained.returncode == 0, trained.stderr[-3000:]
+    model_dir = str(tmp_path / "model")
+    conf = str(tune_dir / BEST_FILE)
+    assert run_in_process("train.py", "--input", ingested_sample, "--model-dir", model_dir,
+                          "--conf", conf) == 0  # fmt: skip
     metadata = json.loads((tmp_path / "model" / "metadata.json").read_text())
     best = load_config(CONF_DIR, [tune_dir / BEST_FILE]).train
     assert TrainSettings.model_validate(metadata["train"]) == best
