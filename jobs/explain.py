@@ -45,11 +45,11 @@ def parser():
             "--model-dir out/model --output out/explanations --set explain.steps=64"
         ),
     )
+    from pipeline.outputs import EXPLAIN, output_help
+
     p.add_argument("--input", required=True, help="Parquet file or directory (any Spark URI)")
     p.add_argument("--model-dir", required=True, help="model directory written by training")
-    p.add_argument(
-        "--output", required=True, help="output directory (new, or an earlier explain output)"
-    )
+    p.add_argument("--output", required=True, help=output_help(EXPLAIN))
     return p
 
 

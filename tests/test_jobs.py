@@ -29,6 +29,7 @@ OWN_SECTION = {
 # The option naming each job's output, whose help says what an existing path there gets.
 OUTPUT_OPTION = {
     "evaluate.py": "--predictions",
+    "explain.py": "--output",
     "generate.py": "--output",
     "ingest.py": "--output",
     "score.py": "--output",
