@@ -485,6 +485,13 @@ class TuneSettings(_Section):
     prune_startup_trials: int = Field(4, ge=0, description="finished trials before any pruning")
     confirm_top: int = Field(2, ge=1, description="best trials retrained with confirm_seeds seeds")
     confirm_seeds: int = Field(3, ge=2, description="seeds per confirmed trial and the reference")
+    final_epochs: int | None = Field(
+        60,
+        ge=1,
+        description="epochs of the winner's final model in best.yaml; null: the median epoch "
+        "its confirmation runs kept (early stopping on the search's small validation split "
+        "stops augmented, regularised networks long before they stop improving)",
+    )
     space: dict[str, list[Any] | SearchRange] = Field(
         default_factory=_default_space,
         description="train setting -> candidate list, or {low, high, log, step}",

@@ -182,7 +182,7 @@ def test_the_budget_left_decides_how_many_top_trials_are_confirmed():
 def test_best_yaml_trains_the_winner_on_all_the_data_and_loads_unchanged(tmp_path):
     from types import SimpleNamespace
 
-    config = load_config(CONF_DIR, overrides=["train.workers=2"])
+    config = load_config(CONF_DIR, overrides=["train.workers=2", "tune.final_epochs=null"])
     base = trial_base(config.train, config.tune)
     settings = trial_settings(base, {"hidden_units": [512], "dropout": 0.25})
     winner = Confirmation(Trial(3, {}, settings), (43, 44, 45), (0.95, 0.96, 0.95), (12, 20, 17))
@@ -206,6 +206,12 @@ def test_best_yaml_trains_the_winner_on_all_the_data_and_loads_unchanged(tmp_pat
     )
     assert loaded == expected
     assert not settings.include_validation_split  # the trials never train on them
+    default = load_config(CONF_DIR, overrides=["train.workers=2"])
+    best.write_text(best_config_yaml(result, default))
+    assert load_config(CONF_DIR, [best]).train.epochs == default.tune.final_epochs == 60
+    assert "60 epochs (tune.final_epochs; its\n# confirmation runs kept epoch 17)" in (
+        best.read_text()
+    )
     kept = SimpleNamespace(
         output="file:/x", winner=None, decision="kept", confirmations=[reference]
     )
@@ -307,7 +313,7 @@ def test_search_prunes_confirms_and_reports(spark, ingested_sample, tmp_path, mo
         assert loaded == config.train
     else:
         assert loaded.learning_rate == 0.02 and loaded.validation_fraction == 0.0
-        assert loaded.epochs == result.winner.epochs_to_train
+        assert loaded.epochs == config.tune.final_epochs
     assert not list(tmp_path.glob(".tune.staging-*"))
 
 

@@ -58,8 +58,8 @@ class Confirmation:
         return len(self.accuracies) >= 2
 
     @property
-    def epochs_to_train(self) -> int:
-        """Epochs for the final model: the median epoch the seeds' runs settled on."""
+    def epochs_kept(self) -> int:
+        """The median epoch the seeds' runs settled on."""
         return max(1, round(statistics.median(self.epochs))) if self.epochs else 1
 
 

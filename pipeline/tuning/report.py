@@ -300,14 +300,20 @@ def best_config_yaml(result: TuneResult, config: Config) -> str:
         header = f"# Structure search in {result.output}.\n# {decision}\n"
         settings = config.train
     else:
+        epochs = config.tune.final_epochs or winner.epochs_kept
+        source = (
+            "tune.final_epochs"
+            if config.tune.final_epochs
+            else "the median epoch its confirmation runs kept"
+        )
         header = (
             f"# Structure search in {result.output}: trial {winner.trial.name} "
             f"({winner.trial.structure}).\n# {decision}\n"
             "# Its train section for the final model: all the training data (the rows the "
             "search\n# validated on, and a split ingest output's split=validation rows "
             "too), the train\n# section's own validation and workers, "
-            f"{winner.epochs_to_train} epochs (the median epoch its\n# confirmation runs "
-            "kept).\n"
+            f"{epochs} epochs ({source}; its\n# confirmation runs kept epoch "
+            f"{winner.epochs_kept}).\n"
         )
         settings = winner.trial.settings.model_copy(
             update={
@@ -317,7 +323,7 @@ def best_config_yaml(result: TuneResult, config: Config) -> str:
                 "include_validation_split": True,
                 "early_stopping": config.train.early_stopping,
                 "seed": config.train.seed,
-                "epochs": winner.epochs_to_train,
+                "epochs": epochs,
             }
         )
     usage = "# spark-submit jobs/train.py --input FEATURES --model-dir MODEL --conf best.yaml\n"
