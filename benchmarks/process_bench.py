@@ -236,9 +236,7 @@ def _train(name: str, model_dir: Path, args: list[str]) -> dict[str, Any]:
         "process_samples_per_second": _trained_samples(metadata) / seconds,
         "val_accuracy": last.get("val_accuracy"),
         "workers": metadata.get("workers"),
-        "sync": metadata.get("train", {}).get("sync")
-        if metadata.get("workers", 1) > 1
-        else "single",
+        "sync": metadata.get("sync_mode") or metadata.get("train", {}).get("sync"),
         "phases": phases,
     }
 

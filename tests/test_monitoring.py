@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from pipeline.config import DriftSettings
-from pipeline.contract import CONFIDENCE, FEATURES, LABEL, PREDICTION
+from pipeline.contract import CONFIDENCE, LABEL, PREDICTION
 from pipeline.errors import ConfigError
 from pipeline.generate import Augmentation, augment
 from pipeline.monitoring import (
@@ -15,7 +15,6 @@ from pipeline.monitoring import (
     calibration_sums,
     calibration_sums_of,
     compare_profiles,
-    data_profile,
     fit_temperature,
     profile_from_sums,
     profile_sums,
@@ -107,23 +106,6 @@ def test_psi():
     shifted = psi([50, 50, 0], [0, 50, 50])
     assert shifted > 1.0
     assert psi([50, 50, 0], [0, 50, 50]) == pytest.approx(psi([0, 50, 50], [50, 50, 0]))
-
-
-def test_spark_profile_matches_the_executor_sums(spark, ingested_sample):
-    from pipeline.ingest import read_features
-
-    features = read_features(spark, ingested_sample)
-    profile = data_profile(features, LABEL, BINS)
-    table = features.select(FEATURES, LABEL).toPandas()
-    x = np.stack(table[FEATURES].to_numpy())
-    expected = profile_from_sums(profile_sums(x, table[LABEL].to_numpy(), BINS), BINS)
-    assert profile.rows == expected.rows == 6000
-    assert profile.class_counts == expected.class_counts
-    assert profile.ink_histogram == expected.ink_histogram
-    assert profile.nonzero_share == pytest.approx(expected.nonzero_share)
-    np.testing.assert_allclose(profile.pixel_mean, expected.pixel_mean, atol=1e-6)
-    np.testing.assert_allclose(profile.pixel_std, expected.pixel_std, atol=1e-5)
-    assert profile.class_source == LABEL
 
 
 def test_profiles_survive_json(sample_pixels):

@@ -29,22 +29,13 @@ def _raw(path: Path, pixels: np.ndarray, labels: np.ndarray) -> str:
     return str(path)
 
 
-def _features(spark, x: np.ndarray, labels: np.ndarray):
-    import pandas as pd
-    from pyspark.sql import functions as F
-
-    frame = pd.DataFrame({"features": list(x.astype(np.float32)), "label": labels.astype(int)})
-    return spark.createDataFrame(frame).select(
-        F.col("features").cast("array<float>").alias("features"), F.col("label").cast("int")
-    )
-
-
 @pytest.fixture(scope="module")
 def calibrated_model(spark, sample_pixels, tmp_path_factory):
     """A briefly trained model (4,000 digits) with what training records for monitoring:
     the profile of its training rows and a temperature fitted on 1,000 validation digits."""
     from pipeline.artifact import model_to_bytes, new_metadata, write_model_dir
     from pipeline.model import build_model, build_optimizer
+    from pipeline.monitoring.drift import profile_from_sums, profile_sums
     from pipeline.monitoring.training import model_extras
     from pipeline.storage import Storage
 
@@ -57,14 +48,10 @@ def calibrated_model(spark, sample_pixels, tmp_path_factory):
     model.fit(x[:4000], y[:4000], epochs=2, batch_size=64, verbose=0)
     model_bytes = model_to_bytes(model)
     metadata = new_metadata(model_bytes, config.train, epochs_completed=2)
-    metadata, extras = model_extras(
-        spark,
-        config,
-        _features(spark, x[:4000], y[:4000]),
-        _features(spark, x[4000:], y[4000:]),
-        metadata,
-        model_bytes,
-    )
+    bins = config.score.drift.ink_bins
+    profile = profile_from_sums(profile_sums(x[:4000], y[:4000], bins), bins, "label")
+    validation = (model.predict(x[4000:], verbose=0), y[4000:])
+    metadata, extras = model_extras(config, metadata, model_bytes, profile, validation)
     model_dir = tmp_path_factory.mktemp("monitoring") / "model"
     write_model_dir(Storage(spark), str(model_dir), metadata, model_bytes, extras)
     return model_dir
@@ -151,6 +138,8 @@ def test_the_train_job_records_them(training_run):
     profile = metadata["profile"]
     assert profile["rows"] == result.fit.workers[0]["train_rows"]  # the training rows
     assert 4500 < profile["rows"] < 5100  # split=train: about 80 % of the 6,000
+    assert sum(profile["class_counts"]) == profile["rows"]
+    assert metadata["phases"]["predict"] > 0  # the worker scored split=validation
     card = (model_dir / "model_card.md").read_text()
     assert "--set train.calibrate=true" in card and "## Validation" in card
     assert (model_dir / "first_layer.png").exists()

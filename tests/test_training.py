@@ -11,6 +11,8 @@ from collections import Counter
 
 import numpy as np
 import psutil
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from pipeline.artifact import model_from_bytes, read_model_dir
@@ -148,6 +150,38 @@ def _check_grpc_servers(workers: list[dict]) -> None:
         # ("0.0.0.0:" + port is hard-coded in GrpcServer::Init) whatever the cluster spec
         # says. When this fails, TensorFlow has fixed it: require hosts == {host} instead.
         assert hosts & {"::", "0.0.0.0"}
+
+
+@pytest.mark.slow
+def test_two_workers_train_on_a_union_of_training_and_validation_rows(spark, tmp_path, blocks):
+    """A union with as many partitions as workers (training rows plus a validation
+    dataset, one partition each) is shuffled first: a barrier stage refuses a union."""
+    a, b = blocks
+    validation = [(x, y, True) for x, y, _ in b[:64]]
+    data = _frame(spark, [a[:200]]).unionByName(_frame(spark, [validation]))
+    assert data.rdd.getNumPartitions() == 2
+    settings = TrainSettings(workers=2, epochs=1)
+    fit = fit_partitions(spark, data, settings, checkpoint_dir=str(tmp_path))
+    assert sum(w["train_rows"] for w in fit.workers) == 200
+    assert sum(w["validation_rows"] for w in fit.workers) == 64
+
+
+@pytest.mark.slow
+def test_two_workers_train_on_one_file_whose_row_group_spark_reads_in_one_split(spark, tmp_path):
+    """One 12 MB row group that Spark reads as two splits, one of them empty: the job
+    spreads the rows over both workers instead of leaving one without rows."""
+    rng = np.random.default_rng(0)
+    x = rng.random((4000, 784), dtype=np.float32)
+    features = pa.FixedSizeListArray.from_arrays(pa.array(x.ravel()), 784)
+    table = pa.table(
+        {FEATURES: features.cast(pa.list_(pa.float32())), "label": np.arange(4000) % 10}
+    )
+    path = tmp_path / "features.parquet"
+    pq.write_table(table, path, row_group_size=4000, compression="none")
+    assert spark.read.parquet(str(path)).rdd.getNumPartitions() == 2
+    config = Config().with_overrides({"train": {"epochs": 1, "workers": 2, "hidden_units": [8]}})
+    result = run_training(spark, config, str(path), str(tmp_path / "model"))
+    assert all(w["train_rows"] > 1000 for w in result.fit.workers)
 
 
 @pytest.mark.slow

@@ -49,6 +49,27 @@ def spooled(tmp_path):
     return tmp_path, counts
 
 
+def test_spool_adds_up_the_profile_of_the_training_rows_only(tmp_path):
+    from pipeline.monitoring.drift import profile_from_sums, profile_sums
+
+    rng = np.random.default_rng(0)
+    ids = np.arange(5000)
+    validation = ids % 7 == 0
+    batch = _record_batch(ids, validation)
+    x = rng.random((5000, FEATURE_DIM), dtype=np.float32) * (rng.random((5000, 1)) < 0.8)
+    features = pa.FixedSizeListArray.from_arrays(pa.array(x.ravel()), FEATURE_DIM)
+    batch = batch.set_column(0, FEATURES, features.cast(pa.list_(pa.float32())))
+    halves = [batch.slice(0, 2500), batch.slice(2500)]
+    counts = spool_partition(iter(halves), str(tmp_path), profile_bins=8)
+    train = ~validation
+    expected = profile_sums(x[train], ids[train] % NUM_CLASSES, 8)
+    np.testing.assert_allclose(counts.profile, expected, rtol=1e-9)
+    profile = profile_from_sums(counts.profile, 8)
+    assert profile.rows == counts.train_rows == int(train.sum())
+    assert sum(profile.class_counts) == profile.rows
+    assert spool_partition(iter(halves), str(tmp_path)).profile is None  # not asked for
+
+
 def test_spool_splits_training_and_validation_rows(spooled):
     directory, counts = spooled
     assert (counts.train_rows, counts.validation_rows) == (900, 100)

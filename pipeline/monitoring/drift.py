@@ -2,9 +2,9 @@
 
 A `DataProfile` summarises a features dataset: per-pixel mean and standard deviation,
 a histogram of each digit's mean intensity (its ink), the share of non-zero pixels and
-the class mix. It is built from sums that Spark aggregates (`data_profile`) or that
-executors add up batch by batch (`profile_sums`), never from collected rows, and is
-small enough for ``metadata.json`` (about 20 kB).
+the class mix. It is built from sums that tasks add up batch by batch (`profile_sums`:
+training's tasks as they read their rows, scoring's executors as they score), never
+from collected rows, and is small enough for ``metadata.json`` (about 20 kB).
 
 `compare_profiles` measures the distance of a profile to the training one: the
 population stability index (PSI) of the ink histogram and of the class mix, and the
@@ -18,11 +18,9 @@ import math
 from dataclasses import dataclass, field
 
 import numpy as np
-from pyspark.sql import DataFrame
-from pyspark.sql import functions as F
 
 from pipeline.config import DriftSettings
-from pipeline.contract import FEATURE_DIM, FEATURES, NUM_CLASSES
+from pipeline.contract import FEATURE_DIM, NUM_CLASSES
 
 STATUSES = ("ok", "warn", "alert")
 # Share given to an empty bin, so that the PSI stays finite.
@@ -123,50 +121,6 @@ def profile_from_sums(
         class_counts=tuple(int(np.rint(v)) for v in rest[ink_bins:]),
         class_source=class_source,
     )
-
-
-def data_profile(df: DataFrame, class_column: str | None, ink_bins: int) -> DataProfile:
-    """The profile of the `features` of `df` (and its `class_column`), by one Spark job.
-
-    Rows are grouped by ink bin and class; each group's per-pixel mean and variance come
-    from Spark ML's `Summarizer`. At most ink_bins x (classes + 1) groups reach the driver.
-    """
-    from pyspark.ml.functions import array_to_vector
-    from pyspark.ml.stat import Summarizer
-
-    features = F.col(FEATURES)
-    ink = F.aggregate(features, F.lit(0.0).cast("double"), lambda acc, v: acc + v) / FEATURE_DIM
-    index = F.least(F.greatest(F.floor(ink * ink_bins), F.lit(0)), F.lit(ink_bins - 1))
-    label = F.col(class_column).cast("int") if class_column else F.lit(-1)
-    summary = Summarizer.metrics("mean", "variance").summary(array_to_vector(features))
-    groups = (
-        df.select(
-            index.cast("int").alias("bin"),
-            label.alias("class"),
-            F.size(F.filter(features, lambda v: v > 0)).alias("nonzero"),
-            features,
-        )
-        .groupBy("bin", "class")
-        .agg(
-            F.count(F.lit(1)).alias("rows"),
-            F.sum("nonzero").alias("nonzero"),
-            summary.alias("summary"),
-        )
-        .collect()
-    )
-    sums = np.zeros(profile_size(ink_bins))
-    for group in groups:
-        n = float(group["rows"])
-        mean = group["summary"]["mean"].toArray()
-        variance = group["summary"]["variance"].toArray()  # unbiased: divides by n - 1
-        sums[0] += n
-        sums[1] += float(group["nonzero"])
-        sums[2 : 2 + FEATURE_DIM] += n * mean
-        sums[2 + FEATURE_DIM : 2 + 2 * FEATURE_DIM] += (n - 1) * variance + n * np.square(mean)
-        sums[2 + 2 * FEATURE_DIM + group["bin"]] += n
-        if group["class"] is not None and 0 <= group["class"] < NUM_CLASSES:
-            sums[2 + 2 * FEATURE_DIM + ink_bins + group["class"]] += n
-    return profile_from_sums(sums, ink_bins, class_column)
 
 
 def psi(expected: np.ndarray, actual: np.ndarray) -> float:

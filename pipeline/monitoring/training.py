@@ -1,11 +1,11 @@
 """What training records for monitoring: the data profile, the temperature, the model card.
 
-`model_extras` runs on the driver after the model is trained, with Spark jobs only:
-the profile of the training rows (`pipeline.monitoring.drift.data_profile`), and, when
-there is validation data, the validation rows scored by the executors (the same
-`predict_digits` as scoring) to fit a temperature (``train.calibrate``) and to give the
-model card its per-class metrics and calibration. At most ``_MAX_VALIDATION_ROWS``
-probability rows (10 floats each) reach the driver, never features.
+Nothing here reads data: the training tasks add up the profile sums of their training
+rows as they read them (`pipeline.monitoring.drift.profile_sums`), and each worker scores
+its validation rows with the final model (at most ``MAX_VALIDATION_ROWS`` probability
+rows of 10 floats reach the driver, never features). `model_extras` turns those into the
+profile, a fitted temperature (``train.calibrate``), the model card's per-class metrics
+and calibration, and the first-layer picture.
 """
 
 from __future__ import annotations
@@ -15,12 +15,10 @@ import logging
 from typing import Any
 
 import numpy as np
-from pyspark.sql import DataFrame, SparkSession
-from pyspark.sql import functions as F
 
 from pipeline.artifact import Metadata
 from pipeline.config import Config
-from pipeline.contract import FEATURES, LABEL, LABEL_ONEHOT, NUM_CLASSES, PROBABILITIES
+from pipeline.contract import LABEL, NUM_CLASSES
 from pipeline.monitoring.calibration import (
     apply_temperature,
     calibration_from_sums,
@@ -28,53 +26,48 @@ from pipeline.monitoring.calibration import (
     fit_temperature,
 )
 from pipeline.monitoring.documents import MODEL_CARD, model_card
-from pipeline.monitoring.drift import data_profile
+from pipeline.monitoring.drift import DataProfile, profile_from_sums
 
 log = logging.getLogger(__name__)
 
 FIRST_LAYER_PLOT = "first_layer.png"
-_MAX_VALIDATION_ROWS = 50_000
+MAX_VALIDATION_ROWS = 50_000
 
 
 def model_extras(
-    spark: SparkSession,
     config: Config,
-    training: DataFrame,
-    validation: DataFrame | None,
     metadata: Metadata,
     model_bytes: bytes,
+    profile: DataProfile,
+    validation: tuple[np.ndarray, np.ndarray] | None,
     command: str | None = None,
-    onnx_bytes: bytes | None = None,
 ) -> tuple[Metadata, dict[str, bytes]]:
-    """`metadata` with the training profile (and temperature), and the extra files of the
+    """`metadata` with the training `profile` (and temperature), and the extra files of the
     model directory: ``first_layer.png`` and ``model_card.md``.
 
-    `training` and `validation` hold `features` and `label` or `label_onehot`. The
-    validation rows are scored with `onnx_bytes`, the model's ONNX export (made here,
-    with TensorFlow, when not given).
+    `validation` holds the model's probabilities of validation rows and their labels.
     """
     from pipeline.explain.weights import first_layer_weights
     from pipeline.plots import first_layer_png
 
-    profile = data_profile(_with_label(training), LABEL, config.score.drift.ink_bins)
     update: dict[str, Any] = {"profile": profile.as_dict()}
     summary = None
     if validation is not None:
-        probabilities, labels = _validation_predictions(
-            spark, validation, metadata, model_bytes, onnx_bytes
-        )
-        if len(labels):
-            temperature = fit_temperature(probabilities, labels) if config.train.calibrate else None
-            summary = _validation_summary(probabilities, labels, temperature, config)
-            if temperature is not None:
-                update["temperature"] = temperature
-                log.info(
-                    "temperature %.3f fitted on %d validation rows: ECE %.4f -> %.4f",
-                    temperature,
-                    len(labels),
-                    summary["calibration"]["ece_before"],
-                    summary["calibration"]["ece_after"],
-                )
+        probabilities, labels = validation
+        known = labels >= 0
+        probabilities, labels = probabilities[known].astype(np.float64), labels[known]
+    if validation is not None and len(labels):
+        temperature = fit_temperature(probabilities, labels) if config.train.calibrate else None
+        summary = _validation_summary(probabilities, labels, temperature, config)
+        if temperature is not None:
+            update["temperature"] = temperature
+            log.info(
+                "temperature %.3f fitted on %d validation rows: ECE %.4f -> %.4f",
+                temperature,
+                len(labels),
+                summary["calibration"]["ece_before"],
+                summary["calibration"]["ece_after"],
+            )
     elif config.train.calibrate:
         log.warning("train.calibrate is set but there is no validation data: no temperature")
     metadata = metadata.model_copy(update=update)
@@ -86,31 +79,17 @@ def model_extras(
 
 
 def training_extras(
-    spark: SparkSession,
     config: Config,
-    prepared: DataFrame,
     metadata: Metadata,
     model_bytes: bytes,
-    onnx_bytes: bytes,
-    has_validation: bool,
+    profile_sums: np.ndarray,
+    validation: tuple[np.ndarray, np.ndarray] | None,
 ) -> tuple[Metadata, dict[str, bytes]]:
-    """`model_extras` of the DataFrame training prepared (`features`, `label_onehot` and
-    the validation flag): its training rows profiled, its validation rows (when
-    `has_validation`: a fraction held out, train.validation_path or a split=validation)
-    scored with `onnx_bytes` (exported by the training worker: no TensorFlow here)."""
-    from pipeline.training.data import VALIDATION_FLAG
-
-    flag = F.col(VALIDATION_FLAG)
-    validation = prepared.filter(flag) if has_validation else None
+    """`model_extras` of what the training tasks returned (`FitResult.profile_sums` and
+    `FitResult.validation`), with the train command that reproduces the model."""
+    profile = profile_from_sums(profile_sums, config.score.drift.ink_bins, LABEL)
     return model_extras(
-        spark,
-        config,
-        prepared.filter(~flag),
-        validation,
-        metadata,
-        model_bytes,
-        _train_command(metadata, config),
-        onnx_bytes,
+        config, metadata, model_bytes, profile, validation, _train_command(metadata, config)
     )
 
 
@@ -128,43 +107,6 @@ def _train_command(metadata: Metadata, config: Config) -> str:
     return " \\\n  ".join(
         [f"spark-submit jobs/train.py --input {path} --model-dir MODEL --fresh", *changed]
     )
-
-
-def _with_label(df: DataFrame) -> DataFrame:
-    if LABEL in df.columns:
-        return df.select(FEATURES, F.col(LABEL).cast("int").alias(LABEL))
-    label = F.array_position(F.col(LABEL_ONEHOT), F.lit(1.0)) - 1
-    return df.select(FEATURES, label.cast("int").alias(LABEL))
-
-
-def _validation_predictions(
-    spark: SparkSession,
-    validation: DataFrame,
-    metadata: Metadata,
-    model_bytes: bytes,
-    onnx_bytes: bytes | None,
-) -> tuple[np.ndarray, np.ndarray]:
-    from pipeline.artifact import export_onnx, sha256_bytes
-    from pipeline.scoring import broadcast_model, predict_digits, task_cpus
-
-    # Scored as the scoring job scores: the model's ONNX export, run by ONNX Runtime.
-    if onnx_bytes is None:
-        onnx_bytes = export_onnx(metadata, model_bytes)
-    exported = metadata.model_copy(update={"onnx_sha256": sha256_bytes(onnx_bytes)})
-    model = broadcast_model(spark, exported, onnx_bytes)
-    try:
-        rows = (
-            predict_digits(
-                _with_label(validation).limit(_MAX_VALIDATION_ROWS), model, task_cpus(spark)
-            )
-            .select(PROBABILITIES, LABEL)
-            .collect()
-        )
-    finally:
-        model.handle.unpersist()
-    probabilities = np.array([r[PROBABILITIES] for r in rows], np.float64).reshape(-1, NUM_CLASSES)
-    labels = np.array([r[LABEL] for r in rows], np.int64)
-    return probabilities, labels
 
 
 def _validation_summary(

@@ -56,10 +56,19 @@ class SpoolCounts:
     # Rows per class ("-1": a one-hot row without a 1), of the training and validation rows.
     train_classes: dict[str, int] = field(default_factory=dict)
     validation_classes: dict[str, int] = field(default_factory=dict)
+    # `pipeline.monitoring.drift.profile_sums` of the training rows, when asked for.
+    profile: np.ndarray | None = None
 
 
-def spool_partition(batches: Iterable[pa.RecordBatch], directory: str) -> SpoolCounts:
-    """Write a partition's record batches to ``train.arrow`` and ``validation.arrow``."""
+def spool_partition(
+    batches: Iterable[pa.RecordBatch], directory: str, profile_bins: int | None = None
+) -> SpoolCounts:
+    """Write a partition's record batches to ``train.arrow`` and ``validation.arrow``;
+    with `profile_bins`, add up the training rows' profile sums as they pass (training
+    records the profile for drift checks without reading its rows again)."""
+    from pipeline.monitoring.drift import profile_size, profile_sums
+
+    profile = np.zeros(profile_size(profile_bins)) if profile_bins else None
     counts = {TRAIN_FILE: 0, VALIDATION_FILE: 0}
     classes = {name: np.zeros(NUM_CLASSES + 1, np.int64) for name in counts}
     writers = {
@@ -86,6 +95,8 @@ def spool_partition(batches: Iterable[pa.RecordBatch], directory: str) -> SpoolC
                     )
                 counts[name] += part.num_rows
                 classes[name] += _class_counts(part.column(LABEL_ONEHOT))
+            if profile is not None and parts[TRAIN_FILE].num_rows:
+                profile += _profile_sums(parts[TRAIN_FILE], profile_bins, profile_sums)
     finally:
         for writer in writers.values():
             writer.close()
@@ -94,7 +105,25 @@ def spool_partition(batches: Iterable[pa.RecordBatch], directory: str) -> SpoolC
         counts[VALIDATION_FILE],
         _named_counts(classes[TRAIN_FILE]),
         _named_counts(classes[VALIDATION_FILE]),
+        profile,
     )
+
+
+def _profile_sums(part: pa.RecordBatch, bins: int, profile_sums) -> np.ndarray:
+    """`profile_sums` of a spooled batch's rows (their class from the one-hot label), a
+    slice at a time; rows of another width are left to the worker, which refuses them."""
+    total = np.zeros(0)
+    for offset in range(0, part.num_rows, SPOOL_BATCH_ROWS):
+        piece = part.slice(offset, SPOOL_BATCH_ROWS)
+        x = piece.column(FEATURES).flatten().to_numpy(zero_copy_only=False)
+        onehot = piece.column(LABEL_ONEHOT).flatten().to_numpy(zero_copy_only=False)
+        if len(x) != piece.num_rows * FEATURE_DIM or len(onehot) != piece.num_rows * NUM_CLASSES:
+            continue
+        hot = onehot.reshape(-1, NUM_CLASSES) == 1.0
+        classes = np.where(hot.any(axis=1), hot.argmax(axis=1), -1)
+        sums = profile_sums(x.reshape(-1, FEATURE_DIM), classes, bins)
+        total = sums if not len(total) else total + sums
+    return total if len(total) else 0.0
 
 
 def _class_counts(onehot: pa.Array) -> np.ndarray:

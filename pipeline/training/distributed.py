@@ -27,6 +27,7 @@ the servers are unauthenticated, so keep the executors' network private.
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import logging
 import math
@@ -54,7 +55,9 @@ from pipeline.training.progress import send_once
 
 log = logging.getLogger(__name__)
 
-RESULT_SCHEMA = "rank int, model binary, onnx binary, info string"
+RESULT_SCHEMA = "rank int, model binary, onnx binary, monitoring binary, info string"
+# A worker's validation probabilities and labels (.npz), written for the task to return.
+VALIDATION_PREDICTIONS = "validation_predictions.npz"
 # Exit codes of the worker process (pipeline.training.worker) that the task explains.
 BIND_FAILED_EXIT = 75  # its gRPC port was taken
 STALLED_EXIT = 76  # its watchdog saw no progress for train.stall_timeout_s: a peer stalled
@@ -63,6 +66,7 @@ _RESULT_ARROW_SCHEMA = pa.schema(
         pa.field("rank", pa.int32()),
         pa.field("model", pa.binary()),
         pa.field("onnx", pa.binary()),
+        pa.field("monitoring", pa.binary()),
         pa.field("info", pa.string()),
     ]
 )
@@ -173,7 +177,7 @@ def _run_worker(spec, context, rank: int, workers: int, batches, workdir: str) -
             for _ in batches:
                 pass
             batches = read_share(files["filesystem"], files["shares"][rank], files["label_column"])
-        counts = spool_partition(batches, workdir)
+        counts = spool_partition(batches, workdir, spec.get("profile_bins"))
         spooled = time.monotonic()
         host = _executor_host(context, rank, workers)
         reserved = _reserve_port(host) if workers > 1 else None
@@ -211,6 +215,8 @@ def _run_worker(spec, context, rank: int, workers: int, batches, workdir: str) -
             "total_train_rows": total_train,
             "total_validation_rows": sum(m["validation_rows"] for m in everyone),
             "steps_per_epoch": math.ceil(total_train / (workers * batch)),
+            # At most `validation_rows_kept` validation rows' probabilities reach the driver.
+            "validation_rows_kept": int(spec.get("validation_rows_kept") or 0) // workers,
             "resume_epoch": everyone[0]["resume_epoch"],
             "environment": _cluster_environment(everyone, rank) if workers > 1 else {},
         }
@@ -265,10 +271,28 @@ def _run_worker(spec, context, rank: int, workers: int, batches, workdir: str) -
             pa.array([rank], pa.int32()),
             pa.array([model], pa.binary()),
             pa.array([onnx], pa.binary()),
+            pa.array([_monitoring(counts.profile, workdir)], pa.binary()),
             pa.array([json.dumps(info)]),
         ],
         schema=_RESULT_ARROW_SCHEMA,
     )
+
+
+def _monitoring(profile, workdir: str) -> bytes | None:
+    """What this worker adds to the model's monitoring record, as .npz bytes: its training
+    rows' profile sums and its validation rows' probabilities (None when not asked for)."""
+    import numpy as np
+
+    arrays = {} if profile is None else {"profile_sums": profile}
+    predictions = os.path.join(workdir, VALIDATION_PREDICTIONS)
+    if os.path.exists(predictions):
+        with np.load(predictions) as saved:
+            arrays |= {name: saved[name] for name in saved.files}
+    if not arrays:
+        return None
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    return buffer.getvalue()
 
 
 def _input_classes(of: dict[str, Any] | None, everyone, add_counts) -> dict[str, int] | None:

@@ -9,6 +9,7 @@ which never imports TensorFlow.
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import time
@@ -17,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 from py4j.protocol import Py4JError
 from pyspark.errors import PySparkException
 from pyspark.sql import DataFrame, SparkSession
@@ -51,6 +53,10 @@ class FitResult:
     workers: list[dict[str, Any]]  # per-worker statistics, by rank
     seconds: float
     resumed_from: list[int] = field(default_factory=list)
+    # With `run_stage(monitoring=...)`: the training rows' profile sums, all workers added,
+    # and the final model's validation probabilities and labels (None when not asked).
+    profile_sums: np.ndarray | None = None
+    validation: tuple[np.ndarray, np.ndarray] | None = None
 
     @property
     def epochs_completed(self) -> int:
@@ -77,8 +83,9 @@ def fit_partitions(
     """Train on `data` (from `prepare_training_data`) with ``settings.workers`` workers.
 
     Each worker consumes one partition. A DataFrame that already has exactly that many
-    partitions is used as it is (its partitions may be uneven); any other is
-    repartitioned. Checkpoints go to `checkpoint_dir` (any URI pyarrow can write), each
+    partitions is used as it is (its partitions may be uneven), unless they merge others
+    (a union of training and validation rows, say: a barrier stage cannot run on those);
+    any other is repartitioned. Checkpoints go to `checkpoint_dir` (any URI pyarrow can write), each
     recording `fingerprint` as the data it was trained on.
     """
     check_slots(spark, settings.workers)
@@ -104,13 +111,17 @@ def run_stage(
     on_epoch: Callable[[dict[str, Any]], None] | None,
     files: dict[str, Any] | None = None,
     classes_of: dict[str, Any] | None = None,
+    monitoring: dict[str, int] | None = None,
 ) -> FitResult:
     """`fit_partitions` once the task slots have been checked.
 
     `files` (a `FilePlan.spec()`) makes each task read its own share of an ingest output's
     row groups instead of a partition of `data` (then unused: nothing is shuffled).
     `classes_of` (``{"path", "with_validation"}``) makes the tasks count the input's rows
-    per class and refuse it through `check_classes` before training.
+    per class and refuse it through `check_classes` before training. `monitoring`
+    (``{"profile_bins", "validation_rows_kept"}``) makes the tasks add up the training
+    rows' profile as they read them and the workers score their validation rows with the
+    final model, so that training's monitoring record needs no second pass over the data.
     """
     started = time.monotonic()
     workers = settings.workers
@@ -118,7 +129,7 @@ def run_stage(
         log.info("%s", sync_message(settings))
     if files is not None:
         data = spark.range(0, workers, 1, numPartitions=workers)  # one row per task: its rank
-    elif data.rdd.getNumPartitions() != workers:
+    elif data.rdd.getNumPartitions() != workers or (workers > 1 and _merges_partitions(data)):
         data = data.repartition(workers)
     resumed: list[int] = []
     errors: list[dict[str, Any]] = []
@@ -155,6 +166,7 @@ def run_stage(
         "settings_key": resume_key(settings),
         "files": files,
         "classes_of": classes_of,
+        **(monitoring or {}),
     }
     host = sc.getConf().get("spark.driver.host", "127.0.0.1")
     with ProgressListener(host, on_message) as listener:
@@ -185,7 +197,35 @@ def run_stage(
         workers=infos,
         seconds=time.monotonic() - started,
         resumed_from=resumed,
+        **_monitoring(rows),
     )
+
+
+def _merges_partitions(data: DataFrame) -> bool:
+    """Whether `data`'s partitions come from RDDs with other partition counts (a union, a
+    coalesce, a limit): a barrier stage refuses to run on those without a shuffle first."""
+    lineage = data.rdd.toDebugString() or b""
+    text = lineage.decode("utf-8", "replace") if isinstance(lineage, bytes) else str(lineage)
+    last_stage = text.split("+-")[0]  # the RDDs after the last shuffle, if any
+    return any(name in last_stage for name in ("UnionRDD", "CoalescedRDD", "PartitionPruningRDD"))
+
+
+def _monitoring(rows) -> dict[str, Any]:
+    """The workers' monitoring arrays, combined: profile sums added, predictions joined."""
+    saved = [np.load(io.BytesIO(r["monitoring"])) for r in rows if r["monitoring"] is not None]
+    if not saved:
+        return {}
+    sums = [s["profile_sums"] for s in saved if "profile_sums" in s.files]
+    predicted = [s for s in saved if "probabilities" in s.files]
+    return {
+        "profile_sums": np.sum(sums, axis=0) if sums else None,
+        "validation": (
+            np.concatenate([s["probabilities"] for s in predicted]),
+            np.concatenate([s["labels"] for s in predicted]),
+        )
+        if predicted
+        else None,
+    }
 
 
 def sync_message(settings: TrainSettings) -> str:

@@ -71,6 +71,10 @@ class Trainer:
                 tf.TensorSpec((None, NUM_CLASSES), tf.float32),
             ],
         )
+        self._predict = tf.function(
+            lambda x: self.model(x, training=False),
+            input_signature=[tf.TensorSpec((None, FEATURE_DIM), tf.float32)],
+        )
         if strategy is not None:
             self._allreduce = tf.function(self._allreduce_fn)
             self._average = tf.function(self._average_fn)
@@ -248,6 +252,22 @@ class Trainer:
             correct += float(batch_correct)
             rows += int(x.shape[0])
         return loss_sum, correct, rows
+
+    def probabilities(self, blocks, limit: int) -> tuple[np.ndarray, np.ndarray]:
+        """The model's class probabilities and the labels (one-hot's class; -1 for none) of
+        the first `limit` rows of (features, labels) `blocks`."""
+        probabilities: list[np.ndarray] = [np.zeros((0, NUM_CLASSES), np.float32)]
+        labels: list[np.ndarray] = [np.zeros(0, np.int64)]
+        left = limit
+        for x, y in blocks:
+            if left <= 0:
+                break
+            x, y = x[:left], y[:left]
+            probabilities.append(np.asarray(self._predict(x), np.float32))
+            hot = y == 1.0
+            labels.append(np.where(hot.any(axis=1), hot.argmax(axis=1), -1))
+            left -= len(x)
+        return np.concatenate(probabilities), np.concatenate(labels)
 
     # -- state ------------------------------------------------------------------------
     def weights(self) -> list[np.ndarray]:

@@ -14,6 +14,7 @@ from pyspark.sql import SparkSession
 from pipeline.artifact import CHECKPOINTS_DIR, Metadata, new_metadata, write_model_dir
 from pipeline.config import Config, IngestSettings
 from pipeline.errors import ConfigError
+from pipeline.monitoring.training import MAX_VALIDATION_ROWS, training_extras
 from pipeline.outputs import MODEL, check_output
 from pipeline.session import start_seconds
 from pipeline.storage import Storage
@@ -91,6 +92,10 @@ def run_training(
     validation = read_features(spark, source.validation_path) if source.validation_path else None
     data = prepare_training_data(features, settings, validation)
     plan = plan_files(storage, source, settings)
+    if plan is None and settings.workers > 1:
+        # Spark's splits of the files need not all hold rows (a row group belongs to one
+        # split only): spread the rows over the workers.
+        data = data.repartition(settings.workers)
     if plan is not None:
         log.info(
             "%s rows read by the %d training task(s) from the files, %s each",
@@ -123,6 +128,10 @@ def run_training(
             "path": ", ".join(source.train_paths),
             "with_validation": bool(settings.validation_fraction and validation is None),
         },
+        monitoring={
+            "profile_bins": config.score.drift.ink_bins,
+            "validation_rows_kept": MAX_VALIDATION_ROWS,
+        },
     )
     fitted = time.monotonic()
     described["class_counts"] = fit.workers[0].get("class_counts", {})
@@ -145,13 +154,11 @@ def run_training(
         versions=_versions(spark),
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
     )
-    from pipeline.monitoring.training import training_extras
     from pipeline.plots import history_png
 
     # The data profile, temperature, first-layer picture and model card.
-    has_validation = bool(settings.validation_fraction or source.validation_path)
     metadata, extras = training_extras(
-        spark, config, data, metadata, fit.model_bytes, fit.onnx_bytes, has_validation
+        config, metadata, fit.model_bytes, fit.profile_sums, fit.validation
     )
     phases = job_phases(waited, started, staged, fitted, fit.workers, time.monotonic())
     metadata = metadata.model_copy(update={"phases": phases})
@@ -180,12 +187,13 @@ def job_phases(
     ``start``: the process's start (the ``spark-submit`` JVM's, when it launched this
     driver) until training began (for the first job of a process only); ``prepare``: the
     driver's checks and plan, no data read. Then, in the barrier stage, the slowest
-    worker's ``read`` (its rows spooled) and ``import`` (TensorFlow, in its own process,
-    at the same time as the read: the two overlap), ``load`` (model built, rows in its
-    tensor store, cluster joined), ``trace`` (the first epoch's extra time over the later
-    ones': tracing and compiling), ``steps`` (the SGD steps of every epoch, without that
-    extra), ``validate``, ``checkpoints``, ``export`` (worker 0's model file); ``stage``:
-    the whole barrier stage as the driver saw it; ``publish``: the profile, calibration,
+    worker's ``read`` (its rows spooled, their profile added up) and ``import``
+    (TensorFlow, in its own process, at the same time as the read: the two overlap),
+    ``load`` (model built, rows in its tensor store, cluster joined), ``trace`` (the first
+    epoch's extra time over the later ones': tracing and compiling), ``steps`` (the SGD
+    steps of every epoch, without that extra), ``validate``, ``checkpoints``, ``export``
+    (worker 0's model files), ``predict`` (the final model on the validation rows);
+    ``stage``: the whole barrier stage as the driver saw it; ``publish``: temperature,
     model card and plots, until the model directory is written."""
     import statistics
 
@@ -205,6 +213,7 @@ def job_phases(
         "validate": slowest("validate"),
         "checkpoints": slowest("checkpoints"),
         "export": slowest("export"),
+        "predict": slowest("predict"),
         "stage": fitted - staged,
         "publish": ended - fitted,
     }

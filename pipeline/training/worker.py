@@ -165,6 +165,9 @@ def train(spec: dict[str, Any], tf, phases: _Phases) -> dict[str, Any]:
     if chief:
         with phases.timed("export"):
             _export_model(settings, trainer, spec["workdir"])
+    if spec.get("validation_rows_kept") and validation.rows:
+        with phases.timed("predict"):
+            _predict_validation(trainer, validation, spec)
     return {
         "rank": rank,
         "epochs_completed": done.history[-1]["epoch"] if done.history else 0,
@@ -380,6 +383,21 @@ def _export_model(settings, trainer, workdir: str) -> None:
 
 
 # -- around the steps ---------------------------------------------------------------------
+def _predict_validation(trainer, validation, spec: dict[str, Any]) -> None:
+    """The final model's probabilities of this worker's validation rows (up to
+    ``validation_rows_kept``) and their labels, in ``VALIDATION_PREDICTIONS``, for the
+    temperature and the model card."""
+    import numpy as np
+
+    from pipeline.training.distributed import VALIDATION_PREDICTIONS
+
+    probabilities, labels = trainer.probabilities(
+        validation.chunks(), int(spec["validation_rows_kept"])
+    )
+    path = os.path.join(spec["workdir"], VALIDATION_PREDICTIONS)
+    np.savez(path, probabilities=probabilities, labels=labels)
+
+
 class _Watchdog:
     """Ends the worker when training makes no progress for `timeout_s` seconds.
 
