@@ -1,7 +1,8 @@
 """Reading Parquet row groups with pyarrow, from the URIs Spark and Hadoop use.
 
-Executors that read an ingest output's files themselves (scoring, and training later)
-share this: the one conversion of a Hadoop URI (``file:/x``, ``s3a://b/x``, ``hdfs://nn/x``)
+Executors that read an ingest output's files themselves (scoring and training)
+share this: the listing of a dataset's Parquet files (`list_parquet`), the one
+conversion of a Hadoop URI (``file:/x``, ``s3a://b/x``, ``hdfs://nn/x``)
 into what ``pyarrow.fs`` opens, a pyarrow filesystem made once per Python worker,
 ``key=value`` partition folders as Spark reads them, the Parquet footers, and the row
 groups themselves, refused when a file changed after its footer was read.
@@ -54,6 +55,34 @@ class RowGroup(NamedTuple):
     rows: int
     file_size: int  # bytes, to notice a rewritten file
     partition: str | None  # the value of the plan's partition column, from the folder name
+
+
+class ParquetFiles(NamedTuple):
+    """The Parquet files of a dataset folder, as the planning driver found them."""
+
+    filesystem: str  # the `locate` root every path below is in
+    uris: list[str]  # the files' URIs, as the storage listed them
+    sizes: list[int]
+    paths: list[str]  # within `filesystem`
+    partitions: list[dict[str, str | None]]  # each file's ``key=value`` folders
+
+
+def list_parquet(storage, path: str) -> ParquetFiles:
+    """The Parquet files under `path` (a `pipeline.storage.Storage` lists them).
+
+    Raises what `locate` raises (``pa.ArrowInvalid``, ``pa.ArrowNotImplementedError``,
+    ``OSError``) when pyarrow cannot open the storage.
+    """
+    root = storage.qualify(path).rstrip("/")
+    filesystem_root, _ = locate(root)
+    files = storage.list_files(path)
+    return ParquetFiles(
+        filesystem=filesystem_root,
+        uris=[uri for uri, _ in files],
+        sizes=[size for _, size in files],
+        paths=[locate(uri)[1] for uri, _ in files],
+        partitions=[partition_values(root, uri) for uri, _ in files],
+    )
 
 
 def arrow_uri(uri: str) -> str:

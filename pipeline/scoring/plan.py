@@ -62,22 +62,18 @@ def plan_row_groups(
     `split`: Spark then reads the rows itself.
     """
     schema, ids, label = prediction_schema(features.schema)
-    root = storage.qualify(input_path).rstrip("/")
     try:
-        filesystem, _ = rowgroups.locate(root)
+        files = rowgroups.list_parquet(storage, input_path)
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError) as exc:
-        log.info("pyarrow cannot open %s (%s): rows are read by Spark", root, exc)
+        log.info("pyarrow cannot open %s (%s): rows are read by Spark", input_path, exc)
         return None
-    files = storage.list_files(input_path)
-    partitions = [rowgroups.partition_values(root, path) for path, _ in files]
-    keys = {key for values in partitions for key in values}
+    keys = {key for values in files.partitions for key in values}
     if keys - {SPLIT} or (keys and features.schema[SPLIT].dataType != T.StringType()):
         log.info("%s is partitioned by %s: rows are read by Spark", input_path, sorted(keys))
         return None
     partition_column = SPLIT if SPLIT in keys else None
-    paths = [rowgroups.locate(uri)[1] for uri, _ in files]
     try:
-        footers = rowgroups.read_footers(rowgroups.filesystem(filesystem), paths)
+        footers = rowgroups.read_footers(rowgroups.filesystem(files.filesystem), files.paths)
     except rowgroups.UnreadableFooter as exc:
         raise InputDataError(
             f"cannot read {exc.path} with pyarrow ({exc.cause}): a corrupt or non-Parquet "
@@ -89,7 +85,8 @@ def plan_row_groups(
     needed = [FEATURES, *(c for c in ids if c != partition_column)]
     needed += [label] if label else []
     items: list[RowGroup] = []
-    for (uri, size), path, footer, values in zip(files, paths, footers, partitions, strict=True):
+    listed = zip(files.uris, files.sizes, files.paths, footers, files.partitions, strict=True)
+    for uri, size, path, footer, values in listed:
         names = set(footer.schema.to_arrow_schema().names)
         missing = [c for c in needed if c not in names]
         if missing:
@@ -100,7 +97,7 @@ def plan_row_groups(
         items += rowgroups.row_groups(path, size, footer, values.get(SPLIT))
     arrow = to_arrow_schema(schema)
     return RowGroupPlan(
-        filesystem=filesystem,
+        filesystem=files.filesystem,
         items=tuple(items),
         tasks=group_tasks(
             [item.rows for item in items],
@@ -114,7 +111,7 @@ def plan_row_groups(
         partition_column=partition_column,
         label=label,
         rows=sum(item.rows for item in items),
-        files=len(files),
+        files=len(files.uris),
     )
 
 

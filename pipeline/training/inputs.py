@@ -174,25 +174,22 @@ def _row_groups(
 ) -> tuple[str, list[rowgroups.RowGroup], set[str]] | None:
     """(filesystem root, non-empty row groups in file order, label columns every file has)
     of the Parquet files at `path`, or None when the tasks cannot read them with pyarrow."""
-    root = storage.qualify(path).rstrip("/")
     try:
-        fs_root, _ = rowgroups.locate(root)
+        files = rowgroups.list_parquet(storage, path)
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError) as exc:
-        log.info("pyarrow cannot open %s (%s): Spark reads the training rows", root, exc)
+        log.info("pyarrow cannot open %s (%s): Spark reads the training rows", path, exc)
         return None
-    files = storage.list_files(path)
-    if any(rowgroups.partition_values(root, uri) for uri, _ in files):
+    if any(files.partitions):
         log.info("%s has partition folders: Spark reads the training rows", path)
         return None
-    paths = [rowgroups.locate(uri)[1] for uri, _ in files]
     try:
-        footers = rowgroups.read_footers(rowgroups.filesystem(fs_root), paths)
+        footers = rowgroups.read_footers(rowgroups.filesystem(files.filesystem), files.paths)
     except rowgroups.UnreadableFooter as exc:
         log.info("cannot read the footer of %s (%s): Spark reads the training rows", exc.path, exc)
         return None
     groups: list[rowgroups.RowGroup] = []
     labels = {LABEL, LABEL_ONEHOT}
-    for (_, size), file, footer in zip(files, paths, footers, strict=True):
+    for size, file, footer in zip(files.sizes, files.paths, footers, strict=True):
         schema = footer.schema.to_arrow_schema()
         feature = schema.field(FEATURES).type if FEATURES in schema.names else None
         if not (pa.types.is_list(feature) and pa.types.is_floating(feature.value_type)):
@@ -203,7 +200,7 @@ def _row_groups(
     if not labels:
         log.info("%s has no '%s' or '%s' column: Spark reads the rows", path, LABEL, LABEL_ONEHOT)
         return None
-    return fs_root, groups, labels
+    return files.filesystem, groups, labels
 
 
 def balanced_shares(rows: list[int], workers: int) -> list[list[tuple[int, int, int]]]:
