@@ -79,8 +79,10 @@ def profile_sums(x: np.ndarray, classes: np.ndarray | None, ink_bins: int) -> np
     """The sums a profile is made of, for one batch of (n, FEATURE_DIM) features:
     rows, non-zero pixels, per-pixel sums and sums of squares, ink histogram, class counts.
     Sums of batches add up to the sums of their union."""
-    x = np.asarray(x, np.float64)
-    ink = x.mean(axis=1) if len(x) else np.zeros(0)
+    x = np.asarray(x)
+    x = x if x.dtype in (np.float32, np.float64) else x.astype(np.float64)
+    # Sums accumulate in float64 without a float64 copy of the batch (half the time).
+    ink = x.mean(axis=1, dtype=np.float64) if len(x) else np.zeros(0)
     index = np.clip(np.floor(ink * ink_bins).astype(np.int64), 0, ink_bins - 1)
     class_counts = np.zeros(NUM_CLASSES)
     if classes is not None:
@@ -90,8 +92,8 @@ def profile_sums(x: np.ndarray, classes: np.ndarray | None, ink_bins: int) -> np
     return np.concatenate(
         [
             [len(x), np.count_nonzero(x > 0)],
-            x.sum(axis=0) if len(x) else np.zeros(FEATURE_DIM),
-            np.square(x).sum(axis=0) if len(x) else np.zeros(FEATURE_DIM),
+            x.sum(axis=0, dtype=np.float64) if len(x) else np.zeros(FEATURE_DIM),
+            np.square(x).sum(axis=0, dtype=np.float64) if len(x) else np.zeros(FEATURE_DIM),
             np.bincount(index, minlength=ink_bins).astype(np.float64),
             class_counts,
         ]
