@@ -52,11 +52,10 @@ def model_extras(
 
     update: dict[str, Any] = {"profile": profile.as_dict()}
     summary = None
-    if validation is not None:
-        probabilities, labels = validation
-        known = labels >= 0
+    probabilities, labels = validation if validation is not None else (None, np.zeros(0))
+    known = labels >= 0  # rows whose one-hot label had no 1 are left out
+    if len(labels[known]):
         probabilities, labels = probabilities[known].astype(np.float64), labels[known]
-    if validation is not None and len(labels):
         temperature = fit_temperature(probabilities, labels) if config.train.calibrate else None
         summary = _validation_summary(probabilities, labels, temperature, config)
         if temperature is not None:

@@ -66,7 +66,7 @@ def spool_partition(
     """Write a partition's record batches to ``train.arrow`` and ``validation.arrow``;
     with `profile_bins`, add up the training rows' profile sums as they pass (training
     records the profile for drift checks without reading its rows again)."""
-    from pipeline.monitoring.drift import profile_size, profile_sums
+    from pipeline.monitoring.drift import profile_size
 
     profile = np.zeros(profile_size(profile_bins)) if profile_bins else None
     counts = {TRAIN_FILE: 0, VALIDATION_FILE: 0}
@@ -96,7 +96,7 @@ def spool_partition(
                 counts[name] += part.num_rows
                 classes[name] += _class_counts(part.column(LABEL_ONEHOT))
             if profile is not None and parts[TRAIN_FILE].num_rows:
-                profile += _profile_sums(parts[TRAIN_FILE], profile_bins, profile_sums)
+                profile += _profile_sums(parts[TRAIN_FILE], profile_bins)
     finally:
         for writer in writers.values():
             writer.close()
@@ -109,10 +109,12 @@ def spool_partition(
     )
 
 
-def _profile_sums(part: pa.RecordBatch, bins: int, profile_sums) -> np.ndarray:
+def _profile_sums(part: pa.RecordBatch, bins: int) -> np.ndarray:
     """`profile_sums` of a spooled batch's rows (their class from the one-hot label), a
     slice at a time; rows of another width are left to the worker, which refuses them."""
-    total = np.zeros(0)
+    from pipeline.monitoring.drift import profile_size, profile_sums
+
+    total = np.zeros(profile_size(bins))
     for offset in range(0, part.num_rows, SPOOL_BATCH_ROWS):
         piece = part.slice(offset, SPOOL_BATCH_ROWS)
         x = piece.column(FEATURES).flatten().to_numpy(zero_copy_only=False)
@@ -121,9 +123,8 @@ def _profile_sums(part: pa.RecordBatch, bins: int, profile_sums) -> np.ndarray:
             continue
         hot = onehot.reshape(-1, NUM_CLASSES) == 1.0
         classes = np.where(hot.any(axis=1), hot.argmax(axis=1), -1)
-        sums = profile_sums(x.reshape(-1, FEATURE_DIM), classes, bins)
-        total = sums if not len(total) else total + sums
-    return total if len(total) else 0.0
+        total += profile_sums(x.reshape(-1, FEATURE_DIM), classes, bins)
+    return total
 
 
 def _class_counts(onehot: pa.Array) -> np.ndarray:
