@@ -165,6 +165,9 @@ def test_training_worker_killed_mid_run_resumes_from_its_checkpoint(
     assert "resuming from the checkpoint of epoch" in log, log[-4000:]
     metadata = json.loads((model_dir / "metadata.json").read_text())
     assert metadata["epochs_completed"] == 3 and metadata["data"]["rows"] == TRAIN_ROWS
-    faulty_accuracy = metadata["history"][-1]["val_accuracy"]
-    clean_accuracy = clean.metadata.history[-1]["val_accuracy"]
-    assert abs(faulty_accuracy - clean_accuracy) <= 0.005, (faulty_accuracy, clean_accuracy)
+    # Every worker gets the same rows in the same order on every run and under every
+    # master, and a checkpoint holds all the state: the resumed run is the clean run.
+    measured = ("loss", "accuracy", "val_loss", "val_accuracy")
+    faulty = [epoch[k] for epoch in metadata["history"] for k in measured]
+    expected = [epoch[k] for epoch in clean.metadata.history for k in measured]
+    assert faulty == pytest.approx(expected, rel=1e-6), (faulty, expected)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from pyspark.sql import functions as F
 
 from pipeline.config import Config
 from pipeline.contract import LABEL
@@ -42,3 +43,21 @@ def test_labels_alone_are_one_hot_encoded_for_training(spark, ingested_sample):
     expected = [row[LABEL_ONEHOT] for row in df.orderBy("features").collect()]
     derived = prepare_training_data(df.drop(LABEL_ONEHOT), TrainSettings())
     assert [row[LABEL_ONEHOT] for row in derived.orderBy("features").collect()] == expected
+
+
+def test_workers_get_the_same_rows_in_the_same_order_however_the_input_is_split(
+    spark, ingested_sample
+):
+    from pipeline.training.fit import repartition_in_a_fixed_order
+
+    df = spark.read.parquet(ingested_sample).select("row_id", LABEL)
+
+    def per_worker(data):
+        fixed = repartition_in_a_fixed_order(data, 2)
+        assert fixed.rdd.getNumPartitions() == 2
+        return fixed.rdd.glom().map(lambda rows: [row["row_id"] for row in rows]).collect()
+
+    expected = per_worker(df)
+    assert sorted(len(rows) for rows in expected) == pytest.approx([3000, 3000], rel=0.1)
+    assert per_worker(df.repartition(5)) == expected  # arrival order varies
+    assert per_worker(df.coalesce(1).orderBy(F.desc("row_id"))) == expected

@@ -22,6 +22,7 @@ import numpy as np
 from py4j.protocol import Py4JError
 from pyspark.errors import PySparkException
 from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import functions as F
 
 from pipeline.config import TrainSettings
 from pipeline.errors import InputDataError, TrainingError
@@ -130,7 +131,7 @@ def run_stage(
     if files is not None:
         data = spark.range(0, workers, 1, numPartitions=workers)  # one row per task: its rank
     elif data.rdd.getNumPartitions() != workers or (workers > 1 and _merges_partitions(data)):
-        data = data.repartition(workers)
+        data = repartition_in_a_fixed_order(data, workers)
     resumed: list[int] = []
     errors: list[dict[str, Any]] = []
     console = on_epoch or log_epoch
@@ -198,6 +199,26 @@ def run_stage(
         seconds=time.monotonic() - started,
         resumed_from=resumed,
         **_monitoring(rows),
+    )
+
+
+def repartition_in_a_fixed_order(data: DataFrame, workers: int) -> DataFrame:
+    """`data` in `workers` partitions that hold the same rows in the same order on every
+    run, whatever the master and however the input was split.
+
+    A round-robin shuffle gives a worker rows that depend on how the input was split, in
+    the order the map outputs arrive, which varies from run to run on a cluster; the
+    workers' batches, and so the model, would vary with them. Here a hash of each row picks
+    its worker and orders the rows within the worker (Spark's external sort: memory stays
+    bounded), so one seed trains one model, and a run resumed from a checkpoint continues
+    the run that wrote it. Identical rows go to the same worker.
+    """
+    order = "__row_order"
+    return (
+        data.withColumn(order, F.xxhash64(*(F.col(name) for name in data.columns)))
+        .repartition(workers, order)
+        .sortWithinPartitions(order)
+        .drop(order)
     )
 
 

@@ -20,7 +20,7 @@ from pipeline.session import start_seconds
 from pipeline.storage import Storage
 from pipeline.training.checkpoints import check_resumable
 from pipeline.training.distributed import check_slots
-from pipeline.training.fit import FitResult, run_stage
+from pipeline.training.fit import FitResult, repartition_in_a_fixed_order, run_stage
 from pipeline.training.inputs import (
     describe_input,
     plan_files,
@@ -92,10 +92,11 @@ def run_training(
     validation = read_features(spark, source.validation_path) if source.validation_path else None
     data = prepare_training_data(features, settings, validation)
     plan = plan_files(storage, source, settings)
-    if plan is None and settings.workers > 1:
+    if plan is None:
         # Spark's splits of the files need not all hold rows (a row group belongs to one
-        # split only): spread the rows over the workers.
-        data = data.repartition(settings.workers)
+        # split only), nor come in the same order on every run: spread the rows over the
+        # workers by their content, in an order that depends on nothing else.
+        data = repartition_in_a_fixed_order(data, settings.workers)
     if plan is not None:
         log.info(
             "%s rows read by the %d training task(s) from the files, %s each",
