@@ -8,6 +8,8 @@ ROWS ?= 1000000
 TRAIN_ROWS ?= 300000
 REPEATS ?= 3
 PYTEST_ARGS ?=
+# Test processes (pytest-xdist; a test file stays in one process): 0 runs them in this one.
+TEST_WORKERS ?= 2
 
 # Spark's Python workers must use the project's interpreter, and Spark reads
 # conf/log4j2.properties (warnings only) from SPARK_CONF_DIR.
@@ -54,11 +56,11 @@ run: $(VENV)/.installed check-java
 
 ## test: the test suite (the slow subprocess and multi-process tests included)
 test: $(VENV)/.installed-dev check-java
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 ## test-fast: the tests without the slow ones
 test-fast: $(VENV)/.installed-dev
-	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+	$(PY) -m pytest -m "not slow" -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 ## bench: every stage against its baselines in one run (ROWS, REPEATS); writes benchmarks/results/
 bench: $(VENV)/.installed-dev check-java

@@ -329,6 +329,38 @@ def test_search_fails_only_when_no_trial_finished(spark, ingested_sample, tmp_pa
     assert not (output / BEST_FILE).exists()
 
 
+@pytest.mark.parametrize("strategy", ["grid", "random"])
+def test_a_trial_killed_before_it_had_parameters_is_closed_and_its_point_drawn_again(
+    tmp_path, strategy
+):
+    """A search killed right after Optuna created a trial, before the sampler gave it a
+    point: the resumed search closes it (it is not queued with no parameters, which the
+    grid sampler refuses) and every point of the grid still runs once."""
+    import optuna
+
+    from pipeline.tuning.study import counted_trials, open_study, requeue_interrupted
+
+    tune = TuneSettings(strategy=strategy, space={"hidden_units": [[16], [32], [24]]})
+    grid = grid_choices(tune.space) if strategy == "grid" else None
+    study = open_study(tmp_path, tune, {"k": 1}, grid)
+
+    def objective(trial):
+        return float(len(suggest(trial, tune.space)["hidden_units"]))
+
+    study.optimize(objective, n_trials=1)
+    storage = study._storage
+    storage.create_new_trial(study._study_id)  # created, then the process died
+    study = open_study(tmp_path, tune, {"k": 1}, grid)
+    assert requeue_interrupted(study) == 0
+    assert requeue_interrupted(study) == 0  # once closed, left alone
+    study.optimize(objective, n_trials=2)
+    states = [t.state for t in study.get_trials(deepcopy=False)]
+    assert states.count(optuna.trial.TrialState.COMPLETE) == 3 and counted_trials(study) == 3
+    if strategy == "grid":
+        done = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+        assert sorted(str(t.params["hidden_units"]) for t in done) == ["[16]", "[24]", "[32]"]
+
+
 def _study_trials(path: Path) -> list[tuple[int, str, str | None]]:
     """(number, state, datetime_complete) of the trials in a study file."""
     if not path.exists():

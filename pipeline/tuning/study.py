@@ -109,8 +109,9 @@ def open_study(path: Path, tune: TuneSettings, setup: Mapping[str, Any], grid: d
 
 def requeue_interrupted(study) -> int:
     """Trials that an interrupted search left unfinished (still running when it was
-    killed, or stopped by Ctrl-C): queued again with the same parameters, once. Returns
-    how many."""
+    killed, or stopped by Ctrl-C): queued again with the same parameters, once. A trial
+    killed before the sampler gave it any parameters is only closed: its point was never
+    taken, and the sampler draws it again. Returns how many are queued."""
     from optuna.trial import TrialState
 
     storage = study._storage
@@ -121,6 +122,7 @@ def requeue_interrupted(study) -> int:
         if t.number not in requeued
         and (t.state == TrialState.RUNNING or t.user_attrs.get(INTERRUPTED_ATTR))
     ]
+    queued = 0
     for trial in stale:
         if trial.state == TrialState.RUNNING:
             storage.set_trial_user_attr(trial._trial_id, INTERRUPTED_ATTR, True)
@@ -131,13 +133,17 @@ def requeue_interrupted(study) -> int:
             waiting = study.get_trials(deepcopy=False, states=(TrialState.WAITING,))[-1]
             for name in ("grid_id", "search_space"):
                 storage.set_trial_system_attr(waiting._trial_id, name, trial.system_attrs[name])
-        else:
+        elif trial.params:
             study.enqueue_trial(dict(trial.params))
+        else:
+            continue
         requeued.add(trial.number)
+        queued += 1
     if stale:
-        study.set_user_attr(REQUEUED_ATTR, sorted(requeued))
-        log.warning("%d trials of the interrupted search run again", len(stale))
-    return len(stale)
+        study.set_user_attr(REQUEUED_ATTR, sorted(requeued | {t.number for t in stale}))
+    if queued:
+        log.warning("%d trials of the interrupted search run again", queued)
+    return queued
 
 
 def counted_trials(study) -> int:
