@@ -20,18 +20,6 @@ os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Files with the most `slow` tests first, each file's tests kept together and in
-    order: with ``make test``'s two processes (one file per process at a time), the long
-    files start at once and the short ones fill in at the end, instead of one long file
-    running alone last."""
-    slow: dict[Path, int] = {}
-    for item in items:
-        slow[item.path] = slow.get(item.path, 0) + (item.get_closest_marker("slow") is not None)
-    order = {path: rank for rank, path in enumerate(slow)}  # collection order breaks ties
-    items.sort(key=lambda item: (-slow[item.path], order[item.path]))
-
-
 def pytest_runtest_setup(item: pytest.Item) -> None:
     """Tests marked `cluster` are skipped where extra executor JVMs cannot start."""
     if item.get_closest_marker("cluster") is not None:
