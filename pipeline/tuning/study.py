@@ -136,8 +136,7 @@ def requeue_interrupted(study) -> int:
         elif trial.params:
             study.enqueue_trial(dict(trial.params))
         else:
-            continue
-        requeued.add(trial.number)
+            continue  # killed before the sampler gave it a point: closed, drawn again
         queued += 1
     if stale:
         study.set_user_attr(REQUEUED_ATTR, sorted(requeued | {t.number for t in stale}))
