@@ -86,8 +86,9 @@ def fit_partitions(
     Each worker consumes one partition. A DataFrame that already has exactly that many
     partitions is used as it is (its partitions may be uneven), unless they merge others
     (a union of training and validation rows, say: a barrier stage cannot run on those);
-    any other is repartitioned. Checkpoints go to `checkpoint_dir` (any URI pyarrow can
-    write), each recording `fingerprint` as the data it was trained on.
+    any other is repartitioned with `repartition_in_a_fixed_order`, so that the same rows
+    train the same model on every run. Checkpoints go to `checkpoint_dir` (any URI pyarrow
+    can write), each recording `fingerprint` as the data it was trained on.
     """
     check_slots(spark, settings.workers)
     return run_stage(
