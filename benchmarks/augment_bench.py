@@ -1,12 +1,19 @@
 """What augmentation costs the training loop: steps per second with it on and off.
 
     python benchmarks/augment_bench.py --steps 2000 --repeats 5
+    python benchmarks/augment_bench.py --steps 2000 --repeats 5 --cores 1
 
 Trains the reference model with the pipeline's own `Trainer` (one worker, one TensorFlow
 thread as under ``spark.task.cpus=1``, the embedded sample in its store, 100 steps fused
 per compiled call), once with ``train.augment.enabled`` false and once true, alternating
 within each repeat so that load from other processes falls on both alike. Tracing and
 compilation happen before the clock starts. Target: on/off ratio at least 0.5.
+
+With augmentation on, the loop augments the next call's batches on a second thread while
+the current call trains, as in a training job: that thread uses a free core when there
+is one (a one-worker job on a machine of several cores). ``--cores 1`` pins the process
+to one core, as when every core runs a task: the figure then is what the transform itself
+costs.
 
 The measurement runs in a fresh Python process (TensorFlow's thread pools are fixed when
 it starts); `measure()` returns its figures as a dict for ``benchmarks/train_bench.py``.
@@ -30,8 +37,13 @@ TARGET = 0.5
 
 
 def measure(steps: int = 2000, repeats: int = 5) -> dict[str, Any]:
-    """Run the benchmark in a subprocess; its figures (steps/s on, off and their ratio)."""
-    return in_fresh_process(__file__, ["--steps", str(steps), "--repeats", str(repeats)])
+    """Run the benchmark in a subprocess; its figures (steps/s on, off and their ratio),
+    and the same pinned to one core under ``one_core``."""
+    args = ["--steps", str(steps), "--repeats", str(repeats)]
+    figures = in_fresh_process(__file__, args)
+    if hasattr(os, "sched_setaffinity"):
+        figures["one_core"] = in_fresh_process(__file__, [*args, "--cores", "1"])
+    return figures
 
 
 def in_fresh_process(script: str, args: list[str]) -> dict[str, Any]:
@@ -111,15 +123,21 @@ def _measure_here(steps: int, repeats: int) -> dict[str, Any]:
     from pipeline.config import AugmentSettings, TrainSettings
 
     off, on = (TrainSettings(augment=AugmentSettings(enabled=e)) for e in (False, True))
-    return {**on_off(off, on, steps, repeats), "target_ratio": TARGET}
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return {**on_off(off, on, steps, repeats), "cores": cores, "target_ratio": TARGET}
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=2000, help="timed steps per measurement")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument(
+        "--cores", type=int, help="run on this many cores only (Linux; default: all)"
+    )
     parser.add_argument("--json", action="store_true", help="print the figures as one JSON line")
     args = parser.parse_args(argv)
+    if args.cores:  # before TensorFlow starts its threads
+        os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[: args.cores])
     result = _measure_here(args.steps, args.repeats)
     if args.json:
         print(json.dumps(result))
@@ -129,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
         f"steps/s, augmentation off: {result['steps_per_second_off']['median']:,.0f}; "
         f"on: {result['steps_per_second_on']['median']:,.0f}; on/off ratio "
         f"{ratio['median']:.3f} [{ratio['min']:.3f}, {ratio['max']:.3f}] "
-        f"(target >= {TARGET}; medians of {args.repeats} repeats)"
+        f"(target >= {TARGET}; medians of {args.repeats} repeats; {result['cores']} cores)"
     )
     return 0
 

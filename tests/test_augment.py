@@ -132,6 +132,18 @@ def test_compiles_inside_an_xla_training_loop(digits):
     assert np.abs(fused - sum(digits[16 * i : 16 * i + 32] for i in range(3))).max() > 0.1
 
 
+def test_the_steps_of_a_block_get_the_transforms_of_each_step_alone(digits):
+    """The training loop augments the batches of many steps at once, ahead of the steps:
+    each batch gets exactly what it gets when augmented alone at its step."""
+    augment = make_augment(ON, seed=5, rank=1)
+    block = digits[:60].reshape(3, 20, -1)
+    together = augment.steps(block, tf.constant(40, tf.int64)).numpy()
+    for i in range(3):
+        alone = augment(block[i], tf.constant(40 + i, tf.int64)).numpy()
+        np.testing.assert_allclose(together[i], alone, atol=1e-6)
+    assert np.abs(together - block).max() > 0.5
+
+
 # -- in the training loop ------------------------------------------------------------------
 
 
@@ -202,10 +214,10 @@ def test_off_trains_on_the_raw_rows_bit_for_bit(training_rows):
 def test_training_batches_are_augmented_validation_never(training_rows, monkeypatch):
     """An augmentation that blanks every image: training sees blank batches (the first
     layer's weights get no gradient), validation still scores the raw rows."""
-    import pipeline.training.loop as loop
-
     x, labels, batches = training_rows
-    monkeypatch.setattr(loop, "make_augment", lambda *args: lambda x, step: tf.zeros_like(x))
+    import pipeline.training.augment as augment
+
+    monkeypatch.setattr(augment, "affine_transform", lambda x, **_: tf.zeros_like(x))
     trainer = _trainer(TrainSettings(augment=ON, steps_per_call=5), x, labels)
     initial_kernel = trainer.weights()[0]
     _train(trainer, batches)

@@ -1,15 +1,17 @@
-"""Random affine transforms of training batches, inside the compiled training step.
+"""Random affine transforms of training batches, compiled with XLA.
 
 Each sample of a batch is rotated, scaled, sheared and shifted about the image centre by
 its own random amounts (``train.augment.*``), bilinear-sampled with zero fill outside the
-image. Only training batches pass through here: validation and scoring never do.
+image. Only training batches pass through here: validation and scoring never do. The
+training loop (`pipeline.training.loop.Trainer.train`) augments the batches of its next
+call on a second thread while the current call trains.
 
 Built from plain TensorFlow ops that XLA compiles (stateless random draws, elementwise
-arithmetic, one ``tf.gather`` over the flattened batch); ``ImageProjectiveTransformV3``,
+arithmetic, four ``tf.gather`` over the flattened batch); ``ImageProjectiveTransformV3``,
 the kernel behind Keras' image layers, has no XLA kernel and runs per sample. The draws
 are a pure function of (``train.seed``, worker rank, global step): the same step of the
 same worker sees the same transforms in every sync mode, on the in-memory and the
-streamed path, and after a resume from a checkpoint.
+streamed path, alone or with the steps around it, and after a resume from a checkpoint.
 
 Imported only in the worker's TensorFlow process.
 """
@@ -17,13 +19,12 @@ Imported only in the worker's TensorFlow process.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 
 import numpy as np
 import tensorflow as tf
 
 from pipeline.config import AugmentSettings
-from pipeline.contract import IMAGE_SIDE
+from pipeline.contract import FEATURE_DIM, IMAGE_SIDE
 
 # Zero border around each image: one row/column before it and two after, so that every
 # clipped source coordinate in [-1, IMAGE_SIDE] has both bilinear neighbours in range.
@@ -36,43 +37,74 @@ _ANGLE, _SCALE, _SHEAR, _DX, _DY, _DRAWS = range(6)
 _ROWS, _COLS = (a.reshape(1, -1) for a in np.mgrid[0:IMAGE_SIDE, 0:IMAGE_SIDE].astype(np.float32))
 
 
-def make_augment(
-    settings: AugmentSettings, seed: int, rank: int
-) -> Callable[[tf.Tensor, tf.Tensor], tf.Tensor] | None:
-    """``augment(x, step)`` for this worker, or None when augmentation is off.
+class Augment:
+    """One worker's augmentation: ``augment(x, step)`` transforms one batch, and
+    ``augment.steps(x, first_step)`` the batches of consecutive steps at once.
 
-    `x` is a (batch, 784) float32 batch of pixels in [0, 1]; `step` the worker's global
-    step (an integer scalar tensor). The function is compiled with XLA on its own, so it
-    is fused even inside a training loop that is not.
+    Both are compiled with XLA on their own, so they are fused even inside a training
+    loop that is not. Each step's draws depend only on (seed, rank, step): a batch gets
+    the same transforms whether it is augmented alone or with the steps around it.
     """
-    if not settings.enabled:
-        return None
-    rotation = math.radians(settings.max_rotation)
-    shear = math.radians(settings.max_shear)
-    shift = float(settings.max_shift)
-    scale = float(settings.max_scale_change)
 
-    @tf.function(jit_compile=True, autograph=False)
-    def compiled(x, step):
-        batch = tf.shape(x)[0]
-        draws = tf.random.stateless_uniform(
-            (batch, _DRAWS), step_seed(seed, rank, step), minval=-1.0, maxval=1.0, alg="philox"
+    def __init__(self, settings: AugmentSettings, seed: int, rank: int) -> None:
+        self._seed, self._rank = seed, rank
+        self._scales = {
+            _ANGLE: math.radians(settings.max_rotation),
+            _SCALE: float(settings.max_scale_change),
+            _SHEAR: math.radians(settings.max_shear),
+            _DX: float(settings.max_shift),
+            _DY: float(settings.max_shift),
+        }
+        self._one = tf.function(self._one_fn, jit_compile=True, autograph=False)
+        self._steps = tf.function(self._steps_fn, jit_compile=True)
+
+    def __call__(self, x, step) -> tf.Tensor:
+        """`x`, a (batch, 784) float32 batch of pixels in [0, 1], transformed as at the
+        worker's global `step` (an integer scalar tensor)."""
+        # A Keras variable (the optimizer's step counter) may be passed: tf.function
+        # cannot take one as an argument.
+        return self._one(x, tf.cast(tf.convert_to_tensor(step), tf.int64))
+
+    def steps(self, x, first_step) -> tf.Tensor:
+        """`x`, (steps, batch, 784): batch i transformed as at step `first_step` + i."""
+        return self._steps(x, tf.cast(tf.convert_to_tensor(first_step), tf.int64))
+
+    def _draws(self, batch, step) -> tf.Tensor:
+        seed = step_seed(self._seed, self._rank, step)
+        return tf.random.stateless_uniform(
+            (batch, _DRAWS), seed, minval=-1.0, maxval=1.0, alg="philox"
         )
+
+    def _transform(self, x, draws) -> tf.Tensor:
+        amount = {k: draws[:, k] * scale for k, scale in self._scales.items()}
         return affine_transform(
             x,
-            angle=draws[:, _ANGLE] * rotation,
-            scale=1.0 + draws[:, _SCALE] * scale,
-            shear=draws[:, _SHEAR] * shear,
-            dx=draws[:, _DX] * shift,
-            dy=draws[:, _DY] * shift,
+            angle=amount[_ANGLE],
+            scale=1.0 + amount[_SCALE],
+            shear=amount[_SHEAR],
+            dx=amount[_DX],
+            dy=amount[_DY],
         )
 
-    def augment(x, step):
-        # A Keras variable (the optimizer's step counter) is read here: tf.function
-        # cannot take one as an argument.
-        return compiled(x, tf.cast(tf.convert_to_tensor(step), tf.int64))
+    def _one_fn(self, x, step):
+        return self._transform(x, self._draws(tf.shape(x)[0], step))
 
-    return augment
+    def _steps_fn(self, x, first_step):
+        steps, batch = tf.shape(x)[0], tf.shape(x)[1]
+        draws = tf.map_fn(
+            lambda i: self._draws(batch, first_step + i),
+            tf.range(tf.cast(steps, tf.int64)),
+            fn_output_signature=tf.float32,
+        )
+        flat = self._transform(tf.reshape(x, (-1, FEATURE_DIM)), tf.reshape(draws, (-1, _DRAWS)))
+        return tf.reshape(flat, tf.shape(x))
+
+
+def make_augment(settings: AugmentSettings, seed: int, rank: int) -> Augment | None:
+    """The augmentation of this worker (`Augment`), or None when augmentation is off."""
+    if not settings.enabled:
+        return None
+    return Augment(settings, seed, rank)
 
 
 def step_seed(seed: int, rank: int, step) -> tf.Tensor:

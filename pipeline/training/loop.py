@@ -26,6 +26,8 @@ process.
 from __future__ import annotations
 
 import contextlib
+from concurrent.futures import ThreadPoolExecutor
+from typing import NamedTuple
 
 import numpy as np
 import tensorflow as tf
@@ -34,6 +36,9 @@ from pipeline.config import TrainSettings
 from pipeline.contract import FEATURE_DIM, NUM_CLASSES
 from pipeline.model import build_model, build_optimizer
 from pipeline.training.augment import make_augment
+
+# Rows of augmented training batches made in one go (about 10 MB of pixels).
+AUGMENT_CALL_ROWS = 3200
 
 
 class Trainer:
@@ -56,14 +61,27 @@ class Trainer:
         rank = strategy.cluster_resolver.task_id if strategy is not None else 0
         self._augment = make_augment(settings.augment, settings.seed, rank)  # None when off
         self.on_progress = _nothing  # called after every compiled call and collective
-        # XLA fuses the steps into one compiled loop (augmentation, compiled on its own,
-        # is inlined into it); not under exact sync (`TrainSettings.compiles_with_xla`).
+        # XLA fuses the steps into one compiled loop; not under exact sync
+        # (`TrainSettings.compiles_with_xla`). Augmentation is always compiled.
         self.jit_compile = ran.compiles_with_xla()
+        batches = tf.TensorSpec((None, settings.batch_size), tf.int32)
         self._train_steps = tf.function(
-            self._train_steps_fn,
-            input_signature=[tf.TensorSpec((None, settings.batch_size), tf.int32)],
-            jit_compile=self.jit_compile,
+            self._train_steps_fn, input_signature=[batches], jit_compile=self.jit_compile
         )
+        if self._augment is not None:
+            self._train_augmented = tf.function(
+                self._train_steps_fn,
+                input_signature=[
+                    batches,
+                    tf.TensorSpec((None, settings.batch_size, FEATURE_DIM), tf.float32),
+                ],
+                jit_compile=self.jit_compile,
+            )
+            self._augmented = tf.function(
+                self._augmented_fn,
+                input_signature=[batches, tf.TensorSpec((), tf.int64)],
+                jit_compile=True,
+            )
         self._evaluate_batch = tf.function(
             self._evaluate_batch_fn,
             input_signature=[
@@ -97,24 +115,16 @@ class Trainer:
         batch = tf.cast(tf.shape(x)[0], tf.float32)
         return loss * batch, _correct(y, probabilities)
 
-    def _batch(self, rows):
-        """The training batch at store positions `rows`: (features, one-hot labels).
-
-        The one place a training batch is formed, inside the compiled loop. A transform of
-        the batch (augmentation) goes here; it must use ops XLA can compile, or run before
-        the rows reach the store. Augmentation draws from the optimizer's step counter,
-        which checkpoints restore.
-        """
-        x = tf.gather(self._store_x, rows)
-        if self._augment is not None:
-            x = self._augment(x, self.optimizer.iterations)
-        return x, tf.gather(self._store_y, rows)
-
-    def _train_steps_fn(self, batches):
+    def _train_steps_fn(self, batches, features=None):
+        """The steps of `batches` (store positions, one row per step). Each step's features
+        are gathered from the store, or taken from `features` (steps, batch, 784) when the
+        batches were augmented beforehand (`Trainer.train`)."""
         loss_sum = tf.constant(0.0)
         correct = tf.constant(0.0)
         for i in tf.range(tf.shape(batches)[0]):
-            x, y = self._batch(batches[i])
+            rows = batches[i]
+            x = tf.gather(self._store_x, rows) if features is None else features[i]
+            y = tf.gather(self._store_y, rows)
             if self.mode == "exact":
                 step_loss, step_correct = self.strategy.run(self._step, args=(x, y))
                 step_loss = self.strategy.experimental_local_results(step_loss)[0]
@@ -124,6 +134,11 @@ class Trainer:
             loss_sum += step_loss
             correct += step_correct
         return loss_sum, correct
+
+    def _augmented_fn(self, batches, first_step):
+        """The training batches at store positions `batches`, augmented as at steps
+        `first_step`, `first_step` + 1, ...: only training batches pass through here."""
+        return self._augment.steps(tf.gather(self._store_x, batches), first_step)
 
     # -- the tensor store -------------------------------------------------------------
     def make_store(self, rows: int) -> None:
@@ -150,35 +165,76 @@ class Trainer:
                 at += n
 
     def train(self, segments, steps: int) -> tuple[float, float]:
-        """Run the `steps` steps of `segments`; (sum of per-sample loss, correct predictions)."""
-        per_call = self.settings.steps_per_call
+        """Run the `steps` steps of `segments`; (sum of per-sample loss, correct predictions).
+
+        With augmentation, the batches of the next call are augmented on a second thread
+        while the current call trains: the transforms are a pure function of the step, so
+        they can be made ahead, and on a free core they cost the steps almost nothing.
+        """
         sync_every = self.settings.average_every if self.mode == "local_sgd" else steps
         loss_sum = correct = 0.0
         done = since_sync = 0
-        for segment in segments:
-            if segment.rows is not None:
-                self.fill_store(segment.rows)
-            batches = segment.batches
-            segment = None  # the window's arrays are in the store now: let them go
-            at = 0
-            while at < len(batches):
-                n = min(per_call, len(batches) - at, sync_every - since_sync)
-                step_loss, step_correct = self._train_steps(tf.constant(batches[at : at + n]))
-                loss_sum += float(step_loss)
-                correct += float(step_correct)
-                self.on_progress()
-                at += n
-                done += n
-                since_sync += n
-                if self.mode == "local_sgd" and (since_sync == sync_every or done == steps):
-                    self._average()
+        first_step = int(self.optimizer.iterations.numpy()) if self._augment is not None else 0
+        with _augmenting_thread(self._augment is not None) as thread:
+            for segment in segments:
+                if segment.rows is not None:
+                    self.fill_store(segment.rows)
+                batches = segment.batches
+                segment = None  # the window's arrays are in the store now: let them go
+                calls = []
+                at = 0
+                while at < len(batches):
+                    n = min(self._steps_per_call, len(batches) - at, sync_every - since_sync)
+                    at, done, since_sync = at + n, done + n, since_sync + n
+                    average = self.mode == "local_sgd" and (
+                        since_sync == sync_every or done == steps
+                    )
+                    if average:
+                        since_sync = 0
+                    step = first_step + done - n
+                    calls.append(_Call(tf.constant(batches[at - n : at]), step, average))
+                # All of this window's calls end before the next window fills the store.
+                for call, features in zip(calls, self._features(thread, calls), strict=True):
+                    if features is None:
+                        step_loss, step_correct = self._train_steps(call.batches)
+                    else:
+                        step_loss, step_correct = self._train_augmented(call.batches, features)
+                    loss_sum += float(step_loss)
+                    correct += float(step_correct)
                     self.on_progress()
-                    since_sync = 0
+                    if call.then_average:
+                        self._average()
+                        self.on_progress()
         if done != steps:
             from pipeline.errors import TrainingError
 
             raise TrainingError(f"the epoch planned {done} steps, expected {steps}")
         return loss_sum, correct
+
+    @property
+    def _steps_per_call(self) -> int:
+        per_call = self.settings.steps_per_call
+        if self._augment is None:
+            return per_call
+        # An augmented call's pixels (and XLA's intermediates, a few times as many) are
+        # held at once: at most AUGMENT_CALL_ROWS rows of them.
+        return max(1, min(per_call, AUGMENT_CALL_ROWS // self.settings.batch_size))
+
+    def _features(self, thread, calls):
+        """Each call's augmented features, the next call's under way on `thread` while
+        this one trains; None for every call without augmentation."""
+        if thread is None:
+            yield from (None for _ in calls)
+            return
+
+        def start(call: _Call):
+            return thread.submit(self._augmented, call.batches, call.first_step)
+
+        ahead = [start(call) for call in calls[:1]]
+        for following in [*calls[1:], None]:
+            if following is not None:
+                ahead.append(start(following))
+            yield ahead.pop(0).result()
 
     # -- collectives ------------------------------------------------------------------
     def _allreduce_fn(self, vector):
@@ -292,8 +348,27 @@ class Trainer:
             variable.assign(value)
 
 
+class _Call(NamedTuple):
+    """One compiled call of the training loop: its batches (store positions), the
+    global step of its first batch, and whether local SGD averages the weights after it."""
+
+    batches: tf.Tensor
+    first_step: int
+    then_average: bool
+
+
 def _nothing() -> None:
     return None
+
+
+@contextlib.contextmanager
+def _augmenting_thread(wanted: bool):
+    """A thread that augments batches ahead of the steps (None when not `wanted`)."""
+    if not wanted:
+        yield None
+        return
+    with ThreadPoolExecutor(1, thread_name_prefix="augment") as thread:
+        yield thread
 
 
 def _correct(y, probabilities):
