@@ -1,12 +1,11 @@
-"""Experiment tracking: train and tune runs recorded in an MLflow SQLite store and read back
-by a plain MlflowClient in a fresh process; clear errors."""
+"""Experiment tracking: training runs recorded in an MLflow SQLite store and read back by a
+plain MlflowClient in a fresh process; clear errors. A search's record (a parent run, a
+nested run per trial) is checked on the search that tests/test_tuning.py runs anyway."""
 
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -23,78 +22,12 @@ from pipeline.tracking import (
     require_mlflow,
     resolve_uri,
 )
+from tests.mlflow_runs import read_back_run, tracking_settings
 
 # Only the tests that record need MLflow; those about it being absent run without it.
 needs_mlflow = pytest.mark.skipif(
     importlib.util.find_spec("mlflow") is None, reason="tracking needs the [tracking] extra"
 )
-
-# Run in a fresh interpreter with no MLFLOW_* variables: dump one run, its children,
-# metric histories and artifacts as JSON, as any user's script would read them.
-_READ_BACK = """
-import hashlib, json, sys
-from mlflow.tracking import MlflowClient
-
-uri, run_id, download_to = sys.argv[1:4]
-client = MlflowClient(tracking_uri=uri)
-
-def files(run_id, path=None):
-    found = []
-    for item in client.list_artifacts(run_id, path):
-        found += files(run_id, item.path) if item.is_dir else [item.path]
-    return found
-
-def dump(run):
-    run_id = run.info.run_id
-    return {
-        "name": run.info.run_name,
-        "status": run.info.status,
-        "params": run.data.params,
-        "tags": run.data.tags,
-        "metrics": run.data.metrics,
-        "history": {
-            key: sorted([m.step, m.value] for m in client.get_metric_history(run_id, key))
-            for key in run.data.metrics
-        },
-        "artifacts": sorted(files(run_id)),
-    }
-
-run = client.get_run(run_id)
-doc = dump(run)
-doc["experiment"] = client.get_experiment(run.info.experiment_id).name
-children = client.search_runs(
-    [run.info.experiment_id], f"tags.mlflow.parentRunId = '{run_id}'"
-)
-doc["children"] = [dump(child) for child in children]
-model_files = [path for path in doc["artifacts"] if path.startswith("model/")]
-if model_files:
-    doc["downloaded"] = model_files[0]
-    local = client.download_artifacts(run_id, model_files[0], download_to)
-    doc["downloaded_sha256"] = hashlib.sha256(open(local, "rb").read()).hexdigest()
-print(json.dumps(doc))
-"""
-
-
-def _tracking(tmp_path: Path, experiment: str) -> dict:
-    return {"enabled": True, "uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "experiment": experiment}
-
-
-def _read_back(uri: str, run_id: str, tmp_path: Path) -> dict:
-    """The run as a plain MlflowClient sees it from a new process with no MLflow settings."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
-    download = tmp_path / "download"
-    download.mkdir(exist_ok=True)
-    result = subprocess.run(
-        [sys.executable, "-c", _READ_BACK, uri, run_id, str(download)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=env,
-        cwd=tmp_path,
-        check=False,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    return json.loads(result.stdout.strip().splitlines()[-1])
 
 
 def test_tracking_is_off_by_default_with_a_local_sqlite_store():
@@ -170,11 +103,12 @@ def test_training_run_is_recorded(spark, training_run, tmp_path):
 
     from pipeline.tracking import record_training
 
-    tracking = Config().with_overrides({"tracking": _tracking(tmp_path, "train-test")}).tracking
+    settings = tracking_settings(tmp_path, "train-test")
+    tracking = Config().with_overrides({"tracking": settings}).tracking
     result, features = training_run.result, str(training_run.features)
     run_id = record_training(spark, tracking, result, input_path=features)
 
-    run = _read_back(tracking.uri, run_id, tmp_path)
+    run = read_back_run(tracking.uri, run_id, tmp_path)
     assert run["experiment"] == "train-test"
     assert run["status"] == "FINISHED"
     assert run["params"]["train.hidden_units"] == "[16]"  # the shared job's own settings
@@ -217,54 +151,6 @@ def test_disabled_tracking_records_nothing(tmp_path, monkeypatch):
 
 
 @needs_mlflow
-@pytest.mark.slow
-def test_tuning_run_is_recorded_with_nested_trials(spark, ingested_sample, tmp_path, monkeypatch):
-    from pipeline.tracking import record_tuning
-    from pipeline.tuning import run_tuning
-    from tests.faults import break_trials
-
-    config = Config().with_overrides(
-        {
-            "tune": {
-                "strategy": "grid",
-                "epochs": 2,
-                "space": {"hidden_units": [[16], [32], [24]], "learning_rate": [0.05]},
-                "confirm_top": 1,
-                "confirm_seeds": 2,
-            },
-            "tracking": _tracking(tmp_path, "tune-test"),
-        }
-    )
-    break_trials(monkeypatch, "002")
-    result = run_tuning(spark, config, ingested_sample, str(tmp_path / "tune"))
-    parent_id = record_tuning(spark, config.tracking, result, config)
-
-    parent = _read_back(config.tracking.uri, parent_id, tmp_path)
-    assert parent["experiment"] == "tune-test"
-    assert parent["params"]["tune.strategy"] == "grid"
-    assert parent["metrics"]["trials"] == 3 and parent["metrics"]["failed_trials"] == 1
-    assert parent["metrics"]["best_val_accuracy"] == pytest.approx(result.best.val_accuracy)
-    assert set(parent["artifacts"]) == {"results.md", "val_accuracy.png", "best.yaml"}
-    assert len(parent["children"]) == 3
-    by_trial = {child["name"]: child for child in parent["children"]}
-    failed = by_trial["trial 002"]
-    assert failed["status"] == "FAILED" and failed["tags"]["error_type"]
-    for trial in result.results:
-        if not trial.ok:
-            continue
-        child = by_trial[f"trial {trial.trial.number:03d}"]
-        assert child["status"] == "FINISHED"
-        assert child["params"]["train.workers"] == "1"
-        assert [step for step, _ in child["history"]["val_accuracy"]] == [1, 2]
-        # the kept (judged) epoch's figures, and the last epoch's beside them
-        assert child["metrics"]["judged_val_accuracy"] == pytest.approx(trial.val_accuracy)
-        assert child["metrics"]["judged_epoch"] == trial.epoch
-        last = trial.history[-1]["val_accuracy"]
-        assert child["metrics"]["last_epoch_val_accuracy"] == pytest.approx(last)
-        assert "final_val_accuracy" not in child["metrics"]
-
-
-@needs_mlflow
 def test_an_unusable_store_is_one_clear_error(tmp_path):
     from types import SimpleNamespace
 
@@ -272,7 +158,7 @@ def test_an_unusable_store_is_one_clear_error(tmp_path):
 
     blocker = tmp_path / "a-file"
     blocker.write_text("not a directory")
-    config = Config().with_overrides({"tracking": _tracking(blocker, "x")})
+    config = Config().with_overrides({"tracking": tracking_settings(blocker, "x")})
     stub = SimpleNamespace(model_dir=str(tmp_path / "model"))
     with pytest.raises(EnvironmentProblem, match="could not record the training run"):
         record_training(None, config.tracking, stub)
@@ -300,7 +186,7 @@ def test_the_logged_model_scores_like_the_scoring_job_in_spark_udf(
     settings = (
         Config()
         .with_overrides(
-            {"tracking": {**_tracking(tmp_path, "model-test"), "register_as": "digits"}}
+            {"tracking": {**tracking_settings(tmp_path, "model-test"), "register_as": "digits"}}
         )
         .tracking
     )

@@ -13,6 +13,7 @@ import yaml
 
 from pipeline.config import Config, TrainSettings, TuneSettings, load_config
 from pipeline.errors import ConfigError, OutputPathError, TrainingError
+from pipeline.tracking import record_tuning
 from pipeline.tuning import (
     BEST_FILE,
     PLOT_FILE,
@@ -38,6 +39,7 @@ from tests.faults import (
     submit,
     wait_for,
 )
+from tests.mlflow_runs import read_back_run, tracking_settings
 
 CONF_DIR = REPO / "conf"
 
@@ -246,7 +248,9 @@ def _small(**tune) -> Config:
 
 
 @pytest.mark.slow
-def test_search_prunes_confirms_and_reports(spark, ingested_sample, tmp_path, monkeypatch):
+def test_search_prunes_confirms_reports_and_is_tracked(
+    spark, ingested_sample, tmp_path, monkeypatch
+):
     # The grid sampler's seeded order (tune.seed 0): 000 takes lr 0.02 and learns, 001
     # takes 1e-05 and barely moves (pruned against 000), 002 takes 0.05 and fails.
     config = _small(
@@ -258,7 +262,7 @@ def test_search_prunes_confirms_and_reports(spark, ingested_sample, tmp_path, mo
         prune_startup_trials=1,
         prune_warmup_epochs=1,
         parallelism=1,
-    )
+    ).with_overrides({"tracking": tracking_settings(tmp_path, "tune-test")})
     break_trials(monkeypatch, "002")
     output = tmp_path / "tune"
     result = run_tuning(spark, config, ingested_sample, str(output))
@@ -315,6 +319,33 @@ def test_search_prunes_confirms_and_reports(spark, ingested_sample, tmp_path, mo
         assert loaded.learning_rate == 0.02 and loaded.validation_fraction == 0.0
         assert loaded.epochs == config.tune.final_epochs
     assert not list(tmp_path.glob(".tune.staging-*"))
+
+    # MLflow: one parent run for the search, a nested run per trial, read back as a user's
+    # script would.
+    parent_id = record_tuning(spark, config.tracking, result, config)
+    parent = read_back_run(config.tracking.uri, parent_id, tmp_path)
+    assert parent["experiment"] == "tune-test"
+    assert parent["params"]["tune.strategy"] == "grid"
+    assert parent["metrics"]["trials"] == 3 and parent["metrics"]["failed_trials"] == 1
+    assert parent["metrics"]["best_val_accuracy"] == pytest.approx(result.best.val_accuracy)
+    assert set(parent["artifacts"]) == {RESULTS_MD, PLOT_FILE, BEST_FILE}
+    children = {child["name"]: child for child in parent["children"]}
+    assert sorted(children) == ["trial 000", "trial 001", "trial 002"]
+    assert children["trial 001"]["status"] == "KILLED"  # pruned
+    assert children["trial 002"]["status"] == "FAILED"
+    assert children["trial 002"]["tags"]["error_type"] == "InputDataError"
+    for trial in (finished, pruned):
+        child = children[f"trial {trial.trial.number:03d}"]
+        assert child["params"]["train.workers"] == "1"
+        steps = [step for step, _ in child["history"]["val_accuracy"]]
+        assert steps == list(range(1, trial.epochs_run + 1))
+        # the kept (judged) epoch's figures, and the last epoch's beside them
+        assert child["metrics"]["judged_val_accuracy"] == pytest.approx(trial.val_accuracy)
+        assert child["metrics"]["judged_epoch"] == trial.epoch
+        last = trial.history[-1]["val_accuracy"]
+        assert child["metrics"]["last_epoch_val_accuracy"] == pytest.approx(last)
+        assert "final_val_accuracy" not in child["metrics"]
+    assert children["trial 000"]["status"] == "FINISHED"
 
 
 @pytest.mark.slow
