@@ -16,10 +16,11 @@ overhead dominates this small model. The worker's rows live in a tensor store (t
 non-trainable variables: the whole partition when it fits the memory budget, else one
 shuffle window at a time); `Trainer.train` runs ``steps_per_call`` steps per
 ``tf.function`` call, each step gathering its batch from the store by row positions
-planned in NumPy (`pipeline.training.data.epoch_segments`). No tf.data pipeline and no
-Python per batch. With ``train.jit_compile`` (the default) that function is compiled with
-XLA, about 1.4x the steps per second on CPU, except in ``exact`` mode, whose all-reduce
-inside the loop XLA cannot compile on CPU. Imported only in the worker's TensorFlow
+planned in NumPy (`pipeline.training.data.epoch_segments`); with augmentation, a second
+thread gathers and augments the next call's batches while a call trains. No tf.data
+pipeline and no Python per batch. With ``train.jit_compile`` (the default) that function
+is compiled with XLA, about 1.4x the steps per second on CPU, except in ``exact`` mode,
+whose all-reduce inside the loop XLA cannot compile on CPU. Imported only in the worker's TensorFlow
 process.
 """
 
