@@ -20,8 +20,8 @@ planned in NumPy (`pipeline.training.data.epoch_segments`); with augmentation, a
 thread gathers and augments the next call's batches while a call trains. No tf.data
 pipeline and no Python per batch. With ``train.jit_compile`` (the default) that function
 is compiled with XLA, about 1.4x the steps per second on CPU, except in ``exact`` mode,
-whose all-reduce inside the loop XLA cannot compile on CPU. Imported only in the worker's TensorFlow
-process.
+whose all-reduce inside the loop XLA cannot compile on CPU. Imported only in the worker's
+TensorFlow process.
 """
 
 from __future__ import annotations
