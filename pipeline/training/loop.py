@@ -231,11 +231,10 @@ class Trainer:
         def start(call: _Call):
             return thread.submit(self._augmented, call.batches, call.first_step)
 
-        ahead = [start(call) for call in calls[:1]]
+        ahead = start(calls[0]) if calls else None
         for following in [*calls[1:], None]:
-            if following is not None:
-                ahead.append(start(following))
-            yield ahead.pop(0).result()
+            current, ahead = ahead, start(following) if following is not None else None
+            yield current.result()
 
     # -- collectives ------------------------------------------------------------------
     def _allreduce_fn(self, vector):
