@@ -308,3 +308,34 @@ def test_a_share_of_row_groups_spools_its_rows_and_counts_their_classes(tmp_path
     ranges = [(*groups[0][:4], 0, 100, False)]
     with pytest.raises(InputDataError, match="changed while the job ran"):
         list(read_share(rowgroups.LOCAL, ranges, label_column))
+
+
+def test_the_worker_process_imports_no_spark_before_tensorflow():
+    """``python -m pipeline.training.worker`` starts TensorFlow at once: importing it does
+    not pull in the driver's orchestration (Spark SQL, the run, the stage)."""
+    import subprocess
+    import sys
+
+    probe = (
+        "import sys, pipeline.training.worker; "
+        "print(sorted(m for m in sys.modules if m.startswith('pyspark') "
+        "or m in ('pipeline.training.run', 'pipeline.training.fit')))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True
+    ).stdout
+    assert out.strip() == "[]"
+
+
+@pytest.mark.parametrize("package", ["pipeline.training", "pipeline.scoring"])
+def test_every_name_of_a_package_face_is_its_modules_own(package):
+    import importlib
+
+    face = importlib.import_module(package)
+    assert sorted(face.__all__) == sorted(face._MODULES)
+    for name in face.__all__:
+        module = importlib.import_module(f"{package}.{face._MODULES[name]}")
+        assert getattr(face, name) is getattr(module, name)
+    assert set(face.__all__) <= set(dir(face))
+    with pytest.raises(AttributeError, match="no attribute 'run_everything'"):
+        face.run_everything  # noqa: B018

@@ -1,5 +1,8 @@
 """The scoring stage: a verified model mapped over Arrow batches of validated features.
 
+Its names are imported from their modules on first use (an executor task imports only
+what it runs):
+
 - `library`: `predict`, the model on a DataFrame of your own;
 - `job`: the job's orchestration (`run_scoring`): read, score, quarantine, evaluate, publish;
 - `inputs`: raw rows preprocessed as the model was trained, or an ingest output as it is;
@@ -8,34 +11,37 @@
 - `executor`: the Python-worker half, where a batch enters the model.
 """
 
-from pipeline.scoring.executor import build_predictor, features_matrix, prediction_arrays
-from pipeline.scoring.inference import (
-    BroadcastModel,
-    arrow_batch_rows,
-    broadcast_model,
-    predict_digits,
-    prediction_schema,
-    read_scoring_model,
-    read_verified_model,
-    score_row_groups,
-    task_cpus,
-)
-from pipeline.scoring.inputs import (
-    Source,
-    ingested_source,
-    raw_source,
-    read_source,
-    scoring_preprocessing,
-)
-from pipeline.scoring.job import (
-    ScoreResult,
-    run_scoring,
-    translate_task_errors,
-    write_model_outputs,
-)
-from pipeline.scoring.library import predict
-from pipeline.scoring.plan import RowGroupPlan, group_tasks, plan_row_groups
+from typing import TYPE_CHECKING
 
+from pipeline.lazy import exports
+
+_MODULES = {
+    "BroadcastModel": "inference",
+    "RowGroupPlan": "plan",
+    "ScoreResult": "job",
+    "Source": "inputs",
+    "arrow_batch_rows": "inference",
+    "broadcast_model": "inference",
+    "build_predictor": "executor",
+    "features_matrix": "executor",
+    "group_tasks": "plan",
+    "ingested_source": "inputs",
+    "plan_row_groups": "plan",
+    "predict": "library",
+    "predict_digits": "inference",
+    "prediction_arrays": "executor",
+    "prediction_schema": "inference",
+    "raw_source": "inputs",
+    "read_scoring_model": "inference",
+    "read_source": "inputs",
+    "read_verified_model": "inference",
+    "run_scoring": "job",
+    "score_row_groups": "inference",
+    "scoring_preprocessing": "inputs",
+    "task_cpus": "inference",
+    "translate_task_errors": "job",
+    "write_model_outputs": "job",
+}
 __all__ = [
     "BroadcastModel",
     "RowGroupPlan",
@@ -63,3 +69,33 @@ __all__ = [
     "translate_task_errors",
     "write_model_outputs",
 ]
+__getattr__, __dir__ = exports(__name__, _MODULES)
+
+if TYPE_CHECKING:
+    from pipeline.scoring.executor import build_predictor, features_matrix, prediction_arrays
+    from pipeline.scoring.inference import (
+        BroadcastModel,
+        arrow_batch_rows,
+        broadcast_model,
+        predict_digits,
+        prediction_schema,
+        read_scoring_model,
+        read_verified_model,
+        score_row_groups,
+        task_cpus,
+    )
+    from pipeline.scoring.inputs import (
+        Source,
+        ingested_source,
+        raw_source,
+        read_source,
+        scoring_preprocessing,
+    )
+    from pipeline.scoring.job import (
+        ScoreResult,
+        run_scoring,
+        translate_task_errors,
+        write_model_outputs,
+    )
+    from pipeline.scoring.library import predict
+    from pipeline.scoring.plan import RowGroupPlan, group_tasks, plan_row_groups

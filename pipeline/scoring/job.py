@@ -51,6 +51,7 @@ from pipeline.monitoring.documents import REPORT_MD, scoring_report_md
 from pipeline.monitoring.drift import DataProfile
 from pipeline.monitoring.watch import Watch, WatchShape, watch_from_sums
 from pipeline.outputs import SCORE, check_output, staged_output
+from pipeline.plots import import_in_background
 from pipeline.quarantine import (
     REJECTED_DIR,
     Counts,
@@ -171,6 +172,7 @@ def run_scoring(
 
     phases = {"start": waited} if waited is not None else {}
     phases["prepare"] = time.monotonic() - started
+    import_in_background()  # for the evaluation and monitoring pictures after the job
     by_split: dict[str, Evaluation] = {}
     try:
         with staged_output(storage, output, SCORE) as staging:

@@ -1,6 +1,7 @@
 """The training stage: the ingest output in, a published model directory out.
 
-Where each part lives:
+Where each part lives (the names below are imported from their modules on first use:
+a worker process or an executor task imports only what it runs):
 
 - `run` — `run_training`, the job's orchestration: read, check, train, publish
   ``MODEL/`` (``model.keras``, ``metadata.json``, ``history.png``) atomically;
@@ -15,16 +16,21 @@ Where each part lives:
 - `checkpoints`, `stopping` — resume and early stopping.
 """
 
-from pipeline.training.fit import FitResult, fit_partitions
-from pipeline.training.inputs import (
-    check_classes,
-    class_counts,
-    describe_input,
-    prepare_training_data,
-)
-from pipeline.training.progress import format_epoch
-from pipeline.training.run import TrainResult, run_training
+from typing import TYPE_CHECKING
 
+from pipeline.lazy import exports
+
+_MODULES = {
+    "FitResult": "fit",
+    "TrainResult": "run",
+    "check_classes": "inputs",
+    "class_counts": "inputs",
+    "describe_input": "inputs",
+    "fit_partitions": "fit",
+    "format_epoch": "progress",
+    "prepare_training_data": "inputs",
+    "run_training": "run",
+}
 __all__ = [
     "FitResult",
     "TrainResult",
@@ -36,3 +42,15 @@ __all__ = [
     "prepare_training_data",
     "run_training",
 ]
+__getattr__, __dir__ = exports(__name__, _MODULES)
+
+if TYPE_CHECKING:
+    from pipeline.training.fit import FitResult, fit_partitions
+    from pipeline.training.inputs import (
+        check_classes,
+        class_counts,
+        describe_input,
+        prepare_training_data,
+    )
+    from pipeline.training.progress import format_epoch
+    from pipeline.training.run import TrainResult, run_training

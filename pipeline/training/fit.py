@@ -104,7 +104,7 @@ def fit_partitions(
 
 def run_stage(
     spark: SparkSession,
-    data: DataFrame,
+    data: DataFrame | None,
     settings: TrainSettings,
     *,
     checkpoint_dir: str,
@@ -118,7 +118,7 @@ def run_stage(
     """`fit_partitions` once the task slots have been checked.
 
     `files` (a `FilePlan.spec()`) makes each task read its own share of an ingest output's
-    row groups instead of a partition of `data` (then unused: nothing is shuffled).
+    row groups instead of a partition of `data` (then None: nothing is shuffled).
     `classes_of` (``{"path", "with_validation"}``) makes the tasks count the input's rows
     per class and refuse it through `check_classes` before training. `monitoring`
     (``{"profile_bins", "validation_rows_kept"}``) makes the tasks add up the training

@@ -38,6 +38,9 @@ from pipeline.training.data import VALIDATION_FLAG
 
 log = logging.getLogger(__name__)
 
+# Where Spark keeps, in a Parquet file's footer, the schema of the DataFrame it wrote.
+_SPARK_SCHEMA_KEY = b"org.apache.spark.sql.parquet.row.metadata"
+
 
 @dataclass(frozen=True)
 class TrainingInput:
@@ -109,6 +112,7 @@ class FilePlan:
     train_rows: int
     validation_rows: int
     rows_by_path: dict[str, int]  # rows of each folder read
+    schema: str  # the training files' schema as Spark reads it (the first file's)
 
     def spec(self) -> dict[str, Any]:
         """The plan as plain values, for the barrier tasks."""
@@ -135,7 +139,7 @@ def plan_files(storage: Storage, source: TrainingInput, settings: TrainSettings)
     validating = [source.validation_path] if source.validation_path else []
     runs: list[list[tuple[rowgroups.RowGroup, bool]]] = [[], []]  # training, validation
     rows_by_path: dict[str, int] = {}
-    root, common = None, {LABEL, LABEL_ONEHOT}
+    root, common, schema = None, {LABEL, LABEL_ONEHOT}, None
     for path in (*source.train_paths, *validating):
         if ingest_report(storage, path) is None:
             log.info("%s is not an ingest output: Spark reads the training rows", path)
@@ -143,9 +147,10 @@ def plan_files(storage: Storage, source: TrainingInput, settings: TrainSettings)
         found = _row_groups(storage, path)
         if found is None:
             return None
-        fs_root, groups, labels = found
+        fs_root, groups, labels, path_schema = found
         if root not in (None, fs_root):
             return None
+        schema = schema or path_schema
         root, common = fs_root, common & labels
         validation = path in validating
         runs[validation] += [(g, validation) for g in groups]
@@ -166,14 +171,16 @@ def plan_files(storage: Storage, source: TrainingInput, settings: TrainSettings)
         train_rows=rows[0],
         validation_rows=rows[1],
         rows_by_path=rows_by_path,
+        schema=schema,
     )
 
 
 def _row_groups(
     storage: Storage, path: str
-) -> tuple[str, list[rowgroups.RowGroup], set[str]] | None:
-    """(filesystem root, non-empty row groups in file order, label columns every file has)
-    of the Parquet files at `path`, or None when the tasks cannot read them with pyarrow."""
+) -> tuple[str, list[rowgroups.RowGroup], set[str], str] | None:
+    """(filesystem root, non-empty row groups in file order, label columns every file has,
+    the first file's schema as Spark reads it) of the Parquet files at `path`, or None when
+    the tasks cannot read them with pyarrow."""
     try:
         files = rowgroups.list_parquet(storage, path)
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError) as exc:
@@ -200,7 +207,18 @@ def _row_groups(
     if not labels:
         log.info("%s has no '%s' or '%s' column: Spark reads the rows", path, LABEL, LABEL_ONEHOT)
         return None
-    return files.filesystem, groups, labels
+    return files.filesystem, groups, labels, spark_schema(footers[0]) if footers else "struct<>"
+
+
+def spark_schema(footer) -> str:
+    """A Parquet file's schema as Spark reads it (``StructType.simpleString``): the one
+    Spark stored when it wrote the file, else the one it derives from the Arrow schema."""
+    from pyspark.sql.pandas.types import from_arrow_schema
+
+    stored = (footer.metadata or {}).get(_SPARK_SCHEMA_KEY)
+    if stored:
+        return T.StructType.fromJson(json.loads(stored)).simpleString()
+    return from_arrow_schema(footer.schema.to_arrow_schema()).simpleString()
 
 
 def balanced_shares(rows: list[int], workers: int) -> list[list[tuple[int, int, int]]]:
@@ -261,17 +279,18 @@ def _contract_columns(df: DataFrame, what: str) -> DataFrame:
 
 
 def describe_input(
-    storage: Storage, df: DataFrame, path: str, *more: str, rows: int
+    storage: Storage, path: str, *more: str, rows: int, schema: str
 ) -> dict[str, Any]:
     """Row count, schema and files (name, size) of the training data read from `path` (and
-    the folders `more`), and the data fingerprint (their sha256). `rows` come from the
-    Parquet footers (`plan_files`) or Spark's count; the rows per class are added once the
-    tasks have counted them."""
+    the folders `more`), and the data fingerprint (their sha256). `rows` and `schema` (as
+    Spark writes it: ``struct<features:array<float>,…>``) come from the Parquet footers
+    (`plan_files`) or from Spark; the rows per class are added once the tasks have counted
+    them."""
     files = [{"path": p, "bytes": size} for d in (path, *more) for p, size in storage.list_files(d)]
     described = {
         "path": ", ".join(storage.qualify(p) for p in (path, *more)),
         "rows": rows,
-        "schema": df.schema.simpleString(),
+        "schema": schema,
         "files": files,
     }
     described["sha256"] = sha256_bytes(

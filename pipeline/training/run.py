@@ -86,26 +86,31 @@ def run_training(
             "train.early_stopping.enabled needs validation data: set "
             "train.validation_fraction or train.validation_path"
         )
-    features = read_features(spark, source.train_path)
-    for more in source.more_train_paths:
-        features = features.unionByName(read_features(spark, more))
-    validation = read_features(spark, source.validation_path) if source.validation_path else None
-    data = prepare_training_data(features, settings, validation)
     plan = plan_files(storage, source, settings)
     if plan is None:
+        features = read_features(spark, source.train_path)
+        for more in source.more_train_paths:
+            features = features.unionByName(read_features(spark, more))
+        validation = (
+            read_features(spark, source.validation_path) if source.validation_path else None
+        )
         # Spark's splits of the files need not all hold rows (a row group belongs to one
         # split only), nor come in the same order on every run: spread the rows over the
         # workers by their content, in an order that depends on nothing else.
-        data = repartition_in_a_fixed_order(data, settings.workers)
-    if plan is not None:
+        data = repartition_in_a_fixed_order(
+            prepare_training_data(features, settings, validation), settings.workers
+        )
+        rows, schema = features.count(), features.schema.simpleString()
+    else:
+        # The tasks read the files themselves: Spark reads nothing here.
+        data, rows, schema = None, plan.train_rows, plan.schema
         log.info(
             "%s rows read by the %d training task(s) from the files, %s each",
             f"{plan.train_rows + plan.validation_rows:,}",
             settings.workers,
             "/".join(f"{sum(r[5] - r[4] for r in share):,}" for share in plan.shares),
         )
-    rows = plan.train_rows if plan is not None else features.count()
-    described = describe_input(storage, features, *source.train_paths, rows=rows)
+    described = describe_input(storage, *source.train_paths, rows=rows, schema=schema)
     if source.split_output is not None:
         counted = plan.rows_by_path if plan is not None else {}
         described["splits"] = _split_rows(spark, source, settings, rows, counted)
@@ -116,6 +121,9 @@ def run_training(
     preprocessing = IngestSettings.model_validate(report.get("preprocessing") or {})
 
     staged = time.monotonic()
+    from pipeline.plots import import_in_background
+
+    import_in_background()  # for the history and first-layer pictures after the stage
     fit = run_stage(
         spark,
         data,
