@@ -1,13 +1,14 @@
 """The Spark side of training: task slots, and the barrier task each worker runs.
 
 ``df.mapInArrow(task, schema, barrier=True)`` runs one task per worker on the DataFrame's
-partitions. Each task spools its partition to local Arrow files, reserves a port on its
-executor's address, and shares (address, row counts, checkpoint to resume from) with the
-others through ``BarrierTaskContext.allGather``: every worker then knows the cluster, the
-same number of steps per epoch, and the same checkpoint. It writes ``TF_CONFIG`` and a
-spec, starts the TensorFlow worker process (`pipeline.training.worker`), waits for it and
-yields one small row: worker 0's model bytes (``model.keras`` and ``model.onnx``) and
-history, the others' statistics.
+partitions (or, when the tasks read their own files, an RDD of the ranks does). Each task
+spools its rows to local Arrow files, reserves a port on its executor's address, and
+shares (address, row counts, checkpoint to resume from) with the others through
+``BarrierTaskContext.allGather``: every worker then knows the cluster, the same number of
+steps per epoch, and the same checkpoint. It writes ``TF_CONFIG`` and a spec, starts the
+TensorFlow worker process (`pipeline.training.worker`), waits for it and yields one small
+row: worker 0's model bytes (``model.keras`` and ``model.onnx``) and history, the others'
+statistics.
 
 A failed barrier ResultStage is never retried by Spark, so the barrier stage is followed
 by a shuffle (``repartition(1)``), which makes it a ShuffleMapStage: when a worker dies,
@@ -153,6 +154,18 @@ def make_task(spec: dict[str, Any]) -> Callable[[Iterator[pa.RecordBatch]], Iter
             shutil.rmtree(workdir, ignore_errors=True)
 
     return task
+
+
+def make_rank_task(spec: dict[str, Any]) -> Callable[[Iterator[int]], Iterator[dict[str, Any]]]:
+    """`make_task` for an RDD that gives each task its rank alone (the tasks read their
+    own files): the same task, its result row as a dict."""
+    task = make_task(spec)
+
+    def rank_task(ranks: Iterator[int]) -> Iterator[dict[str, Any]]:
+        for batch in task(ranks):
+            yield from batch.to_pylist()
+
+    return rank_task
 
 
 def _run_worker(spec, context, rank: int, workers: int, batches, workdir: str) -> pa.RecordBatch:

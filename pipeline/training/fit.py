@@ -27,7 +27,13 @@ from pyspark.sql import functions as F
 from pipeline.config import TrainSettings
 from pipeline.errors import InputDataError, TrainingError
 from pipeline.training.checkpoints import resume_key
-from pipeline.training.distributed import RESULT_SCHEMA, check_slots, make_task, spark_failure
+from pipeline.training.distributed import (
+    RESULT_SCHEMA,
+    check_slots,
+    make_rank_task,
+    make_task,
+    spark_failure,
+)
 from pipeline.training.progress import ProgressListener, log_epoch
 
 log = logging.getLogger("pipeline.training")
@@ -129,9 +135,9 @@ def run_stage(
     workers = settings.workers
     if workers > 1:
         log.info("%s", sync_message(settings))
-    if files is not None:
-        data = spark.range(0, workers, 1, numPartitions=workers)  # one row per task: its rank
-    elif data.rdd.getNumPartitions() != workers or (workers > 1 and _merges_partitions(data)):
+    if files is None and (
+        data.rdd.getNumPartitions() != workers or (workers > 1 and _merges_partitions(data))
+    ):
         data = repartition_in_a_fixed_order(data, workers)
     resumed: list[int] = []
     errors: list[dict[str, Any]] = []
@@ -175,12 +181,18 @@ def run_stage(
         spec["progress"] = list(listener.address)
         sc.setJobGroup(group, f"train {workers} worker(s), {settings.epochs} epochs")
         try:
-            rows = (
-                data.mapInArrow(make_task(spec), RESULT_SCHEMA, barrier=workers > 1)
-                # The shuffle makes the barrier stage a ShuffleMapStage, which Spark retries.
-                .repartition(1)
-                .collect()
-            )
+            if files is not None:
+                # The tasks read their own files: each gets its rank alone, from an RDD (a
+                # DataFrame would cost a cold JVM two more seconds of query planning and code
+                # generation for this one-row-per-task job).
+                ranks = sc.parallelize(range(workers), workers)
+                stage = (ranks.barrier() if workers > 1 else ranks).mapPartitions(
+                    make_rank_task(spec)
+                )
+            else:
+                stage = data.mapInArrow(make_task(spec), RESULT_SCHEMA, barrier=workers > 1)
+            # The shuffle makes the barrier stage a ShuffleMapStage, which Spark retries.
+            rows = stage.repartition(1).collect()
         except (Py4JError, PySparkException) as exc:  # the stage failed for good
             raise _stage_error(errors, exc) from None
         finally:

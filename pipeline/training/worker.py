@@ -40,6 +40,10 @@ from pipeline.errors import TrainingError
 log = logging.getLogger("pipeline.training.worker")
 
 
+# Optional imports of Keras that this process needs not pay for (`_start_tensorflow`).
+_UNUSED_BY_KERAS_HERE = ("sklearn", "matplotlib")
+
+
 class _BindFailed(TrainingError):
     """TensorFlow's gRPC server could not take its port."""
 
@@ -192,6 +196,13 @@ def train(spec: dict[str, Any], tf, phases: _Phases) -> dict[str, Any]:
 def _start_tensorflow(threads: int):
     """TensorFlow and Keras, imported with this task's share of the cores."""
     from pipeline.tf_runtime import tensorflow
+
+    # Keras imports scikit-learn and Matplotlib, where installed, for wrappers and
+    # galleries this process never uses: a second of every training job's start. A None
+    # entry in sys.modules makes their import fail as if they were not installed, which
+    # Keras allows for (both imports are optional there).
+    for optional in _UNUSED_BY_KERAS_HERE:
+        sys.modules.setdefault(optional, None)
 
     tf = tensorflow(threads)
     tf.get_logger().setLevel("ERROR")
