@@ -61,3 +61,32 @@ def test_workers_get_the_same_rows_in_the_same_order_however_the_input_is_split(
     assert sorted(len(rows) for rows in expected) == pytest.approx([3000, 3000], rel=0.1)
     assert per_worker(df.repartition(5)) == expected  # arrival order varies
     assert per_worker(df.coalesce(1).orderBy(F.desc("row_id"))) == expected
+
+
+def test_the_schema_from_the_footers_is_the_one_spark_reads(spark, ingested_sample, tmp_path):
+    """The training fingerprint records the input's schema; taken from the Parquet footers
+    it must be Spark's own string, or a run could not resume from a checkpoint written when
+    Spark read the schema. Files Spark did not write get it from their Arrow schema."""
+    import glob
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipeline.training.inputs import spark_schema
+
+    first = sorted(glob.glob(f"{ingested_sample}/*.parquet"))[0]
+    expected = spark.read.parquet(ingested_sample).schema.simpleString()
+    assert spark_schema(pq.read_metadata(first)) == expected
+
+    plain = tmp_path / "plain.parquet"
+    pq.write_table(pq.read_table(first).replace_schema_metadata(None), plain)
+    assert b"org.apache.spark.sql.parquet.row.metadata" not in (
+        pq.read_metadata(plain).metadata or {}
+    )
+    assert spark_schema(pq.read_metadata(plain)) == expected
+    narrow = tmp_path / "narrow.parquet"
+    pq.write_table(pa.table({"features": [[0.5] * 3], "label": pa.array([1], pa.int64())}), narrow)
+    assert (
+        spark_schema(pq.read_metadata(narrow))
+        == spark.read.parquet(str(narrow)).schema.simpleString()
+    )
