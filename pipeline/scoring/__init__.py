@@ -11,8 +11,6 @@ what it runs):
 - `executor`: the Python-worker half, where a batch enters the model.
 """
 
-from typing import TYPE_CHECKING
-
 from pipeline.lazy import exports
 
 _MODULES = {
@@ -42,60 +40,5 @@ _MODULES = {
     "translate_task_errors": "job",
     "write_model_outputs": "job",
 }
-__all__ = [
-    "BroadcastModel",
-    "RowGroupPlan",
-    "ScoreResult",
-    "Source",
-    "arrow_batch_rows",
-    "broadcast_model",
-    "build_predictor",
-    "features_matrix",
-    "group_tasks",
-    "ingested_source",
-    "plan_row_groups",
-    "predict",
-    "predict_digits",
-    "prediction_arrays",
-    "prediction_schema",
-    "raw_source",
-    "read_scoring_model",
-    "read_source",
-    "read_verified_model",
-    "run_scoring",
-    "score_row_groups",
-    "scoring_preprocessing",
-    "task_cpus",
-    "translate_task_errors",
-    "write_model_outputs",
-]
+__all__ = sorted(_MODULES)
 __getattr__, __dir__ = exports(__name__, _MODULES)
-
-if TYPE_CHECKING:
-    from pipeline.scoring.executor import build_predictor, features_matrix, prediction_arrays
-    from pipeline.scoring.inference import (
-        BroadcastModel,
-        arrow_batch_rows,
-        broadcast_model,
-        predict_digits,
-        prediction_schema,
-        read_scoring_model,
-        read_verified_model,
-        score_row_groups,
-        task_cpus,
-    )
-    from pipeline.scoring.inputs import (
-        Source,
-        ingested_source,
-        raw_source,
-        read_source,
-        scoring_preprocessing,
-    )
-    from pipeline.scoring.job import (
-        ScoreResult,
-        run_scoring,
-        translate_task_errors,
-        write_model_outputs,
-    )
-    from pipeline.scoring.library import predict
-    from pipeline.scoring.plan import RowGroupPlan, group_tasks, plan_row_groups

@@ -16,8 +16,6 @@ a worker process or an executor task imports only what it runs):
 - `checkpoints`, `stopping` — resume and early stopping.
 """
 
-from typing import TYPE_CHECKING
-
 from pipeline.lazy import exports
 
 _MODULES = {
@@ -31,26 +29,5 @@ _MODULES = {
     "prepare_training_data": "inputs",
     "run_training": "run",
 }
-__all__ = [
-    "FitResult",
-    "TrainResult",
-    "check_classes",
-    "class_counts",
-    "describe_input",
-    "fit_partitions",
-    "format_epoch",
-    "prepare_training_data",
-    "run_training",
-]
+__all__ = sorted(_MODULES)
 __getattr__, __dir__ = exports(__name__, _MODULES)
-
-if TYPE_CHECKING:
-    from pipeline.training.fit import FitResult, fit_partitions
-    from pipeline.training.inputs import (
-        check_classes,
-        class_counts,
-        describe_input,
-        prepare_training_data,
-    )
-    from pipeline.training.progress import format_epoch
-    from pipeline.training.run import TrainResult, run_training
