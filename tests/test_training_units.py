@@ -309,6 +309,17 @@ def test_a_share_of_row_groups_spools_its_rows_and_counts_their_classes(tmp_path
     with pytest.raises(InputDataError, match="changed while the job ran"):
         list(read_share(rowgroups.LOCAL, ranges, label_column))
 
+    # Damaged data under an intact footer (same size, same row groups) is an input error
+    # that names the file, not a traceback from the task.
+    pq.write_table(table, path, row_group_size=100)
+    raw = bytearray((tmp_path / "part-0.parquet").read_bytes())
+    raw[4:68] = bytes(64)  # the first page header, just after the leading magic bytes
+    (tmp_path / "part-0.parquet").write_bytes(bytes(raw))
+    groups = rowgroups.row_groups(path, len(raw), pq.read_metadata(path))
+    ranges = [(*groups[0][:4], 0, 100, False)]
+    with pytest.raises(InputDataError, match=r"cannot read row group 0 of .*part-0\.parquet"):
+        list(read_share(rowgroups.LOCAL, ranges, label_column))
+
 
 def test_the_worker_process_imports_no_spark_before_tensorflow():
     """``python -m pipeline.training.worker`` starts TensorFlow at once: importing it does

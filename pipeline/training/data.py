@@ -168,7 +168,7 @@ def read_share(
     validation)``: rows ``start:stop`` of row group `group` of the file at `path` (in the
     plan's `filesystem`), as the footer described it when the job planned the reads.
     `label_column` is `label_onehot`, read as it is, or `label`, one-hot encoded here.
-    Raises `InputDataError` when a file changed since then.
+    Raises `InputDataError` when a file changed since then or its data cannot be read.
     """
     fs = rowgroups.filesystem(filesystem)
     for path, group, rows, size, start, stop, validation in share:
@@ -185,6 +185,11 @@ def read_share(
         except rowgroups.InputChanged as exc:
             raise InputDataError(
                 f"the training input changed while the job ran: {exc}; rerun on stable input"
+            ) from None
+        except (OSError, pa.ArrowException) as exc:  # the footer read, the data did not
+            raise InputDataError(
+                f"cannot read row group {group} of {path}: {exc} (a damaged Parquet file); "
+                f"replace the file or rerun the ingest job that wrote it"
             ) from None
 
 
