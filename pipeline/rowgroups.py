@@ -47,6 +47,10 @@ class UnreadableFooter(OSError):
         self.cause = cause
 
 
+class UnreadableRowGroup(OSError):
+    """A planned row group whose data pyarrow cannot read, though its footer could be."""
+
+
 class RowGroup(NamedTuple):
     """One row group of one file, as its footer described it when the reads were planned."""
 
@@ -171,7 +175,8 @@ def read_row_group(
     """`columns` of one planned row group in batches of at most `batch_rows` rows.
 
     Raises `InputChanged` when the file's size or the group's row count differ from the
-    plan: a task then never reads rows other than the ones planned.
+    plan: a task then never reads rows other than the ones planned; `UnreadableRowGroup`
+    when its pages cannot be read (a damaged file).
     """
     path, group, rows, size, _ = item
     with fs.open_input_file(path) as file:
@@ -186,6 +191,14 @@ def read_row_group(
                 f"{path} was {size} bytes with {rows} rows in row group {group} "
                 f"when the job started, now {file.size()} bytes and {found}"
             )
-        yield from parquet.iter_batches(
+        batches = parquet.iter_batches(
             batch_size=batch_rows, row_groups=[group], columns=list(columns), use_threads=False
         )
+        try:
+            yield from batches
+        except (OSError, pa.ArrowException) as exc:
+            cause = " ".join(str(exc).split())  # one line: the driver reads the last line
+            raise UnreadableRowGroup(
+                f"cannot read row group {group} of {path}: {cause} (a damaged Parquet file); "
+                f"replace the file or rerun the job that wrote it"
+            ) from None

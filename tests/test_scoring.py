@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -309,6 +310,28 @@ def test_changed_input_file_is_refused(
     monkeypatch.setattr(job, "plan_row_groups", plan_then_change)
     with pytest.raises(DataQualityError, match=r"part-00000.parquet was .*input changed"):
         run_scoring(spark, Config(), str(features), trained_model_dir, str(tmp_path / "pred"))
+    assert not (tmp_path / "pred").exists()
+
+
+def test_a_damaged_row_group_is_an_input_error_naming_the_file(
+    spark, tmp_path, ingested_holdout, trained_model_dir
+):
+    """Pages that cannot be read under an intact footer: one line naming the file, exit 4's
+    error, nothing published."""
+    from pipeline.scoring import run_scoring
+
+    features = tmp_path / "features"
+    _as_ingest_output(ingested_holdout, features, [pq.read_table(ingested_holdout)], 256)
+    raw = bytearray((features / "part-00000.parquet").read_bytes())
+    raw[4:68] = bytes(64)  # the first page header, just after the leading magic bytes
+    (features / "part-00000.parquet").write_bytes(bytes(raw))
+    with pytest.raises(InputDataError) as refused:
+        run_scoring(spark, Config(), str(features), trained_model_dir, str(tmp_path / "pred"))
+    assert re.fullmatch(
+        r"cannot read row group 0 of \S*part-00000\.parquet: .+ \(a damaged Parquet file\); "
+        r"replace the file or rerun the job that wrote it",
+        str(refused.value),
+    )
     assert not (tmp_path / "pred").exists()
 
 

@@ -11,8 +11,9 @@ Both check every batch (`features_matrix`) before the model sees it and cache on
 predictor per worker: an ONNX Runtime session built from the broadcast ``model.onnx``
 bytes after verifying their checksum. TensorFlow is never imported here.
 
-A refusal raises `InvalidFeatures` or `rowgroups.InputChanged`; the driver recognises
-them by their type in the failed task's Python traceback (`pipeline.scoring.job`).
+A refusal raises `InvalidFeatures`, `rowgroups.InputChanged` or
+`rowgroups.UnreadableRowGroup`; the driver recognises them by their type in the failed
+task's Python traceback (`pipeline.scoring.job`).
 """
 
 from __future__ import annotations

@@ -60,7 +60,7 @@ from pipeline.quarantine import (
     stage_report,
     write_with_quarantine,
 )
-from pipeline.rowgroups import InputChanged
+from pipeline.rowgroups import InputChanged, UnreadableRowGroup
 from pipeline.scoring.executor import InvalidFeatures
 from pipeline.scoring.inference import (
     arrow_batch_rows,
@@ -308,6 +308,9 @@ def translate_task_errors(input_path: str) -> Iterator[None]:
                 f"input changed: {changed}: the input changed while it was read, rerun on "
                 f"stable input"
             ) from None
+        unreadable = task_exception(exc, UnreadableRowGroup)
+        if unreadable is not None:
+            raise InputDataError(unreadable) from None
         invalid = task_exception(exc, InvalidFeatures)
         if invalid is not None:
             raise InputDataError(

@@ -186,11 +186,8 @@ def read_share(
             raise InputDataError(
                 f"the training input changed while the job ran: {exc}; rerun on stable input"
             ) from None
-        except (OSError, pa.ArrowException) as exc:  # the footer read, the data did not
-            raise InputDataError(
-                f"cannot read row group {group} of {path}: {exc} (a damaged Parquet file); "
-                f"replace the file or rerun the ingest job that wrote it"
-            ) from None
+        except rowgroups.UnreadableRowGroup as exc:
+            raise InputDataError(str(exc)) from None
 
 
 def _spool_batch(batch: pa.RecordBatch, label_column: str, validation: bool) -> pa.RecordBatch:
