@@ -301,21 +301,19 @@ def import_in_background() -> None:
     threading.Thread(target=_matplotlib, name="import-matplotlib", daemon=True).start()
 
 
-def _matplotlib() -> None:
+def _matplotlib():
+    """Matplotlib with a backend that needs no display, and what the figures draw with."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.backends.backend_agg
     import matplotlib.figure
 
+    return matplotlib
+
 
 def _figure(width: float, height: float, layout: str | None = None):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib.figure import Figure
-
-    return Figure(figsize=(width, height), dpi=100, layout=layout)
+    return _matplotlib().figure.Figure(figsize=(width, height), dpi=100, layout=layout)
 
 
 def _png(figure) -> bytes:
