@@ -9,8 +9,9 @@ other jobs falls on every contender alike):
 
 - ``reference``: the seed script, ``model.fit(numpy, batch_size=32)`` in this process;
 - ``one_worker``: `run_training` with one worker (target: at least 5x the reference);
-- ``two_workers_local_sgd``: two workers in one barrier stage averaging every 100 steps
-  (target: at least 1.2x one worker at the same held-out accuracy);
+- ``two_workers_local_sgd``: two workers in one barrier stage averaging every
+  ``train.average_every`` steps, the default (target: at least 1.2x one worker at the same
+  held-out accuracy);
 - ``two_workers_exact``: exact synchronous SGD (its ratio is reported; ``--exact-repeats``);
 - ``memory``: one worker's peak resident memory, one epoch, at ``--memory-rows``/10 rows
   (in memory) and at ``--memory-rows`` and 10x that (streamed from local disk under a
