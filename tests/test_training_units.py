@@ -80,6 +80,59 @@ def test_spool_splits_training_and_validation_rows(spooled):
     assert set(ids.astype(int) % 10) == {0}
 
 
+def test_spool_passes_batches_of_one_kind_whole_and_splits_mixed_ones(tmp_path):
+    ids = np.arange(600)
+    batches = [
+        _record_batch(ids[:200], np.zeros(200, bool)),  # training rows only
+        _record_batch(ids[200:400], np.ones(200, bool)),  # validation rows only
+        _record_batch(ids[400:], ids[400:] % 2 == 0),  # both
+    ]
+    counts = spool_partition(iter(batches), str(tmp_path))
+    assert (counts.train_rows, counts.validation_rows) == (300, 300)
+    read = {}
+    for name in (TRAIN_FILE, VALIDATION_FILE):
+        data = LocalData(str(tmp_path / name), budget_bytes=1 << 30)
+        read[name] = np.concatenate([x[:, 0] for x, _ in data.chunks()]).astype(int)
+    assert read[TRAIN_FILE].tolist() == [*range(200), *range(401, 600, 2)]
+    assert read[VALIDATION_FILE].tolist() == [*range(200, 400), *range(400, 600, 2)]
+
+
+def test_read_ahead_keeps_order_raises_in_place_and_lets_an_early_stop_go():
+    import threading
+
+    from pipeline.training.data import read_ahead
+
+    assert list(read_ahead(iter(range(50)), depth=2)) == list(range(50))
+
+    def failing():
+        yield 1
+        yield 2
+        raise InputDataError("row group 3 is damaged")
+
+    seen = []
+    with pytest.raises(InputDataError, match="row group 3"):
+        for item in read_ahead(failing(), depth=2):
+            seen.append(item)
+    assert seen == [1, 2]
+
+    closed = threading.Event()
+
+    def endless():
+        try:
+            n = 0
+            while True:
+                yield n
+                n += 1
+        finally:
+            closed.set()
+
+    items = read_ahead(endless(), depth=2)
+    assert [next(items) for _ in range(3)] == [0, 1, 2]
+    items.close()  # the consumer stops: the producer ends and closes its source
+    assert closed.wait(5)
+    assert not [t for t in threading.enumerate() if t.name == "read-ahead"]
+
+
 def test_small_budget_streams_from_disk_with_the_same_rows(spooled):
     directory, _ = spooled
     memory = LocalData(str(directory / TRAIN_FILE), budget_bytes=1 << 30)

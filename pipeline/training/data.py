@@ -24,6 +24,7 @@ memory and from disk: it is what a checkpoint records as the data position.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -78,11 +79,7 @@ def spool_partition(
         for batch in batches:
             if batch.num_rows == 0:
                 continue
-            flag = batch.column(VALIDATION_FLAG)
-            parts = {
-                TRAIN_FILE: batch.filter(pc.invert(flag)),
-                VALIDATION_FILE: batch.filter(flag),
-            }
+            parts = _split_by_flag(batch)
             for name, part in parts.items():
                 # Small record batches bound what a worker streaming from disk holds at once.
                 for offset in range(0, part.num_rows, SPOOL_BATCH_ROWS):
@@ -107,6 +104,18 @@ def spool_partition(
         _named_counts(classes[VALIDATION_FILE]),
         profile,
     )
+
+
+def _split_by_flag(batch: pa.RecordBatch) -> dict[str, pa.RecordBatch]:
+    """A batch's training and validation rows. A batch of an ingest output's share is all
+    one or all the other (its flag is per row range): it is passed on whole, not copied."""
+    flag = batch.column(VALIDATION_FLAG)
+    validation = pc.sum(flag).as_py() or 0
+    if validation == 0:
+        return {TRAIN_FILE: batch, VALIDATION_FILE: batch.slice(0, 0)}
+    if validation == batch.num_rows and not flag.null_count:
+        return {TRAIN_FILE: batch.slice(0, 0), VALIDATION_FILE: batch}
+    return {TRAIN_FILE: batch.filter(pc.invert(flag)), VALIDATION_FILE: batch.filter(flag)}
 
 
 def _profile_sums(part: pa.RecordBatch, bins: int) -> np.ndarray:
@@ -170,6 +179,14 @@ def read_share(
     `label_column` is `label_onehot`, read as it is, or `label`, one-hot encoded here.
     Raises `InputDataError` when a file changed since then or its data cannot be read.
     """
+    # Parquet decoding releases the GIL: the next batches are read on a thread while the
+    # caller spools this one (on two cores, about a third of the read's time).
+    return read_ahead(_read_share(filesystem, share, label_column, batch_rows), depth=2)
+
+
+def _read_share(
+    filesystem: str, share: Sequence[Sequence], label_column: str, batch_rows: int
+) -> Iterator[pa.RecordBatch]:
     fs = rowgroups.filesystem(filesystem)
     for path, group, rows, size, start, stop, validation in share:
         item = rowgroups.RowGroup(path, int(group), int(rows), int(size), None)
@@ -188,6 +205,53 @@ def read_share(
             ) from None
         except rowgroups.UnreadableRowGroup as exc:
             raise InputDataError(str(exc)) from None
+
+
+def read_ahead(items: Iterator, depth: int) -> Iterator:
+    """`items`, produced on a thread up to `depth` ahead of the consumer; an exception
+    of the producer is raised to the consumer at its place in the sequence."""
+    import queue
+    import threading
+
+    ahead: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    end = object()
+
+    def produce() -> None:
+        try:
+            for item in items:
+                while not stop.is_set():
+                    try:
+                        ahead.put((item, None), timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    break
+            else:
+                ahead.put((end, None))
+        except BaseException as exc:  # handed to the consumer, raised there
+            ahead.put((end, exc))
+        finally:
+            close = getattr(items, "close", None)
+            if close is not None:
+                close()
+
+    thread = threading.Thread(target=produce, daemon=True, name="read-ahead")
+    thread.start()
+    try:
+        while True:
+            item, error = ahead.get()
+            if error is not None:
+                raise error
+            if item is end:
+                return
+            yield item
+    finally:
+        stop.set()  # the consumer stopped early or failed: let the producer go
+        while thread.is_alive():
+            with contextlib.suppress(queue.Empty):
+                ahead.get(timeout=0.1)
 
 
 def _spool_batch(batch: pa.RecordBatch, label_column: str, validation: bool) -> pa.RecordBatch:
@@ -239,7 +303,9 @@ class LocalData:
     def __init__(self, path: str, budget_bytes: int) -> None:
         self.path = path
         self.size_bytes = os.path.getsize(path) if os.path.exists(path) else 0
-        self._reader = pa.ipc.open_file(pa.OSFile(path)) if self.size_bytes else None
+        # Memory-mapped: a batch's arrays are views on the file's pages, not copies into
+        # fresh memory (reading 300,000 rows took 1.7-2.6 s that way, mapped 0.02 s).
+        self._reader = pa.ipc.open_file(pa.memory_map(path)) if self.size_bytes else None
         self.num_chunks = self._reader.num_record_batches if self._reader else 0
         self.sizes = [self._reader.get_batch(i).num_rows for i in range(self.num_chunks)]
         self.offsets = np.concatenate([[0], np.cumsum(self.sizes, dtype=np.int64)])
