@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
+from pipeline.artifact import HISTORY_PLOT, METADATA_FILE, MODEL_FILE
 from pipeline.config import Config, TrackingSettings
 from pipeline.errors import EnvironmentProblem
 from pipeline.storage import Storage
@@ -46,7 +47,7 @@ __all__ = ["record_training", "record_tuning", "require_mlflow", "resolve_uri"]
 INSTALL_HINT = "pip install 'digits-pipeline[tracking]'"
 # Folder beside a SQLite store that holds its experiments' artifacts.
 ARTIFACTS_DIR = "mlartifacts"
-MODEL_ARTIFACTS = ("model.keras", "metadata.json", "history.png")
+MODEL_ARTIFACTS = (MODEL_FILE, METADATA_FILE, HISTORY_PLOT)
 # Where a train run keeps the model as an MLflow model (pipeline.mlflow_model).
 MLFLOW_MODEL_PATH = "mlflow_model"
 _EPOCH_METRICS = ("loss", "accuracy", "val_loss", "val_accuracy", "samples_per_second")

@@ -11,7 +11,13 @@ from typing import Any
 
 from pyspark.sql import SparkSession
 
-from pipeline.artifact import CHECKPOINTS_DIR, Metadata, new_metadata, write_model_dir
+from pipeline.artifact import (
+    CHECKPOINTS_DIR,
+    HISTORY_PLOT,
+    Metadata,
+    new_metadata,
+    write_model_dir,
+)
 from pipeline.config import Config, IngestSettings
 from pipeline.errors import ConfigError
 from pipeline.monitoring.training import MAX_VALIDATION_ROWS, training_extras
@@ -177,7 +183,7 @@ def run_training(
         model_dir,
         metadata,
         fit.model_bytes,
-        {"history.png": history_png(fit.history), **extras},
+        {HISTORY_PLOT: history_png(fit.history), **extras},
         onnx_bytes=fit.onnx_bytes,
     )
     return TrainResult(model_dir, metadata, fit, time.monotonic() - started)
