@@ -186,7 +186,7 @@ class TrainSettings(_Section):
         200,
         ge=1,
         description="steps between averages when sync=local_sgd (each average waits on the "
-        "slowest worker: 100 ran at 1.1-1.2x one worker on 2 cores, 200 at 1.3-1.5x)",
+        "slowest worker: on 2 cores 100 ran at 1.1-1.2x one worker, 200 at about 1.3x)",
     )
     validation_fraction: float = Field(0.0, ge=0, lt=1)
     validation_path: str | None = None
