@@ -110,11 +110,12 @@ def _split_by_flag(batch: pa.RecordBatch) -> dict[str, pa.RecordBatch]:
     """A batch's training and validation rows. A batch of an ingest output's share is all
     one or all the other (its flag is per row range): it is passed on whole, not copied."""
     flag = batch.column(VALIDATION_FLAG)
-    validation = pc.sum(flag).as_py() or 0
-    if validation == 0:
-        return {TRAIN_FILE: batch, VALIDATION_FILE: batch.slice(0, 0)}
-    if validation == batch.num_rows and not flag.null_count:
-        return {TRAIN_FILE: batch.slice(0, 0), VALIDATION_FILE: batch}
+    if not flag.null_count:  # (a null flag is neither: `filter` leaves such rows out)
+        validation = pc.sum(flag).as_py() or 0
+        if validation == 0:
+            return {TRAIN_FILE: batch, VALIDATION_FILE: batch.slice(0, 0)}
+        if validation == batch.num_rows:
+            return {TRAIN_FILE: batch.slice(0, 0), VALIDATION_FILE: batch}
     return {TRAIN_FILE: batch.filter(pc.invert(flag)), VALIDATION_FILE: batch.filter(flag)}
 
 
@@ -217,21 +218,22 @@ def read_ahead(items: Iterator, depth: int) -> Iterator:
     stop = threading.Event()
     end = object()
 
+    def offer(entry) -> bool:
+        """Queue `entry` once there is room; False when the consumer has stopped."""
+        while not stop.is_set():
+            with contextlib.suppress(queue.Full):
+                ahead.put(entry, timeout=0.1)
+                return True
+        return False
+
     def produce() -> None:
         try:
             for item in items:
-                while not stop.is_set():
-                    try:
-                        ahead.put((item, None), timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
-                    break
-            else:
-                ahead.put((end, None))
+                if not offer((item, None)):
+                    return
+            offer((end, None))
         except BaseException as exc:  # handed to the consumer, raised there
-            ahead.put((end, exc))
+            offer((end, exc))
         finally:
             close = getattr(items, "close", None)
             if close is not None:
