@@ -8,8 +8,12 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from pipeline.config import Config, load_config
-from pipeline.errors import PipelineError
+from pipeline.spark_python import prefer_installed_pyspark
+
+prefer_installed_pyspark()  # before anything imports pyspark: jobs import this module first
+
+from pipeline.config import Config, load_config  # noqa: E402
+from pipeline.errors import PipelineError  # noqa: E402
 
 log = logging.getLogger("pipeline")
 

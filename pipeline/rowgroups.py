@@ -71,15 +71,16 @@ class ParquetFiles(NamedTuple):
     partitions: list[dict[str, str | None]]  # each file's ``key=value`` folders
 
 
-def list_parquet(storage, path: str) -> ParquetFiles:
-    """The Parquet files under `path` (a `pipeline.storage.Storage` lists them).
+def list_parquet(storage, path: str, limit: int | None = None) -> ParquetFiles:
+    """The Parquet files under `path` (a `pipeline.storage.Storage` lists them); with
+    `limit`, the first `limit` the listing meets.
 
     Raises what `locate` raises (``pa.ArrowInvalid``, ``pa.ArrowNotImplementedError``,
     ``OSError``) when pyarrow cannot open the storage.
     """
     root = storage.qualify(path).rstrip("/")
     filesystem_root, _ = locate(root)
-    files = storage.list_files(path)
+    files = storage.list_files(path, limit)
     return ParquetFiles(
         filesystem=filesystem_root,
         uris=[uri for uri, _ in files],

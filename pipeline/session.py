@@ -25,6 +25,10 @@ MIN_JAVA = 17
 _PROJECT_CONF = Path(__file__).resolve().parent.parent / "conf"
 _LOG4J_FILE = "log4j2.properties"
 
+# Spark's Python daemon for workers of a local master (see `pipeline.spark_python`).
+_DAEMON_MODULE = "spark.python.daemon.module"
+_DAEMON = "pipeline.spark_python"
+
 # Our defaults; anything spark-submit or the config's `spark.conf` set wins.
 _DEFAULT_CONF = {
     "spark.sql.execution.arrow.pyspark.enabled": "true",
@@ -67,12 +71,32 @@ def build_session(settings: SparkSettings):
     if master.startswith("local") and "PYSPARK_PYTHON" not in os.environ:
         # Python workers otherwise start the system python3, without our packages.
         os.environ["PYSPARK_PYTHON"] = sys.executable
+    if master.startswith("local") and not conf.contains(_DAEMON_MODULE):
+        python = conf.get("spark.pyspark.python", None) or os.environ["PYSPARK_PYTHON"]
+        if _workers_import(_DAEMON, python):
+            conf.set(_DAEMON_MODULE, _DAEMON)
 
     spark = SparkSession.builder.config(conf=conf).getOrCreate()
     spark.sparkContext.setLogLevel(settings.log_level)
     ui = spark.sparkContext.uiWebUrl
     log.info("Spark %s, master %s%s", spark.version, master, f", UI {ui}" if ui else "")
     return spark
+
+
+def _workers_import(module: str, python: str) -> bool:
+    """Whether `python`, started as a local master starts its Python workers (this
+    environment and working directory, before any task ships files), imports `module`.
+
+    Asked of the interpreter itself (40 ms): the package may be installed, on PYTHONPATH
+    or in the working directory for the workers, or reachable by the driver alone.
+    """
+    try:
+        done = subprocess.run(
+            [python, "-c", f"import {module}"], capture_output=True, timeout=60, check=False
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return done.returncode == 0
 
 
 def _set_jvm_log_level(conf, level: str) -> None:

@@ -22,6 +22,8 @@ from pipeline.errors import InputDataError
 INPUT_FORMATS = ("parquet", "csv")
 _PARQUET_MAGIC = b"PAR1"
 _CSV_SUFFIX = ".csv"
+# Where Spark's Parquet writer records the schema of the rows, in every file's footer.
+_SPARK_SCHEMA_KEY = b"org.apache.spark.sql.parquet.row.metadata"
 
 
 def read_input(spark: SparkSession, path: str, settings: IngestSettings) -> DataFrame:
@@ -44,6 +46,42 @@ def read_parquet(spark: SparkSession, path: str) -> DataFrame:
     """The Parquet file or directory at `path` (any URI Spark reads)."""
     with translate_read_errors(path):
         return spark.read.parquet(path)
+
+
+def read_spark_parquet(spark: SparkSession, storage: Any, path: str) -> DataFrame:
+    """Parquet that Spark wrote (an ingest output), read with the schema Spark recorded.
+
+    Spark keeps its schema in every file's footer; read from one footer with pyarrow, it
+    spares the job that infers a schema (about 0.6 s of a cold job's start, more on
+    object stores). Partition folders (``split=...``) are still found by Spark. Any
+    doubt (no such footer entry, a file pyarrow cannot open) falls back to `read_parquet`,
+    which also gives a damaged input its error. `storage` is a `pipeline.storage.Storage`.
+    """
+    schema = _recorded_schema(storage, path)
+    if schema is None:
+        return read_parquet(spark, path)
+    with translate_read_errors(path):
+        return spark.read.schema(schema).parquet(path)
+
+
+def _recorded_schema(storage: Any, path: str) -> T.StructType | None:
+    """The Spark schema in the footer of the first Parquet file under `path`, or None."""
+    import json
+
+    import pyarrow as pa
+
+    from pipeline import rowgroups
+
+    try:
+        files = rowgroups.list_parquet(storage, path, limit=1)
+        if not files.paths:
+            return None
+        fs = rowgroups.filesystem(files.filesystem)
+        [footer] = rowgroups.read_footers(fs, files.paths)
+        recorded = (footer.metadata or {}).get(_SPARK_SCHEMA_KEY)
+        return T.StructType.fromJson(json.loads(recorded)) if recorded else None
+    except (pa.ArrowException, OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def read_csv(spark: SparkSession, path: str, settings: IngestSettings) -> DataFrame:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import uuid
 from typing import Any
 
@@ -71,13 +72,16 @@ class Storage:
         if not self._fs(src).rename(self._path(src), self._path(dst)):
             raise OSError(f"could not move {src} to {dst}")
 
-    def list_files(self, path: str) -> list[tuple[str, int]]:
-        """(path, size in bytes) of the data files under `path`, recursively, sorted."""
+    def list_files(self, path: str, limit: int | None = None) -> list[tuple[str, int]]:
+        """(path, size in bytes) of the data files under `path`, recursively, sorted.
+
+        With `limit`, the first `limit` files the listing meets, whichever they are.
+        """
         fs = self._fs(path)
         root = self.qualify(path).rstrip("/")
         files = []
         iterator = fs.listFiles(self._path(path), True)
-        while iterator.hasNext():
+        while iterator.hasNext() and (limit is None or len(files) < limit):
             status = iterator.next()
             full = str(status.getPath().toString())
             relative = full[len(root) :].lstrip("/") if full.startswith(root) else full
@@ -137,11 +141,12 @@ class Storage:
         if not parent or not self.exists(parent):
             return []
         removed = []
-        for status in self._fs(parent).listStatus(self._path(parent)):
+        # One glob, not a listing: the parent may hold thousands of entries.
+        pattern = self._path(f"{parent}/.{_glob_escape(name)}.staging-*")
+        for status in self._fs(parent).globStatus(pattern) or []:
             child = status.getPath()
-            if child.getName().startswith(f".{name}.staging-"):
-                self._fs(parent).delete(child, True)
-                removed.append(str(child.toString()))
+            self._fs(parent).delete(child, True)
+            removed.append(str(child.toString()))
         if removed:
             log.warning("removed %d staging directories of an interrupted run", len(removed))
         return removed
@@ -169,3 +174,8 @@ class Storage:
         if old is not None:
             fs.delete(old, True)
         log.info("published %s", final)
+
+
+def _glob_escape(name: str) -> str:
+    """`name` matched literally in a Hadoop glob pattern."""
+    return re.sub(r"([\\*?\[\]{}])", r"\\\1", name)

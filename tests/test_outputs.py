@@ -49,6 +49,16 @@ def test_an_earlier_output_of_the_same_kind_is_accepted(storage, tmp_path):
     check_output(storage, str(out), INGEST)
 
 
+def test_only_this_outputs_stale_staging_is_cleared(storage, tmp_path):
+    mine = [".out[1].staging-0123456789ab", ".out[1].staging-ba9876543210"]
+    others = [".out1.staging-0123456789ab", ".other.staging-0123456789ab", "keep"]
+    for name in mine + others:
+        (tmp_path / name).mkdir()
+    removed = storage.clear_stale_staging(str(tmp_path / "out[1]"))
+    assert sorted(r.rsplit("/", 1)[1] for r in removed) == mine
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(others)
+
+
 def test_foreign_entries_are_refused_and_named(storage, tmp_path):
     out = tmp_path / "mine"
     out.mkdir()

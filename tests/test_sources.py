@@ -143,3 +143,25 @@ def test_scoring_reads_a_kaggle_csv_like_its_parquet(spark, kaggle, tmp_path, tr
         probabilities = np.stack(frame[PROBABILITIES].to_numpy())
         scored[name] = probabilities[np.lexsort(probabilities.T[::-1])]
     np.testing.assert_array_equal(scored["test.csv"], scored["test.parquet"])
+
+
+def test_spark_parquet_is_read_with_its_recorded_schema_or_else_inferred(
+    spark, split_features, tmp_path
+):
+    from pipeline.sources import _recorded_schema, read_spark_parquet
+    from pipeline.storage import Storage
+
+    storage = Storage(spark)
+    inferred = spark.read.parquet(str(split_features))
+    recorded = read_spark_parquet(spark, storage, str(split_features))
+    assert _recorded_schema(storage, str(split_features)) is not None  # no inference job
+    assert recorded.schema == inferred.schema  # the split folders' column included
+    counts = {r["split"]: r["count"] for r in recorded.groupBy("split").count().collect()}
+    assert counts == {r["split"]: r["count"] for r in inferred.groupBy("split").count().collect()}
+
+    # Parquet another tool wrote records no Spark schema: Spark infers it as before.
+    other = tmp_path / "other"
+    other.mkdir()
+    inferred.limit(5).toPandas().to_parquet(other / "part-0.parquet")
+    assert _recorded_schema(storage, str(other)) is None
+    assert read_spark_parquet(spark, storage, str(other)).count() == 5

@@ -20,7 +20,7 @@ from pipeline.config import IngestSettings
 from pipeline.contract import FEATURES, LABEL, LABEL_ONEHOT, REJECT_REASON, SPLIT
 from pipeline.features import Preprocessed, accepted_columns, preprocess, with_ids
 from pipeline.ingest import ingest_report
-from pipeline.sources import read_input, read_parquet
+from pipeline.sources import read_input, read_spark_parquet
 from pipeline.storage import Storage
 
 log = logging.getLogger(__name__)
@@ -68,9 +68,10 @@ def read_source(
     as the model was trained (`trained`, located in this input by `scoring_preprocessing`),
     with the `row_id` ingest would give it when it has no id column.
     """
-    report = ingest_report(Storage(spark), input_path)
+    storage = Storage(spark)
+    report = ingest_report(storage, input_path)
     if report is not None:
-        return ingested_source(read_parquet(spark, input_path), report)
+        return ingested_source(read_spark_parquet(spark, storage, input_path), report)
     settings = scoring_preprocessing(trained, current)
     raw = with_ids(read_input(spark, input_path, current), settings.id_columns)
     return raw_source(preprocess(raw, settings, require_label=False))

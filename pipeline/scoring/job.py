@@ -131,9 +131,10 @@ def run_scoring(
     watched = spark.sparkContext.accumulator({}, PartitionSums())
     watch = (watched, shape)
     observation = Observation("evaluation")
-    metrics = metric_columns(source.has_label, score.confidence_threshold, score.confidence_bins)
-
     if plan is None:
+        metrics = metric_columns(
+            source.has_label, score.confidence_threshold, score.confidence_bins
+        )
         validated = source.validated
         if source.layout == Layout.IMAGE.value:
             validated = validated.persist(StorageLevel.MEMORY_AND_DISK)
