@@ -182,6 +182,10 @@ def test_file_reader_and_spark_reader_give_identical_predictions(
     jvm = _predictions(spark, through_spark.output)
 
     assert scored.report["score"]["ingested_reader"] == "files"
+    # The executors wrote the files themselves; Spark reads them as it reads its own.
+    assert (
+        spark.read.parquet(scored.output).schema == spark.read.parquet(through_spark.output).schema
+    )
     assert list(files.columns) == list(jvm.columns)
     assert list(files["id"]) == list(jvm["id"]) == list(range(5000, 6000))
     assert (files[PREDICTION] == jvm[PREDICTION]).all()
@@ -191,6 +195,34 @@ def test_file_reader_and_spark_reader_give_identical_predictions(
     # The executors' NumPy sums and Spark's aggregates give the same evaluation.
     assert scored.report["evaluation"] == through_spark.report["evaluation"]
     assert scored.counts == through_spark.counts
+
+
+def test_a_task_writes_whole_files_of_at_most_the_row_limit(tmp_path):
+    import pyarrow.fs as pafs
+
+    from pipeline.scoring.executor import write_parts
+
+    fs = pafs.LocalFileSystem()
+    batches = [pa.RecordBatch.from_pydict({"id": list(range(i, i + 7))}) for i in (0, 7, 14)]
+    assert write_parts(fs, str(tmp_path), "part-00003", iter(batches), 5) == 21
+    files = sorted(p.name for p in tmp_path.iterdir())
+    assert files == [f"part-00003-c{n:03d}.snappy.parquet" for n in range(5)]
+    assert [pq.read_metadata(tmp_path / f).num_rows for f in files] == [5, 5, 5, 5, 1]
+    assert pq.read_table(tmp_path).column("id").to_pylist() == list(range(21))
+
+    def failing():  # a task that fails part-way leaves no partial file behind
+        yield batches[0]
+        raise OSError("lost the input")
+
+    with pytest.raises(OSError, match="lost the input"):
+        write_parts(fs, str(tmp_path), "part-00004", failing(), 5)
+    assert sorted(p.name for p in tmp_path.iterdir()) == files + ["part-00004-c000.snappy.parquet"]
+    # Its retry replaces the file it completed with the same name.
+    assert write_parts(fs, str(tmp_path), "part-00004", iter(batches[:1]), 5) == 7
+    assert sorted(p.name for p in tmp_path.iterdir()) == files + [
+        "part-00004-c000.snappy.parquet",
+        "part-00004-c001.snappy.parquet",
+    ]
 
 
 def _as_ingest_output(source: str, target: Path, tables: list[pa.Table], row_group_rows: int):

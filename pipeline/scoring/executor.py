@@ -1,11 +1,12 @@
 """The executor side of scoring: where a batch enters the model.
 
-Two functions run in Spark's Python workers, one call per partition:
+Functions that run in Spark's Python workers, one call per partition:
 
 - `score_batches`: Arrow batches of rows that came through Spark (raw input, or an
   ingest output read by Spark);
 - `score_files`: task numbers of a `RowGroupPlan`; the task reads its own row groups of
-  an ingest output with pyarrow (`pipeline.rowgroups`).
+  an ingest output with pyarrow (`pipeline.rowgroups`);
+- `write_files`: the same, with the task writing its predictions' Parquet files itself.
 
 Both check every batch (`features_matrix`) before the model sees it and cache one
 predictor per worker: an ONNX Runtime session built from the broadcast ``model.onnx``
@@ -161,6 +162,79 @@ def score_files(
                     yield pa.RecordBatch.from_arrays(out, names=names)
     _add_task_total(metrics, measured)
     _add_task_total(watch, watched)
+
+
+def write_files(
+    tasks: Iterator[pa.RecordBatch],
+    *,
+    output: tuple[str, str],
+    max_rows_per_file: int,
+    **score: Any,
+) -> Iterator[pa.RecordBatch]:
+    """`score_files`, with the task's predictions written as Parquet files into the
+    directory `output` (a `rowgroups.locate` root and a path in it) rather than handed
+    back to Spark; yields one row per task: (task, rows written).
+
+    The rows never enter the JVM: Spark's write of them cost more than scoring them.
+    """
+    fs = rowgroups.filesystem(output[0])
+    fs.create_dir(output[1], recursive=True)
+    for batch in tasks:
+        for task in batch.column(0).to_pylist():
+            one = pa.RecordBatch.from_arrays([pa.array([task], pa.int64())], names=["task"])
+            scored = score_files(iter([one]), **score)
+            rows = write_parts(fs, output[1], f"part-{task:05d}", scored, max_rows_per_file)
+            yield pa.RecordBatch.from_arrays(
+                [pa.array([task], pa.int64()), pa.array([rows], pa.int64())],
+                names=list(WRITTEN_COLUMNS),
+            )
+
+
+WRITTEN_COLUMNS = ("task", "rows")  # what `write_files` yields per task
+
+
+def write_parts(
+    fs: Any, directory: str, prefix: str, batches: Iterator[pa.RecordBatch], max_rows: int
+) -> int:
+    """Write `batches` to ``PREFIX-cNNN.snappy.parquet`` files of at most `max_rows` rows;
+    returns the rows written.
+
+    Each file is written under a hidden temporary name and renamed when complete, so a
+    retried or speculative attempt of the task replaces whole files with the same rows.
+    """
+    import uuid
+
+    import pyarrow.parquet as pq
+
+    written = part = in_file = 0
+    writer = temporary = None
+    try:
+        for batch in batches:
+            offset = 0
+            while offset < batch.num_rows:
+                if writer is None:
+                    temporary = f"{directory}/.{prefix}-c{part:03d}.{uuid.uuid4().hex}.tmp"
+                    writer = pq.ParquetWriter(
+                        temporary, batch.schema, filesystem=fs, compression="snappy"
+                    )
+                    in_file = 0
+                n = min(batch.num_rows - offset, max_rows - in_file)
+                writer.write_batch(batch.slice(offset, n))
+                offset, in_file, written = offset + n, in_file + n, written + n
+                if in_file == max_rows:
+                    writer.close()
+                    fs.move(temporary, f"{directory}/{prefix}-c{part:03d}.snappy.parquet")
+                    writer = temporary = None
+                    part += 1
+        if writer is not None:
+            writer.close()
+            fs.move(temporary, f"{directory}/{prefix}-c{part:03d}.snappy.parquet")
+            writer = temporary = None
+    finally:
+        if writer is not None:  # failed part-way: leave no partial file behind
+            writer.close()
+            fs.delete_file(temporary)
+    return written
 
 
 def _metric_sums(

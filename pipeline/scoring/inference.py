@@ -175,6 +175,41 @@ def score_row_groups(
     return spark.range(0, tasks, 1, numPartitions=tasks).mapInArrow(score, plan.schema)
 
 
+def write_row_groups(
+    spark: SparkSession,
+    plan: RowGroupPlan,
+    model: BroadcastModel,
+    threads: int,
+    batch_rows: int,
+    output: tuple[str, str],
+    max_rows_per_file: int,
+    metrics: tuple[Any, float, int] | None = None,
+    watch: tuple | None = None,
+) -> int:
+    """`score_row_groups`, with each task writing its predictions as Parquet files into
+    `output` (a `rowgroups.locate` root and directory); returns the rows written.
+
+    Files are named by task (``part-TTTTT-cNNN.snappy.parquet``), so a retried task
+    replaces its own. Only one count a task comes back to the driver.
+    """
+    write = functools.partial(
+        executor.write_files,
+        output=output,
+        max_rows_per_file=int(max_rows_per_file),
+        plan=plan,
+        broadcast=model.handle,
+        key=model.key,
+        threads=int(threads),
+        batch_rows=int(batch_rows),
+        metrics=metrics,
+        watch=watch,
+    )
+    tasks = max(1, len(plan.tasks))
+    schema = ", ".join(f"{name} long" for name in executor.WRITTEN_COLUMNS)
+    counts = spark.range(0, tasks, 1, numPartitions=tasks).mapInArrow(write, schema)
+    return sum(row["rows"] for row in counts.collect())
+
+
 def task_cpus(spark: SparkSession) -> int:
     """Cores each task may use (``spark.task.cpus``): the model's thread budget per task."""
     return max(1, int(spark.conf.get("spark.task.cpus", "1") or 1))

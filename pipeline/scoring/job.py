@@ -13,8 +13,10 @@ Two routes reach the model (`pipeline.scoring.executor`, in the Python workers):
   784 floats a row out of the JVM is the cost of this route.
 - an ingest output (the default, ``score.ingested_reader: files``): the driver plans the
   reads from the Parquet footers (`pipeline.scoring.plan`), and each task reads its row
-  groups with pyarrow straight into the model, so the features never pass through the
-  JVM. Only the small prediction rows go back to Spark for the write and the evaluation.
+  groups with pyarrow straight into the model and writes its predictions' Parquet files
+  itself, so no row passes through the JVM: Spark sees one count a task, and the
+  evaluation comes back in accumulators. (When pyarrow cannot reach the input or the
+  output storage, Spark reads and writes.)
 """
 
 from __future__ import annotations
@@ -25,14 +27,15 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
+import pyarrow as pa
 from pyspark import StorageLevel
 from pyspark.errors import PythonException
 from pyspark.sql import DataFrame, Observation, SparkSession
-from pyspark.sql import functions as F
 
+from pipeline import rowgroups
 from pipeline.artifact import Metadata
 from pipeline.config import Config
-from pipeline.contract import LABEL, REJECT_REASON, SPLIT, Layout
+from pipeline.contract import LABEL, SPLIT, Layout
 from pipeline.errors import DataQualityError, InputDataError
 from pipeline.evaluation import (
     Evaluation,
@@ -67,14 +70,14 @@ from pipeline.scoring.inference import (
     broadcast_model,
     predict_digits,
     read_scoring_model,
-    score_row_groups,
     task_cpus,
+    write_row_groups,
 )
 from pipeline.scoring.inputs import Source, read_source
 from pipeline.scoring.plan import plan_row_groups
 from pipeline.session import start_seconds
 from pipeline.sources import read_parquet, translate_read_errors
-from pipeline.storage import Storage
+from pipeline.storage import SUCCESS_MARKER, Storage
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +107,7 @@ def run_scoring(
     limit = RejectLimit("score.max_reject_fraction", score.max_reject_fraction, "predictions")
     source = read_source(spark, input_path, metadata.preprocessing, config.ingest)
     plan = None
-    if source.ingested and score.ingested_reader == "files":
+    if source.ingested and score.ingested_reader == "files" and _pyarrow_reaches(output):
         with translate_read_errors(input_path):
             plan = plan_row_groups(
                 storage,
@@ -130,42 +133,58 @@ def run_scoring(
     shape = WatchShape.of(score, training_profile)
     watched = spark.sparkContext.accumulator({}, PartitionSums())
     watch = (watched, shape)
-    observation = Observation("evaluation")
     if plan is None:
+        observation = Observation("evaluation")
         metrics = metric_columns(
             source.has_label, score.confidence_threshold, score.confidence_bins
         )
         validated = source.validated
         if source.layout == Layout.IMAGE.value:
             validated = validated.persist(StorageLevel.MEMORY_AND_DISK)
-        rejected_columns = source.raw_columns
 
         def to_output(good: DataFrame) -> DataFrame:
             scored = predict_digits(good.select(*source.columns), model, threads, watch)
             return scored.observe(observation, *metrics)
+
+        def write(staging: str) -> Counts:
+            return write_model_outputs(
+                validated,
+                to_output,
+                source.raw_columns,
+                staging,
+                input_path,
+                score.batch_size,
+                score.max_rows_per_file,
+            )
 
         def metric_results() -> dict:
             return observation.get
 
     else:
         # Rows of an ingest output are never rejected (the executors refuse a bad batch
-        # instead), so the quarantine contract holds with the scored rows themselves.
+        # instead), so the quarantine contract holds with the scored rows themselves; the
+        # tasks write them, and Spark sees one count a task.
+        validated = None
         names = metric_names(source.has_label, score.confidence_bins)
         sums = spark.sparkContext.accumulator({}, PartitionSums())
-        scored = score_row_groups(
-            spark,
-            plan,
-            model,
-            threads,
-            score.batch_size,
-            (sums, score.confidence_threshold, score.confidence_bins),
-            watch,
-        )
-        validated = scored.withColumn(REJECT_REASON, F.lit(None).cast("string"))
-        rejected_columns = tuple(c for c in scored.columns if c in (*source.ids, LABEL))
 
-        def to_output(good: DataFrame) -> DataFrame:
-            return good.drop(REJECT_REASON)
+        def write(staging: str) -> Counts:
+            with model_job_errors(spark, input_path, score.batch_size):
+                rows = write_row_groups(
+                    spark,
+                    plan,
+                    model,
+                    threads,
+                    score.batch_size,
+                    rowgroups.locate(storage.qualify(staging)),
+                    score.max_rows_per_file,
+                    (sums, score.confidence_threshold, score.confidence_bins),
+                    watch,
+                )
+            if rows == 0:
+                raise InputDataError(f"{input_path} holds no rows: nothing to run the model on")
+            storage.write_bytes(f"{staging}/{SUCCESS_MARKER}", b"")
+            return Counts(rows_in=rows, rows_out=rows, rows_rejected=0)
 
         def metric_results() -> dict:
             total = partition_total(sums.value, len(names))
@@ -177,15 +196,7 @@ def run_scoring(
     by_split: dict[str, Evaluation] = {}
     try:
         with staged_output(storage, output, SCORE) as staging:
-            counts = write_model_outputs(
-                validated,
-                to_output,
-                rejected_columns,
-                staging,
-                input_path,
-                score.batch_size,
-                score.max_rows_per_file,
-            )
+            counts = write(staging)
             phases["score_and_write"] = time.monotonic() - started - phases["prepare"]
             if plan is not None and counts.rows_in != plan.rows:
                 raise DataQualityError(
@@ -237,7 +248,8 @@ def run_scoring(
             report["seconds_by_phase"] = {name: round(t, 3) for name, t in phases.items()}
             storage.write_json(f"{staging}/{REPORT_FILE}", report)
     finally:
-        validated.unpersist()
+        if validated is not None:
+            validated.unpersist()
         model.handle.unpersist()
 
     limit.check(counts, output)
@@ -274,12 +286,7 @@ def write_model_outputs(
     refusal of it becomes the pipeline's error for it. Raises `InputDataError` when the
     input holds no rows.
     """
-    spark = validated.sparkSession
-    with (
-        translate_read_errors(input_path),
-        translate_task_errors(input_path),
-        arrow_batch_rows(spark, batch_rows),
-    ):
+    with model_job_errors(validated.sparkSession, input_path, batch_rows):
         counts = write_with_quarantine(
             validated,
             to_output=to_output,
@@ -291,6 +298,28 @@ def write_model_outputs(
     if counts.rows_in == 0:
         raise InputDataError(f"{input_path} holds no rows: nothing to run the model on")
     return counts
+
+
+@contextmanager
+def model_job_errors(spark: SparkSession, input_path: str, batch_rows: int) -> Iterator[None]:
+    """Spark jobs inside run the model on `input_path` in `batch_rows`-row Arrow batches;
+    an unreadable input or a task's refusal of it becomes the pipeline's error for it."""
+    with (
+        translate_read_errors(input_path),
+        translate_task_errors(input_path),
+        arrow_batch_rows(spark, batch_rows),
+    ):
+        yield
+
+
+def _pyarrow_reaches(output: str) -> bool:
+    """Whether the executors can write `output` with pyarrow (else Spark reads and writes)."""
+    try:
+        rowgroups.locate(output)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError) as exc:
+        log.info("pyarrow cannot open %s (%s): rows are read and written by Spark", output, exc)
+        return False
+    return True
 
 
 @contextmanager
