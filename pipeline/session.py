@@ -73,7 +73,9 @@ def build_session(settings: SparkSettings):
         os.environ["PYSPARK_PYTHON"] = sys.executable
     if master.startswith("local") and not conf.contains(_DAEMON_MODULE):
         python = conf.get("spark.pyspark.python", None) or os.environ["PYSPARK_PYTHON"]
-        if _workers_import(_DAEMON, python):
+        # The workers' path is the JVM's, without the driver's --py-files.
+        path = SparkContext._jvm.java.lang.System.getenv("PYTHONPATH")
+        if _workers_import(_DAEMON, python, path):
             conf.set(_DAEMON_MODULE, _DAEMON)
 
     spark = SparkSession.builder.config(conf=conf).getOrCreate()
@@ -83,16 +85,24 @@ def build_session(settings: SparkSettings):
     return spark
 
 
-def _workers_import(module: str, python: str) -> bool:
+def _workers_import(module: str, python: str, path: str | None) -> bool:
     """Whether `python`, started as a local master starts its Python workers (this
-    environment and working directory, before any task ships files), imports `module`.
+    working directory, `path` as PYTHONPATH, before any task ships files), imports `module`.
 
     Asked of the interpreter itself (40 ms): the package may be installed, on PYTHONPATH
-    or in the working directory for the workers, or reachable by the driver alone.
+    or in the working directory for the workers, or reachable by the driver alone (a
+    ``--py-files`` wheel, a path the driver added).
     """
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    if path:
+        env["PYTHONPATH"] = path
     try:
         done = subprocess.run(
-            [python, "-c", f"import {module}"], capture_output=True, timeout=60, check=False
+            [python, "-c", f"import {module}"],
+            capture_output=True,
+            env=env,
+            timeout=60,
+            check=False,
         )
     except (OSError, subprocess.TimeoutExpired):
         return False

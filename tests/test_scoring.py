@@ -216,10 +216,11 @@ def test_a_task_writes_whole_files_of_at_most_the_row_limit(tmp_path):
 
     with pytest.raises(OSError, match="lost the input"):
         write_parts(fs, str(tmp_path), "part-00004", failing(), 5)
-    assert sorted(p.name for p in tmp_path.iterdir()) == files + ["part-00004-c000.snappy.parquet"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [*files, "part-00004-c000.snappy.parquet"]
     # Its retry replaces the file it completed with the same name.
     assert write_parts(fs, str(tmp_path), "part-00004", iter(batches[:1]), 5) == 7
-    assert sorted(p.name for p in tmp_path.iterdir()) == files + [
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        *files,
         "part-00004-c000.snappy.parquet",
         "part-00004-c001.snappy.parquet",
     ]

@@ -49,7 +49,15 @@ def test_local_python_workers_import_pyspark_from_the_package(spark):
         assert ".zip" not in package
 
 
-def test_the_daemon_is_set_only_when_the_workers_can_import_it():
-    assert _workers_import("pipeline.spark_python", sys.executable)
-    assert not _workers_import("pipeline.no_such_module", sys.executable)
-    assert not _workers_import("pipeline.spark_python", "/nonexistent/python")
+def test_the_daemon_is_set_only_when_the_workers_can_import_it(tmp_path, monkeypatch):
+    path = os.environ.get("PYTHONPATH")
+    assert _workers_import("pipeline.spark_python", sys.executable, path)
+    assert not _workers_import("pipeline.no_such_module", sys.executable, path)
+    assert not _workers_import("pipeline.spark_python", "/nonexistent/python", path)
+
+    # A package the driver alone reaches (a --py-files wheel on its path): not for workers.
+    (tmp_path / "shipped").mkdir()
+    (tmp_path / "shipped" / "__init__.py").write_text("")
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    assert not _workers_import("shipped", sys.executable, None)
+    assert _workers_import("shipped", sys.executable, str(tmp_path))
