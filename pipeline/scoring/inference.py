@@ -161,18 +161,9 @@ def score_row_groups(
     sums as the batches are scored, one total a task, which a re-run task replaces.
     `watch` does the same for calibration and drift (see `predict_digits`).
     """
-    score = functools.partial(
-        executor.score_files,
-        plan=plan,
-        broadcast=model.handle,
-        key=model.key,
-        threads=int(threads),
-        batch_rows=int(batch_rows),
-        metrics=metrics,
-        watch=watch,
+    return _over_tasks(
+        spark, plan, executor.score_files, plan.schema, model, threads, batch_rows, metrics, watch
     )
-    tasks = max(1, len(plan.tasks))
-    return spark.range(0, tasks, 1, numPartitions=tasks).mapInArrow(score, plan.schema)
 
 
 def write_row_groups(
@@ -192,10 +183,39 @@ def write_row_groups(
     Files are named by task (``part-TTTTT-cNNN.snappy.parquet``), so a retried task
     replaces its own. Only one count a task comes back to the driver.
     """
-    write = functools.partial(
+    schema = ", ".join(f"{name} long" for name in executor.WRITTEN_COLUMNS)
+    counts = _over_tasks(
+        spark,
+        plan,
         executor.write_files,
+        schema,
+        model,
+        threads,
+        batch_rows,
+        metrics,
+        watch,
         output=output,
         max_rows_per_file=int(max_rows_per_file),
+    )
+    return sum(row["rows"] for row in counts.collect())
+
+
+def _over_tasks(
+    spark: SparkSession,
+    plan: RowGroupPlan,
+    function: Any,
+    schema: Any,
+    model: BroadcastModel,
+    threads: int,
+    batch_rows: int,
+    metrics: tuple[Any, float, int] | None,
+    watch: tuple | None,
+    **options: Any,
+) -> DataFrame:
+    """`function` (an executor function of task numbers) over a tiny range, one row and one
+    partition per task of `plan`, so task i always works on ``plan.tasks[i]``."""
+    mapped = functools.partial(
+        function,
         plan=plan,
         broadcast=model.handle,
         key=model.key,
@@ -203,11 +223,10 @@ def write_row_groups(
         batch_rows=int(batch_rows),
         metrics=metrics,
         watch=watch,
+        **options,
     )
     tasks = max(1, len(plan.tasks))
-    schema = ", ".join(f"{name} long" for name in executor.WRITTEN_COLUMNS)
-    counts = spark.range(0, tasks, 1, numPartitions=tasks).mapInArrow(write, schema)
-    return sum(row["rows"] for row in counts.collect())
+    return spark.range(0, tasks, 1, numPartitions=tasks).mapInArrow(mapped, schema)
 
 
 def task_cpus(spark: SparkSession) -> int:
