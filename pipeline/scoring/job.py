@@ -181,8 +181,7 @@ def run_scoring(
                     (sums, score.confidence_threshold, score.confidence_bins),
                     watch,
                 )
-            if rows == 0:
-                raise InputDataError(f"{input_path} holds no rows: nothing to run the model on")
+            require_rows(rows, input_path)
             storage.write_bytes(f"{staging}/{SUCCESS_MARKER}", b"")
             return Counts(rows_in=rows, rows_out=rows, rows_rejected=0)
 
@@ -295,9 +294,14 @@ def write_model_outputs(
             rejected_path=f"{staging}/{REJECTED_DIR}",
             max_rows_per_file=max_rows_per_file,
         )
-    if counts.rows_in == 0:
-        raise InputDataError(f"{input_path} holds no rows: nothing to run the model on")
+    require_rows(counts.rows_in, input_path)
     return counts
+
+
+def require_rows(rows: int, input_path: str) -> None:
+    """Raise `InputDataError` when `input_path` gave the model no row."""
+    if rows == 0:
+        raise InputDataError(f"{input_path} holds no rows: nothing to run the model on")
 
 
 @contextmanager
