@@ -4,7 +4,7 @@
 starts: the driver and Spark's Python workers. Python keeps no compiled bytecode for
 modules it imports from a zip, so each of those processes compiles pyspark again: on a
 2-core machine ``import pyspark.worker`` takes 0.8 s from the zip and 0.16 s from the
-package, and a process's first Python job takes about twice as long
+package, and a process's first Python job takes 1.5-2 times as long
 (``benchmarks/startup_bench.py``). When the zip is the
 one inside the installed pyspark package (``pip install pyspark``), the package is the
 same release, and `prefer_installed_pyspark` puts the zip behind it.
