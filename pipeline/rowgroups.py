@@ -30,6 +30,9 @@ _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*):(.*)$", re.DOTALL)
 # Hadoop's S3 connectors name the same buckets pyarrow opens as s3://.
 _PYARROW_SCHEMES = {"s3a": "s3", "s3n": "s3"}
 
+# What `locate`, and so `list_parquet`, raises when pyarrow cannot reach a storage.
+UNREACHABLE = (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError)
+
 # pyarrow filesystems made in this Python worker, by root: one per worker, not per task.
 _FILESYSTEMS: dict[str, pafs.FileSystem] = {}
 

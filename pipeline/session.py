@@ -71,7 +71,8 @@ def build_session(settings: SparkSettings):
     if master.startswith("local") and "PYSPARK_PYTHON" not in os.environ:
         # Python workers otherwise start the system python3, without our packages.
         os.environ["PYSPARK_PYTHON"] = sys.executable
-    if master.startswith("local") and not conf.contains(_DAEMON_MODULE):
+    starting = SparkContext._active_spark_context is None  # else getOrCreate keeps its conf
+    if starting and master.startswith("local") and not conf.contains(_DAEMON_MODULE):
         python = conf.get("spark.pyspark.python", None) or os.environ["PYSPARK_PYTHON"]
         # The workers' path is the JVM's, without the driver's --py-files.
         path = SparkContext._jvm.java.lang.System.getenv("PYTHONPATH")

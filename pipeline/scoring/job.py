@@ -27,7 +27,6 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
-import pyarrow as pa
 from pyspark import StorageLevel
 from pyspark.errors import PythonException
 from pyspark.sql import DataFrame, Observation, SparkSession
@@ -320,7 +319,7 @@ def _pyarrow_reaches(output: str) -> bool:
     """Whether the executors can write `output` with pyarrow (else Spark reads and writes)."""
     try:
         rowgroups.locate(output)
-    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError) as exc:
+    except rowgroups.UNREACHABLE as exc:
         log.info("pyarrow cannot open %s (%s): rows are read and written by Spark", output, exc)
         return False
     return True

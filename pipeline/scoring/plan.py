@@ -64,7 +64,7 @@ def plan_row_groups(
     schema, ids, label = prediction_schema(features.schema)
     try:
         files = rowgroups.list_parquet(storage, input_path)
-    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError) as exc:
+    except rowgroups.UNREACHABLE as exc:
         log.info("pyarrow cannot open %s (%s): rows are read by Spark", input_path, exc)
         return None
     keys = {key for values in files.partitions for key in values}

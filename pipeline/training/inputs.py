@@ -183,7 +183,7 @@ def _row_groups(
     the tasks cannot read them with pyarrow."""
     try:
         files = rowgroups.list_parquet(storage, path)
-    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError) as exc:
+    except rowgroups.UNREACHABLE as exc:
         log.info("pyarrow cannot open %s (%s): Spark reads the training rows", path, exc)
         return None
     if any(files.partitions):
