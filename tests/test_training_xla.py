@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 
@@ -79,3 +81,18 @@ def test_a_multi_worker_run_names_its_sync_mode_and_the_other_ones_cost():
     assert "train.sync=exact (exact synchronous SGD" in exact
     assert "XLA off, it cannot compile the all-reduce on CPU" in exact
     assert "--set train.sync=local_sgd for local SGD" in exact
+
+def test_compiles_at_the_quick_optimisation_level_unless_the_user_set_one(monkeypatch):
+    from pipeline.tf_runtime import XLA_OPTIMIZATION, prefer_quick_xla_compiles
+
+    monkeypatch.delenv("XLA_FLAGS", raising=False)
+    prefer_quick_xla_compiles()
+    assert os.environ["XLA_FLAGS"] == XLA_OPTIMIZATION
+
+    monkeypatch.setenv("XLA_FLAGS", "--xla_dump_to=/tmp/dump")
+    prefer_quick_xla_compiles()
+    assert os.environ["XLA_FLAGS"] == f"--xla_dump_to=/tmp/dump {XLA_OPTIMIZATION}"
+
+    monkeypatch.setenv("XLA_FLAGS", "--xla_backend_optimization_level=3")
+    prefer_quick_xla_compiles()
+    assert os.environ["XLA_FLAGS"] == "--xla_backend_optimization_level=3"

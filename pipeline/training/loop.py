@@ -36,6 +36,7 @@ import tensorflow as tf
 from pipeline.config import TrainSettings
 from pipeline.contract import FEATURE_DIM, NUM_CLASSES
 from pipeline.model import build_model, build_optimizer
+from pipeline.tf_runtime import prefer_quick_xla_compiles
 from pipeline.training.augment import make_augment
 
 # Rows of augmented training batches made in one go (about 10 MB of pixels).
@@ -65,6 +66,7 @@ class Trainer:
         # XLA fuses the steps into one compiled loop; not under exact sync
         # (`TrainSettings.compiles_with_xla`). Augmentation is always compiled.
         self.jit_compile = ran.compiles_with_xla()
+        prefer_quick_xla_compiles()  # before the first compilation
         batches = tf.TensorSpec((None, settings.batch_size), tf.int32)
         self._train_steps = tf.function(
             self._train_steps_fn, input_signature=[batches], jit_compile=self.jit_compile
