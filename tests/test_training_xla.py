@@ -82,6 +82,7 @@ def test_a_multi_worker_run_names_its_sync_mode_and_the_other_ones_cost():
     assert "XLA off, it cannot compile the all-reduce on CPU" in exact
     assert "--set train.sync=local_sgd for local SGD" in exact
 
+
 def test_compiles_at_the_quick_optimisation_level_unless_the_user_set_one(monkeypatch):
     from pipeline.tf_runtime import XLA_OPTIMIZATION, prefer_quick_xla_compiles
 
