@@ -716,23 +716,32 @@ spark = build_session(SparkSettings(
     master="local[1]", show_progress=False, log_level="ERROR", conf={"spark.ui.enabled": "false"}
 ))
 
-def loaded(batches):
+NAMES = ["tensorflow", "keras", "onnxruntime"]
+
+def loaded(rows):
     import sys
-    import pyarrow as pa
-    for _ in batches:
+    for _ in rows:
         pass
-    names = ["tensorflow", "keras", "onnxruntime"]
-    yield pa.RecordBatch.from_pydict({n: [n in sys.modules] for n in names})
+    yield {n: n in sys.modules for n in NAMES}
+
+def loaded_batches(batches):
+    import pyarrow as pa
+    yield pa.RecordBatch.from_pylist(list(loaded(batches)))
 
 found = {}
 features, model_dir, out = sys.argv[1:4]
 for reader in ("files", "spark"):  # both routes into the model
     config = Config().with_overrides({"score": {"ingested_reader": reader}})
     result = run_scoring(spark, config, features, model_dir, f"{out}-{reader}")
-    # One core: the Python worker that scored the rows answers (onnxruntime is loaded there).
-    worker = spark.range(1, numPartitions=1).mapInArrow(
-        loaded, "tensorflow boolean, keras boolean, onnxruntime boolean"
-    ).first().asDict()
+    # One core: the Python worker that scored the rows answers (onnxruntime is loaded
+    # there). Spark keeps the workers of RDD jobs (files) apart from those of DataFrame
+    # jobs (spark): the question goes by the same kind of job.
+    if reader == "files":
+        worker = spark.sparkContext.parallelize([0], 1).mapPartitions(loaded).first()
+    else:
+        worker = spark.range(1, numPartitions=1).mapInArrow(
+            loaded_batches, "tensorflow boolean, keras boolean, onnxruntime boolean"
+        ).first().asDict()
     found[reader] = {"rows": result.counts.rows_out, "worker": worker}
 found["driver"] = {n: n in sys.modules for n in ("tensorflow", "keras", "onnxruntime")}
 print(json.dumps(found))

@@ -6,7 +6,8 @@ Functions that run in Spark's Python workers, one call per partition:
   ingest output read by Spark);
 - `score_files`: task numbers of a `RowGroupPlan`; the task reads its own row groups of
   an ingest output with pyarrow (`pipeline.rowgroups`);
-- `write_files`: the same, with the task writing its predictions' Parquet files itself.
+- `write_files`: the same, with the task writing its predictions' Parquet files itself
+  (an RDD job: the driver needs no DataFrame for it).
 
 Both check every batch (`features_matrix`) before the model sees it and cache one
 predictor per worker: an ONNX Runtime session built from the broadcast ``model.onnx``
@@ -165,32 +166,24 @@ def score_files(
 
 
 def write_files(
-    tasks: Iterator[pa.RecordBatch],
+    tasks: Iterator[int],
     *,
     output: tuple[str, str],
     max_rows_per_file: int,
     **score: Any,
-) -> Iterator[pa.RecordBatch]:
-    """`score_files`, with the task's predictions written as Parquet files into the
-    directory `output` (a `rowgroups.locate` root and a path in it) rather than handed
-    back to Spark; yields one row per task: (task, rows written).
+) -> Iterator[int]:
+    """`score_files` for task numbers of an RDD partition, with the task's predictions
+    written as Parquet files into the directory `output` (a `rowgroups.locate` root and a
+    path in it) rather than handed back to Spark; yields the rows written per task.
 
     The rows never enter the JVM: Spark's write of them cost more than scoring them.
     """
     fs = rowgroups.filesystem(output[0])
     fs.create_dir(output[1], recursive=True)
-    for batch in tasks:
-        for task in batch.column(0).to_pylist():
-            one = pa.RecordBatch.from_arrays([pa.array([task], pa.int64())], names=["task"])
-            scored = score_files(iter([one]), **score)
-            rows = write_parts(fs, output[1], f"part-{task:05d}", scored, max_rows_per_file)
-            yield pa.RecordBatch.from_arrays(
-                [pa.array([task], pa.int64()), pa.array([rows], pa.int64())],
-                names=list(WRITTEN_COLUMNS),
-            )
-
-
-WRITTEN_COLUMNS = ("task", "rows")  # what `write_files` yields per task
+    for task in tasks:
+        one = pa.RecordBatch.from_arrays([pa.array([task], pa.int64())], names=["task"])
+        scored = score_files(iter([one]), **score)
+        yield write_parts(fs, output[1], f"part-{task:05d}", scored, max_rows_per_file)
 
 
 def write_parts(

@@ -27,6 +27,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
+from py4j.protocol import Py4JJavaError
 from pyspark import StorageLevel
 from pyspark.errors import PythonException
 from pyspark.sql import DataFrame, Observation, SparkSession
@@ -329,12 +330,13 @@ def _pyarrow_reaches(output: str) -> bool:
 def translate_task_errors(input_path: str) -> Iterator[None]:
     """Re-raise an executor's refusal of its input as the pipeline's error for it.
 
-    Spark hands the driver a `PythonException` carrying the task's Python traceback; the
-    refusal is recognised by the type of the exception the task raised.
+    Spark hands the driver a `PythonException` (a DataFrame job) or a `Py4JJavaError`
+    (an RDD job) carrying the task's Python traceback; the refusal is recognised by the
+    type of the exception the task raised.
     """
     try:
         yield
-    except PythonException as exc:
+    except (PythonException, Py4JJavaError) as exc:
         changed = task_exception(exc, InputChanged)
         if changed is not None:
             raise DataQualityError(
@@ -354,12 +356,16 @@ def translate_task_errors(input_path: str) -> Iterator[None]:
         raise
 
 
-def task_exception(exc: PythonException, kind: type[BaseException]) -> str | None:
+def task_exception(
+    exc: PythonException | Py4JJavaError, kind: type[BaseException]
+) -> str | None:
     """The message of the `kind` exception a Python task raised, or None if it raised another.
 
     A Python traceback ends with the line ``module.Type: message`` of the exception raised.
     """
-    parameters = exc.getMessageParameters() or {}
+    parameters = (
+        exc.getMessageParameters() or {} if isinstance(exc, PythonException) else {}
+    )
     traceback = parameters.get("traceback") or str(exc)
     name = f"{kind.__module__}.{kind.__qualname__}: "
     for line in reversed(traceback.splitlines()):
