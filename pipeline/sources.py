@@ -64,6 +64,51 @@ def read_spark_parquet(spark: SparkSession, storage: Any, path: str) -> DataFram
         return spark.read.schema(schema).parquet(path)
 
 
+def spark_parquet_schema(storage: Any, path: str) -> T.StructType | None:
+    """The schema Spark reads the Parquet it wrote at `path` with (an ingest output),
+    found without Spark: the schema recorded in a footer, every column nullable as Spark
+    reads files, then the ``split`` folders' column. None when in doubt (no recorded
+    schema, other partition folders): ask Spark then."""
+    from pipeline import rowgroups
+    from pipeline.contract import SPLIT
+
+    schema = _recorded_schema(storage, path)
+    if schema is None:
+        return None
+    try:
+        [partitions] = rowgroups.list_parquet(storage, path, limit=1).partitions
+    except (rowgroups.UNREACHABLE, ValueError):
+        return None
+    value = partitions.get(SPLIT)
+    if set(partitions) - {SPLIT} or SPLIT in schema.fieldNames() or _numeric(value):
+        return None  # Spark would find another column, or could type the split as a number
+    fields = [T.StructField(f.name, _nullable(f.dataType), True, f.metadata) for f in schema]
+    if SPLIT in partitions:
+        fields.append(T.StructField(SPLIT, T.StringType(), True))
+    return T.StructType(fields)
+
+
+def _numeric(value: str | None) -> bool:
+    try:
+        float(value or "")
+    except ValueError:
+        return False
+    return True
+
+
+def _nullable(kind: T.DataType) -> T.DataType:
+    """`kind` with every nested element nullable (Spark's ``asNullable``)."""
+    if isinstance(kind, T.StructType):
+        return T.StructType(
+            [T.StructField(f.name, _nullable(f.dataType), True, f.metadata) for f in kind]
+        )
+    if isinstance(kind, T.ArrayType):
+        return T.ArrayType(_nullable(kind.elementType), True)
+    if isinstance(kind, T.MapType):
+        return T.MapType(_nullable(kind.keyType), _nullable(kind.valueType), True)
+    return kind
+
+
 def _recorded_schema(storage: Any, path: str) -> T.StructType | None:
     """The Spark schema in the footer of the first Parquet file under `path`, or None."""
     import json

@@ -169,7 +169,9 @@ def test_scoring_sums_count_each_row_once_when_the_scoring_runs_again(
     shape = WatchShape.of(ScoreSettings())
     features = spark.read.parquet(ingested_sample).select("features", "label")
     rows = features.count()
-    plan = plan_row_groups(storage, ingested_sample, features)
+    plan = plan_row_groups(
+        storage, ingested_sample, features.schema, spark.sparkContext.defaultParallelism
+    )
     assert plan is not None
 
     watched = spark.sparkContext.accumulator({}, PartitionSums())

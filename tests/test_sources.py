@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 import pytest
 
 from pipeline.config import Config
@@ -148,7 +150,7 @@ def test_scoring_reads_a_kaggle_csv_like_its_parquet(spark, kaggle, tmp_path, tr
 def test_spark_parquet_is_read_with_its_recorded_schema_or_else_inferred(
     spark, split_features, tmp_path
 ):
-    from pipeline.sources import _recorded_schema, read_spark_parquet
+    from pipeline.sources import _recorded_schema, read_spark_parquet, spark_parquet_schema
     from pipeline.storage import Storage
 
     storage = Storage(spark)
@@ -156,6 +158,8 @@ def test_spark_parquet_is_read_with_its_recorded_schema_or_else_inferred(
     recorded = read_spark_parquet(spark, storage, str(split_features))
     assert _recorded_schema(storage, str(split_features)) is not None  # no inference job
     assert recorded.schema == inferred.schema  # the split folders' column included
+    # ... and known without Spark: every column nullable, the split folders' column last.
+    assert spark_parquet_schema(storage, str(split_features)) == inferred.schema
     counts = {r["split"]: r["count"] for r in recorded.groupBy("split").count().collect()}
     assert counts == {r["split"]: r["count"] for r in inferred.groupBy("split").count().collect()}
 
@@ -164,4 +168,31 @@ def test_spark_parquet_is_read_with_its_recorded_schema_or_else_inferred(
     other.mkdir()
     inferred.limit(5).toPandas().to_parquet(other / "part-0.parquet")
     assert _recorded_schema(storage, str(other)) is None
+    assert spark_parquet_schema(storage, str(other)) is None
     assert read_spark_parquet(spark, storage, str(other)).count() == 5
+
+
+def test_an_ingest_outputs_source_knows_its_schema_before_spark_reads_it(
+    spark, split_features, tmp_path, monkeypatch
+):
+    """Scoring an ingest output from its files plans from `good_schema` alone: the same
+    schema Spark gives the good rows' columns, with no DataFrame built for it."""
+    import pipeline.scoring.inputs as inputs
+    from pipeline.config import IngestSettings
+
+    built = []
+    real = inputs.read_spark_parquet
+    monkeypatch.setattr(inputs, "read_spark_parquet", lambda *a: built.append(1) or real(*a))
+    source = inputs.read_source(spark, str(split_features), IngestSettings(), IngestSettings())
+    assert source.ingested and source.has_label and source.good_schema is not None
+    assert built == []
+    assert source.good_schema == source.validated.select(*source.columns).schema
+    assert built == [1]
+
+    # Parquet another tool wrote: Spark reads its schema, and the good rows' agree.
+    other = tmp_path / "other"
+    shutil.copytree(split_features, other)
+    for part in other.rglob("*.parquet"):
+        pq.write_table(pq.read_table(part).replace_schema_metadata(None), part)  # no Spark schema
+    source = inputs.read_source(spark, str(other), IngestSettings(), IngestSettings())
+    assert source.good_schema == source.validated.select(*source.columns).schema

@@ -112,7 +112,8 @@ def run_scoring(
             plan = plan_row_groups(
                 storage,
                 input_path,
-                source.validated.select(*source.columns),
+                source.good_schema or source.validated.select(*source.columns).schema,
+                spark.sparkContext.defaultParallelism,
                 score.max_rows_per_file,
             )
     log.info(
@@ -356,16 +357,12 @@ def translate_task_errors(input_path: str) -> Iterator[None]:
         raise
 
 
-def task_exception(
-    exc: PythonException | Py4JJavaError, kind: type[BaseException]
-) -> str | None:
+def task_exception(exc: PythonException | Py4JJavaError, kind: type[BaseException]) -> str | None:
     """The message of the `kind` exception a Python task raised, or None if it raised another.
 
     A Python traceback ends with the line ``module.Type: message`` of the exception raised.
     """
-    parameters = (
-        exc.getMessageParameters() or {} if isinstance(exc, PythonException) else {}
-    )
+    parameters = exc.getMessageParameters() or {} if isinstance(exc, PythonException) else {}
     traceback = parameters.get("traceback") or str(exc)
     name = f"{kind.__module__}.{kind.__qualname__}: "
     for line in reversed(traceback.splitlines()):

@@ -14,7 +14,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import pyarrow as pa
-from pyspark.sql import DataFrame
 from pyspark.sql import types as T
 from pyspark.sql.pandas.types import to_arrow_schema
 
@@ -52,23 +51,28 @@ class RowGroupPlan:
 
 
 def plan_row_groups(
-    storage: Storage, input_path: str, features: DataFrame, max_rows_per_task: int = 500_000
+    storage: Storage,
+    input_path: str,
+    features: T.StructType,
+    parallelism: int,
+    max_rows_per_task: int = 500_000,
 ) -> RowGroupPlan | None:
-    """Plan to score the ingest output at `input_path` by reading its files in the executors.
+    """Plan to score the ingest output at `input_path` by reading its files in the executors,
+    in a few tasks for each of the `parallelism` the cluster runs at once.
 
-    `features` is the input as Spark reads it, with the columns to score (ids, `split`,
-    `features`, `label`): its schema fixes the output. Returns None, with a log line, when
+    `features` is the schema of the columns to score as Spark reads them (ids, `split`,
+    `features`, `label`): it fixes the output. Returns None, with a log line, when
     pyarrow cannot reach the storage or the directory has partition columns other than
     `split`: Spark then reads the rows itself.
     """
-    schema, ids, label = prediction_schema(features.schema)
+    schema, ids, label = prediction_schema(features)
     try:
         files = rowgroups.list_parquet(storage, input_path)
     except rowgroups.UNREACHABLE as exc:
         log.info("pyarrow cannot open %s (%s): rows are read by Spark", input_path, exc)
         return None
     keys = {key for values in files.partitions for key in values}
-    if keys - {SPLIT} or (keys and features.schema[SPLIT].dataType != T.StringType()):
+    if keys - {SPLIT} or (keys and features[SPLIT].dataType != T.StringType()):
         log.info("%s is partitioned by %s: rows are read by Spark", input_path, sorted(keys))
         return None
     partition_column = SPLIT if SPLIT in keys else None
@@ -101,7 +105,7 @@ def plan_row_groups(
         items=tuple(items),
         tasks=group_tasks(
             [item.rows for item in items],
-            TASKS_PER_CORE * cluster_parallelism(features),
+            TASKS_PER_CORE * max(1, parallelism),
             max_rows_per_task,
         ),
         schema=schema,
@@ -113,11 +117,6 @@ def plan_row_groups(
         rows=sum(item.rows for item in items),
         files=len(files.uris),
     )
-
-
-def cluster_parallelism(df: DataFrame) -> int:
-    """Tasks the cluster runs at once (``spark.default.parallelism``)."""
-    return max(1, int(df.sparkSession.sparkContext.defaultParallelism))
 
 
 def group_tasks(
