@@ -608,6 +608,11 @@ def test_model_is_built_once_per_worker(monkeypatch):
 
     assert builds == [2]
     assert len(outputs) == 4
+    # A worker started ahead of the job (`inference.start_workers`) has it built already.
+    executor.start_worker(iter([0]), broadcast=Broadcast(), key="ahead", threads=1)
+    list(executor.score_batches(iter([batch]), broadcast=Broadcast(), key="ahead", threads=1,
+                                ids=("id",), label=None))  # fmt: skip
+    assert builds == [2, 1]
     assert outputs[0].column_names == ["id", PREDICTION, PROBABILITIES, CONFIDENCE]
     assert outputs[0].column(PREDICTION).type == pa.int32()
     assert outputs[0].column(CONFIDENCE).to_pylist() == pytest.approx([0.1] * 3)

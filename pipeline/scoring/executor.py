@@ -302,6 +302,15 @@ def prediction_arrays(probabilities: np.ndarray) -> list[pa.Array]:
     ]
 
 
+def start_worker(_: Iterator[int], *, broadcast: Any, key: str, threads: int) -> None:
+    """What a scoring task does first, done ahead by the warm-up job while the driver
+    plans (`inference.start_workers`): this Python worker imports the scoring code and
+    builds its predictor, so a scoring task that lands here starts on its rows."""
+    import pyarrow.parquet  # noqa: F401  (what `write_parts` writes with)
+
+    _predictor(broadcast, key, threads)
+
+
 def _predictor(broadcast: Any, key: str, threads: int) -> Callable[[np.ndarray], np.ndarray]:
     predictor = _PREDICTORS.get(key)
     if predictor is None:

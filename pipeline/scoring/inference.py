@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import logging
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -28,6 +30,8 @@ from pipeline.storage import Storage
 
 if TYPE_CHECKING:
     from pipeline.scoring.plan import RowGroupPlan
+
+log = logging.getLogger(__name__)
 
 ARROW_BATCH_CONF = "spark.sql.execution.arrow.maxRecordsPerBatch"
 _CHECKSUM_EXCEPTION = "org.apache.hadoop.fs.ChecksumException"
@@ -240,6 +244,30 @@ def _task_function(
         watch=watch,
         **options,
     )
+
+
+def start_workers(spark: SparkSession, model: BroadcastModel, threads: int) -> threading.Thread:
+    """Start the Python workers of an RDD scoring job ahead of it, on a thread of its own:
+    a tiny job, one task a slot, in which each worker imports the scoring code and builds
+    its predictor (`executor.start_worker`). The job's own tasks then find the workers
+    ready (Spark reuses them). It overlaps the driver's planning; a failure here is left
+    for the scoring job to report."""
+    sc = spark.sparkContext
+    slots = max(1, sc.defaultParallelism // max(1, threads))
+    start = functools.partial(
+        executor.start_worker, broadcast=model.handle, key=model.key, threads=int(threads)
+    )
+
+    def run() -> None:
+        sc.setJobDescription("start the scoring workers")
+        try:
+            sc.parallelize(range(slots), slots).foreachPartition(start)
+        except Exception as exc:  # the scoring job meets any real problem again
+            log.debug("starting the scoring workers ahead failed: %s", exc)
+
+    thread = threading.Thread(target=run, name="start-scoring-workers", daemon=True)
+    thread.start()
+    return thread
 
 
 def task_cpus(spark: SparkSession) -> int:

@@ -70,6 +70,7 @@ from pipeline.scoring.inference import (
     broadcast_model,
     predict_digits,
     read_scoring_model,
+    start_workers,
     task_cpus,
     write_row_groups,
 )
@@ -106,8 +107,11 @@ def run_scoring(
     score = config.score
     limit = RejectLimit("score.max_reject_fraction", score.max_reject_fraction, "predictions")
     source = read_source(spark, input_path, metadata.preprocessing, config.ingest)
+    model = broadcast_model(spark, metadata, onnx_bytes)
+    threads = task_cpus(spark)
     plan = None
     if source.ingested and score.ingested_reader == "files" and _pyarrow_reaches(output):
+        start_workers(spark, model, threads)  # while the plan reads the footers
         with translate_read_errors(input_path):
             plan = plan_row_groups(
                 storage,
@@ -128,8 +132,6 @@ def run_scoring(
         if plan is not None
         else "rows read by Spark",
     )
-    model = broadcast_model(spark, metadata, onnx_bytes)
-    threads = task_cpus(spark)
     training_profile = DataProfile.from_dict(metadata.profile) if metadata.profile else None
     shape = WatchShape.of(score, training_profile)
     watched = spark.sparkContext.accumulator({}, PartitionSums())
