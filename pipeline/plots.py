@@ -205,22 +205,36 @@ def errors_png(examples: Sequence[tuple[np.ndarray, np.ndarray, int, int, float]
 
 
 def first_layer_png(weights: np.ndarray, max_units: int = 64) -> bytes:
-    """The first layer's weights, one FEATURE_DIM-pixel image per hidden unit."""
+    """The first layer's weights, one FEATURE_DIM-pixel image per hidden unit, each on its
+    own symmetric colour scale (red positive).
+
+    One image of all the units' tiles, labelled with their numbers: a grid of one small
+    axes a unit took seconds to lay out and draw."""
     units = min(weights.shape[1], max_units)
     columns = min(8, units)
     rows = -(-units // columns)
-    figure = _figure(1.3 * columns, 1.3 * rows + 0.5, layout="constrained")
-    axes = figure.subplots(rows, columns, squeeze=False).reshape(-1)
-    for i, a in enumerate(axes):
-        a.set_xticks([])
-        a.set_yticks([])
-        if i >= units:
-            a.set_frame_on(False)
-            continue
+    gap, label = 2, 7  # pixels between tiles, and above each for its number
+    width, height = IMAGE_SIDE + gap, IMAGE_SIDE + label
+    mosaic = np.full((rows * height, columns * width - gap), np.nan)
+    inch = 1.25 / width  # a tile and its gap: 1.25 inches wide
+    image = (mosaic.shape[1] * inch, mosaic.shape[0] * inch)
+    margin, title = 0.1, 0.45
+    figure = _figure(image[0] + 2 * margin, image[1] + margin + title)
+    size = figure.get_size_inches()
+    a = figure.add_axes(
+        (margin / size[0], margin / size[1], image[0] / size[0], image[1] / size[1])
+    )
+    for i in range(units):
         w = weights[:, i]
         limit = float(np.abs(w).max()) or 1.0
-        a.imshow(w.reshape(IMAGE_SIDE, IMAGE_SIDE), cmap="RdBu_r", vmin=-limit, vmax=limit)
-        a.set_title(str(i), fontsize=7)
+        top, left = (i // columns) * height + label, (i % columns) * width
+        mosaic[top : top + IMAGE_SIDE, left : left + IMAGE_SIDE] = (
+            w.reshape(IMAGE_SIDE, IMAGE_SIDE) / limit
+        )
+        a.text(left + IMAGE_SIDE / 2, top - 1, str(i), fontsize=7, ha="center", va="bottom")
+    colours = _matplotlib().colormaps["RdBu_r"].with_extremes(bad="white")
+    a.imshow(mosaic, cmap=colours, vmin=-1.0, vmax=1.0, interpolation="nearest")
+    a.set_axis_off()
     shown = f"{units} of {weights.shape[1]}" if units < weights.shape[1] else f"{units}"
     figure.suptitle(f"First-layer weights ({shown} units; red positive)", fontsize=10)
     return _png(figure)
