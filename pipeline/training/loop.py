@@ -66,7 +66,8 @@ class Trainer:
         # XLA fuses the steps into one compiled loop; not under exact sync
         # (`TrainSettings.compiles_with_xla`). Augmentation is always compiled.
         self.jit_compile = ran.compiles_with_xla()
-        prefer_quick_xla_compiles()  # before the first compilation
+        if self._augment is None:  # augmenting is code LLVM generates: level 1 slows it
+            prefer_quick_xla_compiles()  # before the first compilation
         batches = tf.TensorSpec((None, settings.batch_size), tf.int32)
         self._train_steps = tf.function(
             self._train_steps_fn, input_signature=[batches], jit_compile=self.jit_compile
