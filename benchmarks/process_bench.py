@@ -361,13 +361,12 @@ def _timed(name: str, command: list[str]) -> tuple[float, str]:
 
 
 def _readable(part: str) -> str:
-    """A command-line word with the project's and the interpreter's directories shortened."""
-    for prefix, short in (
-        (str(Path(sys.executable).parent) + os.sep, ""),
-        (str(ROOT) + os.sep, ""),
-    ):
-        if part.startswith(prefix):
-            return short + part[len(prefix) :]
+    """A command-line word with the project's and the interpreter's directories shortened,
+    also in a ``key=value`` word."""
+    key, equals, value = part.rpartition("=") if "=" in part else ("", "", part)
+    for prefix in (str(Path(sys.executable).parent) + os.sep, str(ROOT) + os.sep):
+        if value.startswith(prefix):
+            return key + equals + value[len(prefix) :]
     return part
 
 
