@@ -69,20 +69,16 @@ def spark_parquet_schema(storage: Any, path: str) -> T.StructType | None:
     found without Spark: the schema recorded in a footer, every column nullable as Spark
     reads files, then the ``split`` folders' column. None when in doubt (no recorded
     schema, other partition folders): ask Spark then."""
-    from pipeline import rowgroups
     from pipeline.contract import SPLIT
 
-    schema = _recorded_schema(storage, path)
-    if schema is None:
+    found = _recorded_schema_and_folders(storage, path)
+    if found is None:
         return None
-    try:
-        [partitions] = rowgroups.list_parquet(storage, path, limit=1).partitions
-    except (rowgroups.UNREACHABLE, ValueError):
-        return None
+    schema, partitions = found
     value = partitions.get(SPLIT)
     if set(partitions) - {SPLIT} or SPLIT in schema.fieldNames() or _numeric(value):
         return None  # Spark would find another column, or could type the split as a number
-    fields = [T.StructField(f.name, _nullable(f.dataType), True, f.metadata) for f in schema]
+    fields = list(_nullable(schema).fields)
     if SPLIT in partitions:
         fields.append(T.StructField(SPLIT, T.StringType(), True))
     return T.StructType(fields)
@@ -111,6 +107,15 @@ def _nullable(kind: T.DataType) -> T.DataType:
 
 def _recorded_schema(storage: Any, path: str) -> T.StructType | None:
     """The Spark schema in the footer of the first Parquet file under `path`, or None."""
+    found = _recorded_schema_and_folders(storage, path)
+    return None if found is None else found[0]
+
+
+def _recorded_schema_and_folders(
+    storage: Any, path: str
+) -> tuple[T.StructType, dict[str, str | None]] | None:
+    """The Spark schema in the footer of the first Parquet file under `path` and that
+    file's ``key=value`` folders, from one listing; None when there is no such schema."""
     import json
 
     import pyarrow as pa
@@ -124,7 +129,9 @@ def _recorded_schema(storage: Any, path: str) -> T.StructType | None:
         fs = rowgroups.filesystem(files.filesystem)
         [footer] = rowgroups.read_footers(fs, files.paths)
         recorded = (footer.metadata or {}).get(_SPARK_SCHEMA_KEY)
-        return T.StructType.fromJson(json.loads(recorded)) if recorded else None
+        if not recorded:
+            return None
+        return T.StructType.fromJson(json.loads(recorded)), files.partitions[0]
     except (pa.ArrowException, OSError, ValueError, KeyError, TypeError):
         return None
 
