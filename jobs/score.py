@@ -10,7 +10,8 @@ def main(args) -> int:
     from pipeline.scoring import run_scoring
     from pipeline.session import build_session
 
-    spark = build_session(config.spark)
+    # The SparkSession only if a DataFrame is needed: the files route needs none.
+    spark = build_session(config.spark, on_demand=True)
     result = run_scoring(spark, config, args.input, args.model_dir, args.output)
     counts = result.counts
     rows = [

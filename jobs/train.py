@@ -12,7 +12,8 @@ def main(args) -> int:
     from pipeline.training import run_training
 
     # Worker 0's epoch lines are the progress display; Spark's bar would garble them.
-    spark = build_session(config.spark.model_copy(update={"show_progress": False}))
+    # The SparkSession only if a DataFrame is needed: the files route needs none.
+    spark = build_session(config.spark.model_copy(update={"show_progress": False}), on_demand=True)
     result = run_training(spark, config, args.input, args.model_dir, fresh=args.fresh)
     from pipeline.tracking import record_training
 

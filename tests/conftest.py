@@ -175,17 +175,20 @@ TRAINING_RUN = {
 @pytest.fixture(scope="session")
 def training_run(spark, tmp_path_factory, split_features) -> SimpleNamespace:
     """`run_training` in-process on the split sample with `TRAINING_RUN`'s settings: its
-    config, result, model directory and the training stage's console lines."""
+    config, result, model directory, the training stage's console lines and whether it
+    asked for a SparkSession (it gets a `SessionOnDemand`, as the job does)."""
+    from pipeline.session import SessionOnDemand
     from pipeline.training import run_training
 
     config = Config().with_overrides({"train": TRAINING_RUN})
+    on_demand = SessionOnDemand(spark.sparkContext)  # as the train job has it
     model_dir = tmp_path_factory.mktemp("training-run") / "model"
     console = logging.getLogger("pipeline.training")
     handler, level = _Lines(), console.level
     console.addHandler(handler)
     console.setLevel(logging.INFO)
     try:
-        result = run_training(spark, config, str(split_features), str(model_dir))
+        result = run_training(on_demand, config, str(split_features), str(model_dir))
     finally:
         console.removeHandler(handler)
         console.setLevel(level)
@@ -195,6 +198,7 @@ def training_run(spark, tmp_path_factory, split_features) -> SimpleNamespace:
         model_dir=model_dir,
         features=split_features,
         log="\n".join(handler.lines),
+        session_made=on_demand.started,
     )
 
 

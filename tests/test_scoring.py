@@ -719,7 +719,7 @@ from pipeline.session import build_session
 
 spark = build_session(SparkSettings(
     master="local[1]", show_progress=False, log_level="ERROR", conf={"spark.ui.enabled": "false"}
-))
+), on_demand=True)  # as the score job has it
 
 NAMES = ["tensorflow", "keras", "onnxruntime"]
 
@@ -738,6 +738,7 @@ features, model_dir, out = sys.argv[1:4]
 for reader in ("files", "spark"):  # both routes into the model
     config = Config().with_overrides({"score": {"ingested_reader": reader}})
     result = run_scoring(spark, config, features, model_dir, f"{out}-{reader}")
+    session_made = spark.started  # the files route (first) runs RDD jobs alone
     # One core: the Python worker that scored the rows answers (onnxruntime is loaded
     # there). Spark keeps the workers of RDD jobs (files) apart from those of DataFrame
     # jobs (spark): the question goes by the same kind of job.
@@ -747,7 +748,7 @@ for reader in ("files", "spark"):  # both routes into the model
         worker = spark.range(1, numPartitions=1).mapInArrow(
             loaded_batches, "tensorflow boolean, keras boolean, onnxruntime boolean"
         ).first().asDict()
-    found[reader] = {"rows": result.counts.rows_out, "worker": worker}
+    found[reader] = {"rows": result.counts.rows_out, "worker": worker, "session": session_made}
 found["driver"] = {n: n in sys.modules for n in ("tensorflow", "keras", "onnxruntime")}
 print(json.dumps(found))
 """
@@ -756,7 +757,7 @@ print(json.dumps(found))
 @pytest.mark.slow
 def test_scoring_imports_no_tensorflow(tmp_path, ingested_holdout, trained_model_dir):
     """Neither the driver nor the Python workers that score import TensorFlow, whichever
-    reader feeds the model."""
+    reader feeds the model; the files route starts no SparkSession either."""
     import subprocess
     import sys
 
@@ -778,6 +779,7 @@ def test_scoring_imports_no_tensorflow(tmp_path, ingested_holdout, trained_model
         assert found[reader]["rows"] == 1000, reader
         worker = found[reader]["worker"]
         assert worker == {"tensorflow": False, "keras": False, "onnxruntime": True}, reader
+    assert (found["files"]["session"], found["spark"]["session"]) == (False, True)
     assert found["driver"] == {"tensorflow": False, "keras": False, "onnxruntime": False}
 
 

@@ -1,4 +1,5 @@
-"""Spark's Python processes import pyspark from the installed package (`pipeline.spark_python`)."""
+"""The job's Spark: its Python processes import pyspark from the installed package
+(`pipeline.spark_python`), and its SparkSession is made on demand."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import sys
 
 import pyspark
 
-from pipeline.session import _workers_import
+from pipeline.session import SessionOnDemand, _workers_import
 from pipeline.spark_python import installed_first
 
 
@@ -61,3 +62,16 @@ def test_the_daemon_is_set_only_when_the_workers_can_import_it(tmp_path, monkeyp
     monkeypatch.setenv("PYTHONPATH", str(tmp_path))
     assert not _workers_import("shipped", sys.executable, None)
     assert _workers_import("shipped", sys.executable, str(tmp_path))
+
+
+def test_a_session_on_demand_is_made_when_something_other_than_its_context_is_used(spark):
+    lazy = SessionOnDemand(spark.sparkContext)
+    assert lazy.sparkContext is spark.sparkContext and not lazy.started
+    assert lazy.sparkContext.parallelize(range(4), 2).sum() == 6  # an RDD job needs none
+    assert not lazy.started
+
+    assert lazy.range(3).count() == 3  # a DataFrame: the session is made, and is the one
+    assert lazy.started and lazy.session is spark
+    assert lazy.conf.get("spark.sql.shuffle.partitions") == spark.conf.get(
+        "spark.sql.shuffle.partitions"
+    )

@@ -407,6 +407,7 @@ def test_a_split_ingest_output_trains_on_its_train_split_only(spark, tmp_path, t
     # them, and the job says where its time went.
     total = rows["train"] + rows["validation"]
     assert f"{total:,} rows read by the 1 training task(s) from the files" in training_run.log
+    assert not training_run.session_made  # RDD jobs alone: the job starts no SparkSession
     train_labels = pq.read_table(features / "split=train", columns=["label"])["label"]
     expected = Counter(str(v) for v in train_labels.to_pylist())
     assert metadata["data"]["class_counts"] == dict(sorted(expected.items()))

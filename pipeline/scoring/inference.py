@@ -271,8 +271,9 @@ def start_workers(spark: SparkSession, model: BroadcastModel, threads: int) -> t
 
 
 def task_cpus(spark: SparkSession) -> int:
-    """Cores each task may use (``spark.task.cpus``): the model's thread budget per task."""
-    return max(1, int(spark.conf.get("spark.task.cpus", "1") or 1))
+    """Cores each task may use (``spark.task.cpus``, a core setting): the model's thread
+    budget per task."""
+    return max(1, int(spark.sparkContext.getConf().get("spark.task.cpus", "1") or 1))
 
 
 @contextmanager

@@ -172,7 +172,8 @@ def run_scoring(
         sums = spark.sparkContext.accumulator({}, PartitionSums())
 
         def write(staging: str) -> Counts:
-            with model_job_errors(spark, input_path, score.batch_size):
+            # No Arrow batch setting: the tasks read their row groups in batch_size rows.
+            with translate_read_errors(input_path), translate_task_errors(input_path):
                 rows = write_row_groups(
                     spark,
                     plan,

@@ -274,7 +274,7 @@ def _versions(spark: SparkSession) -> dict[str, str]:
 
     from pipeline import __version__
 
-    versions = {"pipeline": __version__, "spark": spark.version}
+    versions = {"pipeline": __version__, "spark": spark.sparkContext.version}
     for package in ("tensorflow", "keras", "pyarrow", "numpy", "pandas", "pyspark"):
         try:
             versions[package] = importlib_metadata.version(package)
