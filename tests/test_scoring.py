@@ -783,6 +783,32 @@ def test_scoring_imports_no_tensorflow(tmp_path, ingested_holdout, trained_model
     assert found["driver"] == {"tensorflow": False, "keras": False, "onnxruntime": False}
 
 
+def test_a_job_that_fails_before_scoring_unpersists_the_model(
+    spark, tmp_path, ingested_holdout, trained_model_dir, monkeypatch
+):
+    """The model's broadcast goes however the job ends, a failure while planning included
+    (a long-lived session would otherwise keep one per failed job)."""
+    from pipeline.scoring import job
+
+    unpersisted, real = [], job.broadcast_model
+
+    def broadcast(*args):
+        model = real(*args)
+        unpersist = model.handle.unpersist
+        model.handle.unpersist = lambda *a: (unpersisted.append(True), unpersist(*a))
+        return model
+
+    def damaged(*args, **kwargs):
+        raise InputDataError("a damaged footer")
+
+    monkeypatch.setattr(job, "broadcast_model", broadcast)
+    monkeypatch.setattr(job, "plan_row_groups", damaged)
+    with pytest.raises(InputDataError, match="a damaged footer"):
+        job.run_scoring(spark, Config(), ingested_holdout, trained_model_dir, str(tmp_path / "p"))
+    assert unpersisted == [True]
+    assert not (tmp_path / "p").exists()
+
+
 def test_score_job_exit_code_names_the_missing_model(spark, tmp_path, ingested_holdout, capsys):
     argv = ["--input", ingested_holdout, "--model-dir", str(tmp_path / "nope")]
     code = run_in_process("score.py", *argv, "--output", str(tmp_path / "pred"))

@@ -108,96 +108,96 @@ def run_scoring(
     limit = RejectLimit("score.max_reject_fraction", score.max_reject_fraction, "predictions")
     source = read_source(spark, input_path, metadata.preprocessing, config.ingest)
     model = broadcast_model(spark, metadata, onnx_bytes)
-    threads = task_cpus(spark)
-    plan = None
-    if source.ingested and score.ingested_reader == "files" and _pyarrow_reaches(output):
-        start_workers(spark, model, threads)  # while the plan reads the footers
-        with translate_read_errors(input_path):
-            plan = plan_row_groups(
-                storage,
-                input_path,
-                source.good_schema or source.validated.select(*source.columns).schema,
-                spark.sparkContext.defaultParallelism,
-                score.max_rows_per_file,
-            )
-    log.info(
-        "input %s: %s, %s; model %s (sha256 %s...); %s",
-        input_path,
-        source.layout,
-        "labelled" if source.has_label else "unlabelled",
-        model_dir,
-        metadata.model_sha256[:12],
-        f"{plan.rows} rows in {len(plan.items)} row groups of {plan.files} files read by the "
-        f"executors in {len(plan.tasks)} tasks"
-        if plan is not None
-        else "rows read by Spark",
-    )
-    training_profile = DataProfile.from_dict(metadata.profile) if metadata.profile else None
-    shape = WatchShape.of(score, training_profile)
-    watched = spark.sparkContext.accumulator({}, PartitionSums())
-    watch = (watched, shape)
-    if plan is None:
-        observation = Observation("evaluation")
-        metrics = metric_columns(
-            source.has_label, score.confidence_threshold, score.confidence_bins
-        )
-        validated = source.validated
-        if source.layout == Layout.IMAGE.value:
-            validated = validated.persist(StorageLevel.MEMORY_AND_DISK)
-
-        def to_output(good: DataFrame) -> DataFrame:
-            scored = predict_digits(good.select(*source.columns), model, threads, watch)
-            return scored.observe(observation, *metrics)
-
-        def write(staging: str) -> Counts:
-            return write_model_outputs(
-                validated,
-                to_output,
-                source.raw_columns,
-                staging,
-                input_path,
-                score.batch_size,
-                score.max_rows_per_file,
-            )
-
-        def metric_results() -> dict:
-            return observation.get
-
-    else:
-        # Rows of an ingest output are never rejected (the executors refuse a bad batch
-        # instead), so the quarantine contract holds with the scored rows themselves; the
-        # tasks write them, and Spark sees one count a task.
-        validated = None
-        names = metric_names(source.has_label, score.confidence_bins)
-        sums = spark.sparkContext.accumulator({}, PartitionSums())
-
-        def write(staging: str) -> Counts:
-            # No Arrow batch setting: the tasks read their row groups in batch_size rows.
-            with translate_read_errors(input_path), translate_task_errors(input_path):
-                rows = write_row_groups(
-                    spark,
-                    plan,
-                    model,
-                    threads,
-                    score.batch_size,
-                    rowgroups.locate(storage.qualify(staging)),
+    validated = None  # a persisted DataFrame of the Spark route
+    try:  # the broadcast and the cache go when the job ends, however it ends
+        threads = task_cpus(spark)
+        plan = None
+        if source.ingested and score.ingested_reader == "files" and _pyarrow_reaches(output):
+            start_workers(spark, model, threads)  # while the plan reads the footers
+            with translate_read_errors(input_path):
+                plan = plan_row_groups(
+                    storage,
+                    input_path,
+                    source.good_schema or source.validated.select(*source.columns).schema,
+                    spark.sparkContext.defaultParallelism,
                     score.max_rows_per_file,
-                    (sums, score.confidence_threshold, score.confidence_bins),
-                    watch,
                 )
-            require_rows(rows, input_path)
-            storage.write_bytes(f"{staging}/{SUCCESS_MARKER}", b"")
-            return Counts(rows_in=rows, rows_out=rows, rows_rejected=0)
+        log.info(
+            "input %s: %s, %s; model %s (sha256 %s...); %s",
+            input_path,
+            source.layout,
+            "labelled" if source.has_label else "unlabelled",
+            model_dir,
+            metadata.model_sha256[:12],
+            f"{plan.rows} rows in {len(plan.items)} row groups of {plan.files} files read by the "
+            f"executors in {len(plan.tasks)} tasks"
+            if plan is not None
+            else "rows read by Spark",
+        )
+        training_profile = DataProfile.from_dict(metadata.profile) if metadata.profile else None
+        shape = WatchShape.of(score, training_profile)
+        watched = spark.sparkContext.accumulator({}, PartitionSums())
+        watch = (watched, shape)
+        if plan is None:
+            observation = Observation("evaluation")
+            metrics = metric_columns(
+                source.has_label, score.confidence_threshold, score.confidence_bins
+            )
+            validated = source.validated
+            if source.layout == Layout.IMAGE.value:
+                validated = validated.persist(StorageLevel.MEMORY_AND_DISK)
 
-        def metric_results() -> dict:
-            total = partition_total(sums.value, len(names))
-            return metric_values(total, source.has_label, score.confidence_bins)
+            def to_output(good: DataFrame) -> DataFrame:
+                scored = predict_digits(good.select(*source.columns), model, threads, watch)
+                return scored.observe(observation, *metrics)
 
-    phases = {"start": waited} if waited is not None else {}
-    phases["prepare"] = time.monotonic() - started
-    import_in_background()  # for the evaluation and monitoring pictures after the job
-    by_split: dict[str, Evaluation] = {}
-    try:
+            def write(staging: str) -> Counts:
+                return write_model_outputs(
+                    validated,
+                    to_output,
+                    source.raw_columns,
+                    staging,
+                    input_path,
+                    score.batch_size,
+                    score.max_rows_per_file,
+                )
+
+            def metric_results() -> dict:
+                return observation.get
+
+        else:
+            # Rows of an ingest output are never rejected (the executors refuse a bad batch
+            # instead), so the quarantine contract holds with the scored rows themselves; the
+            # tasks write them, and Spark sees one count a task.
+            names = metric_names(source.has_label, score.confidence_bins)
+            sums = spark.sparkContext.accumulator({}, PartitionSums())
+
+            def write(staging: str) -> Counts:
+                # No Arrow batch setting: the tasks read their row groups in batch_size rows.
+                with translate_read_errors(input_path), translate_task_errors(input_path):
+                    rows = write_row_groups(
+                        spark,
+                        plan,
+                        model,
+                        threads,
+                        score.batch_size,
+                        rowgroups.locate(storage.qualify(staging)),
+                        score.max_rows_per_file,
+                        (sums, score.confidence_threshold, score.confidence_bins),
+                        watch,
+                    )
+                require_rows(rows, input_path)
+                storage.write_bytes(f"{staging}/{SUCCESS_MARKER}", b"")
+                return Counts(rows_in=rows, rows_out=rows, rows_rejected=0)
+
+            def metric_results() -> dict:
+                total = partition_total(sums.value, len(names))
+                return metric_values(total, source.has_label, score.confidence_bins)
+
+        phases = {"start": waited} if waited is not None else {}
+        phases["prepare"] = time.monotonic() - started
+        import_in_background()  # for the evaluation and monitoring pictures after the job
+        by_split: dict[str, Evaluation] = {}
         with staged_output(storage, output, SCORE) as staging:
             counts = write(staging)
             phases["score_and_write"] = time.monotonic() - started - phases["prepare"]
