@@ -99,9 +99,9 @@ class SessionOnDemand:
     """A job's SparkSession, made the first time something other than its SparkContext
     is asked for; until then, only the SparkContext runs.
 
-    On a fresh JVM the SparkSession takes seconds (Spark SQL's classes load then: 4-5 s
-    on a 2-core machine, a fifth of a short job), and the file routes of training and
-    scoring need none: their RDD jobs read and write the files with pyarrow. Any other
+    On a fresh JVM the SparkSession takes seconds (Spark SQL's classes load then: about
+    as long as the SparkContext itself), and the file routes of training and scoring
+    need none: their RDD jobs read and write the files with pyarrow. Any other
     attribute is the session's, made then (`started` says whether it has been).
     """
 
@@ -133,13 +133,6 @@ class SessionOnDemand:
         if name.startswith("__"):
             raise AttributeError(name)
         return getattr(self.session, name)
-
-    def stop(self) -> None:
-        """Stop the session, or the SparkContext alone if no session was made."""
-        if self._session is not None:
-            self._session.stop()
-        else:
-            self.sparkContext.stop()
 
     def __repr__(self) -> str:
         return f"SessionOnDemand({self.sparkContext!r}, started={self.started})"
