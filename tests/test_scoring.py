@@ -786,7 +786,7 @@ def test_scoring_imports_no_tensorflow(tmp_path, ingested_holdout, trained_model
 def test_a_job_that_fails_before_scoring_unpersists_the_model(
     spark, tmp_path, ingested_holdout, trained_model_dir, monkeypatch
 ):
-    """The model's broadcast goes however the job ends, a failure while planning included
+    """The model's broadcast goes however the job ends, a damaged footer found while planning
     (a long-lived session would otherwise keep one per failed job)."""
     from pipeline.scoring import job
 
@@ -798,13 +798,14 @@ def test_a_job_that_fails_before_scoring_unpersists_the_model(
         model.handle.unpersist = lambda *a: (unpersisted.append(True), unpersist(*a))
         return model
 
-    def damaged(*args, **kwargs):
-        raise InputDataError("a damaged footer")
-
+    features = tmp_path / "features"
+    table = pq.read_table(ingested_holdout)
+    _as_ingest_output(ingested_holdout, features, [table.slice(0, 500), table.slice(500)], 256)
+    second = features / "part-00001.parquet"
+    second.write_bytes(second.read_bytes()[:-100])  # its footer cut: the plan cannot read it
     monkeypatch.setattr(job, "broadcast_model", broadcast)
-    monkeypatch.setattr(job, "plan_row_groups", damaged)
-    with pytest.raises(InputDataError, match="a damaged footer"):
-        job.run_scoring(spark, Config(), ingested_holdout, trained_model_dir, str(tmp_path / "p"))
+    with pytest.raises(InputDataError, match="part-00001"):
+        job.run_scoring(spark, Config(), str(features), trained_model_dir, str(tmp_path / "p"))
     assert unpersisted == [True]
     assert not (tmp_path / "p").exists()
 
