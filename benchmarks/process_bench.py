@@ -24,7 +24,12 @@ machine falls on every contender alike:
 - ``copy``: ``benchmarks/spark_baselines.py copy``: Spark reads the features, writes them;
 - ``mllib``: ``benchmarks/spark_baselines.py mllib-score``: MLlib's
   ``MultilayerPerceptronClassifier`` ([784, 32, 10]) loaded, ``transform`` and write; it is
-  fitted once beforehand on ``--fit-rows`` rows, outside the timing.
+  fitted once beforehand on ``--fit-rows`` rows, outside the timing;
+- ``start_floor``: ``benchmarks/spark_baselines.py start-floor``: a SparkContext and one
+  task that starts a Python process importing TensorFlow, as a training job's worker
+  does; nothing read, no step taken. ``ratio_start_floor_vs_steps`` (this ÷ ``train``'s
+  SGD steps) says how much of ``ratio_train_vs_steps`` is start-up that no training code
+  can remove.
 
 Ratios are taken within a repeat and summarised as median, min and max. The jobs' own
 phase seconds (``metadata.json`` of training, ``_report.json`` of scoring) are reported
@@ -127,6 +132,7 @@ def _measure(
             "score": partial(_score, out / "score", large, score_model),
             "copy": partial(_copy, out / "copy", large),
             "mllib": partial(_mllib, out / "mllib", large, mllib_model),
+            "start_floor": _start_floor,
         }
         for name, measure in runs.items():
             figures = measure()
@@ -169,6 +175,7 @@ def _result(
             "train_2_workers", "samples_per_second", "train", "samples_per_second"
         ),
         "ratio_2_workers_vs_1_seconds": paired("train_2_workers", "seconds", "train", "seconds"),
+        "ratio_start_floor_vs_steps": paired("start_floor", "seconds", "train", "steps_seconds"),
         "accuracy_points_2_workers_minus_1": timing.stats(accuracy, 4),
     }
     targets = {}
@@ -262,6 +269,12 @@ def _copy(output: Path, features: str) -> dict[str, Any]:
 def _mllib(output: Path, features: str, model: str) -> dict[str, Any]:
     script = [str(HERE / "spark_baselines.py"), "mllib-score", "--input", features, "--model"]
     seconds, _ = _timed("mllib", [*_submit(), *script, model, "--output", str(output)])
+    return {"seconds": seconds}
+
+
+def _start_floor() -> dict[str, Any]:
+    script = [str(HERE / "spark_baselines.py"), "start-floor"]
+    seconds, _ = _timed("start_floor", [*_submit(), *script])
     return {"seconds": seconds}
 
 
@@ -390,8 +403,10 @@ def format_table(result: dict[str, Any]) -> str:
             f"  {key:<42}{s['median']:>8.3f}  ({s['min']:.3f} - {s['max']:.3f})"
             f"  target {target['target']}: {state}"
         )
-    s = result["ratio_2_workers_vs_1_seconds"]
-    lines.append(f"  {'ratio_2_workers_vs_1_seconds':<42}{s['median']:>8.3f}")
+    for key in ("ratio_2_workers_vs_1_seconds", "ratio_start_floor_vs_steps"):
+        s = result.get(key)
+        if s:
+            lines.append(f"  {key:<42}{s['median']:>8.3f}  ({s['min']:.3f} - {s['max']:.3f})")
     for name, phases in result["phases"].items():
         shown = ", ".join(f"{p} {v['median']:.2f}" for p, v in phases.items())
         lines.append(f"  phases of {name} (s): {shown}")

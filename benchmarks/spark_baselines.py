@@ -3,6 +3,7 @@
     spark-submit benchmarks/spark_baselines.py copy --input FEATURES --output DIR
     spark-submit benchmarks/spark_baselines.py mllib-fit --input FEATURES --model DIR [--rows N]
     spark-submit benchmarks/spark_baselines.py mllib-score --input FEATURES --model DIR --output DIR
+    spark-submit benchmarks/spark_baselines.py start-floor
 
 - ``copy``: read the features Parquet, write it again (every column): what any Spark job
   over this data pays.
@@ -11,8 +12,13 @@
   earlier, as our scoring job's model is).
 - ``mllib-score``: load that model, convert the `features` arrays to vectors, ``transform``
   and write id, label, prediction and probabilities: the scoring job of a plain MLlib user.
+- ``start-floor``: start a SparkContext, run one task that starts a Python process which
+  imports TensorFlow and Keras (as a training worker's does, scikit-learn and Matplotlib
+  left out), and exit: what a one-worker training job pays before it reads a row or takes
+  a step, however fast the rest.
 
-Each builds a plain SparkSession and imports nothing from the pipeline.
+Each builds a plain SparkSession (a SparkContext for ``start-floor``, as the training job
+on an ingest output does) and imports nothing from the pipeline.
 """
 
 from __future__ import annotations
@@ -62,18 +68,52 @@ def mllib_score(spark, features: str, model_dir: str, output: str) -> None:
     ).write.parquet(output)
 
 
+# The import a training worker process starts with (pipeline.training.worker).
+_IMPORT_TENSORFLOW = (
+    "import sys; sys.modules['sklearn'] = None; sys.modules['matplotlib'] = None; "
+    "import tensorflow, keras"
+)
+
+
+def start_floor(sc) -> None:
+    def start_tensorflow(_):
+        import os
+        import subprocess
+
+        env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", TF_ENABLE_ONEDNN_OPTS="0")
+        subprocess.run([sys.executable, "-c", _IMPORT_TENSORFLOW], env=env, check=True)
+        return 0
+
+    sc.parallelize([0], 1).map(start_tensorflow).collect()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("action", choices=["copy", "mllib-fit", "mllib-score"])
-    parser.add_argument("--input", required=True, help="ingested features (Parquet)")
+    parser.add_argument("action", choices=["copy", "mllib-fit", "mllib-score", "start-floor"])
+    parser.add_argument("--input", help="ingested features (Parquet); all but start-floor")
     parser.add_argument("--output", help="output directory (copy, mllib-score); must not exist")
     parser.add_argument("--model", help="MLlib model directory (mllib-fit, mllib-score)")
     parser.add_argument("--rows", type=int, default=6000, help="rows to fit on (mllib-fit)")
     args = parser.parse_args(argv)
-    needs = {"copy": ["output"], "mllib-fit": ["model"], "mllib-score": ["model", "output"]}
+    needs = {
+        "copy": ["input", "output"],
+        "mllib-fit": ["input", "model"],
+        "mllib-score": ["input", "model", "output"],
+        "start-floor": [],
+    }
     missing = [f"--{name}" for name in needs[args.action] if getattr(args, name) is None]
     if missing:
         parser.error(f"{args.action} needs {' and '.join(missing)}")
+
+    if args.action == "start-floor":
+        from pyspark import SparkContext
+
+        sc = SparkContext.getOrCreate()
+        try:
+            start_floor(sc)
+        finally:
+            sc.stop()
+        return 0
 
     from pyspark.sql import SparkSession
 

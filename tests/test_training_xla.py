@@ -97,3 +97,45 @@ def test_compiles_at_the_quick_optimisation_level_unless_the_user_set_one(monkey
     monkeypatch.setenv("XLA_FLAGS", "--xla_backend_optimization_level=3")
     prefer_quick_xla_compiles()
     assert os.environ["XLA_FLAGS"] == "--xla_backend_optimization_level=3"
+
+
+@pytest.mark.parametrize("augment", [False, True], ids=["plain", "augmented"])
+def test_every_call_has_one_shape_compiled_ahead_without_changing_the_model(rows, augment):
+    """Short calls (an epoch's last, local SGD's before an average) are padded to the
+    call's shape: XLA compiles one shape, before the rows are in the store, and the
+    padding trains nothing."""
+    x, y = rows
+    settings = TrainSettings(
+        seed=4, steps_per_call=8, augment=AugmentSettings(enabled=augment, max_shear=10.0)
+    )
+    order = np.random.default_rng(2).permutation(len(x))[: 13 * BATCH].astype(np.int32)
+    batches = order.reshape(13, BATCH)
+
+    ahead = _trainer(settings)
+    initial = ahead.weights(), ahead.optimizer_state()
+    ahead.make_store(len(x))
+    ahead.compile_ahead()  # on the empty store
+    for now, before in zip(
+        [*ahead.weights(), *ahead.optimizer_state()], [*initial[0], *initial[1]], strict=True
+    ):
+        np.testing.assert_array_equal(now, before)
+    name = "_train_augmented" if augment else "_train_steps"
+    compiled, seen = getattr(ahead, name), []
+
+    def recorded(batches, count, *features):
+        seen.append((tuple(batches.shape), int(count)))
+        return compiled(batches, count, *features)
+
+    setattr(ahead, name, recorded)
+    ahead.fill_store([(x, y)])
+    ahead.train([Segment(None, batches)], 13)
+    assert seen == [((8, BATCH), 8), ((8, BATCH), 5)]
+
+    # The same 13 steps in one call of 13: the same weights.
+    whole = _trainer(settings.model_copy(update={"steps_per_call": 13}))
+    whole.make_store(len(x))
+    whole.fill_store([(x, y)])
+    whole.train([Segment(None, batches)], 13)
+    for a, b, before in zip(ahead.weights(), whole.weights(), initial[0], strict=True):
+        assert np.abs(a - before).max() > 1e-4  # the steps moved the weights
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)

@@ -13,10 +13,12 @@ statistics.
 A failed barrier ResultStage is never retried by Spark, so the barrier stage is followed
 by a shuffle (``repartition(1)``), which makes it a ShuffleMapStage: when a worker dies,
 Spark reruns the whole stage (up to ``spark.stage.maxConsecutiveAttempts`` times) and the
-workers resume from the newest checkpoint. A worker that sees no progress for
-``train.stall_timeout_s`` (a peer stalled, and a collective waits for it) is not retried:
-its task tells the driver through the progress channel, which cancels the stage and
-raises `TrainingError`; so does a task that finds no training rows (`InputDataError`).
+workers resume from the newest checkpoint. One worker runs an ordinary task, which Spark
+retries by itself (``spark.task.maxFailures``), with no shuffle after it. A worker that
+sees no progress for ``train.stall_timeout_s`` (a peer stalled, and a collective waits
+for it) is not retried: its task tells the driver through the progress channel, which
+cancels the stage and raises `TrainingError`; so does a task that finds no training rows
+(`InputDataError`).
 
 Ports: the reservation socket stays bound (never listening) until the worker exits, and
 TensorFlow's server shares the port with it (``SO_REUSEPORT``), so two jobs on one host

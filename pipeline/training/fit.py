@@ -192,8 +192,10 @@ def run_stage(
                 )
             else:
                 stage = data.mapInArrow(make_task(spec), RESULT_SCHEMA, barrier=workers > 1)
-            # The shuffle makes the barrier stage a ShuffleMapStage, which Spark retries.
-            rows = stage.repartition(1).collect()
+            # The shuffle makes a barrier stage a ShuffleMapStage, which Spark retries (it
+            # never retries a failed barrier ResultStage). One worker's task is an ordinary
+            # one, which Spark retries itself (spark.task.maxFailures): no second stage.
+            rows = (stage.repartition(1) if workers > 1 else stage).collect()
         except (Py4JError, PySparkException) as exc:  # the stage failed for good
             raise _stage_error(errors, exc) from None
         finally:

@@ -20,7 +20,9 @@ planned in NumPy (`pipeline.training.data.epoch_segments`); with augmentation, a
 thread gathers and augments the next call's batches while a call trains. No tf.data
 pipeline and no Python per batch. With ``train.jit_compile`` (the default) that function
 is compiled with XLA, about 1.4x the steps per second on CPU, except in ``exact`` mode,
-whose all-reduce inside the loop XLA cannot compile on CPU. Imported only in the worker's
+whose all-reduce inside the loop XLA cannot compile on CPU. Every call has the same shape
+(short calls are padded and say how many steps to run), so XLA compiles once:
+`Trainer.compile_ahead`, before the first epoch. Imported only in the worker's
 TensorFlow process.
 """
 
@@ -68,15 +70,19 @@ class Trainer:
         self.jit_compile = ran.compiles_with_xla()
         if self._augment is None:  # augmenting is code LLVM generates: level 1 slows it
             prefer_quick_xla_compiles()  # before the first compilation
+        # Every call gets `_steps_per_call` rows of batches, padded, and runs the first
+        # `count`: XLA compiles one shape, once (`compile_ahead`), for short calls too.
         batches = tf.TensorSpec((None, settings.batch_size), tf.int32)
+        count = tf.TensorSpec((), tf.int32)
         self._train_steps = tf.function(
-            self._train_steps_fn, input_signature=[batches], jit_compile=self.jit_compile
+            self._train_steps_fn, input_signature=[batches, count], jit_compile=self.jit_compile
         )
         if self._augment is not None:
             self._train_augmented = tf.function(
                 self._train_steps_fn,
                 input_signature=[
                     batches,
+                    count,
                     tf.TensorSpec((None, settings.batch_size, FEATURE_DIM), tf.float32),
                 ],
                 jit_compile=self.jit_compile,
@@ -119,13 +125,16 @@ class Trainer:
         batch = tf.cast(tf.shape(x)[0], tf.float32)
         return loss * batch, _correct(y, probabilities)
 
-    def _train_steps_fn(self, batches, features=None):
-        """The steps of `batches` (store positions, one row per step). Each step's features
-        are gathered from the store, or taken from `features` (steps, batch, 784) when the
-        batches were augmented beforehand (`Trainer.train`)."""
+    def _train_steps_fn(self, batches, count, features=None):
+        """The steps of the first `count` rows of `batches` (store positions, one row per
+        step). Each step's features are gathered from the store, or taken from `features`
+        (steps, batch, 784) when the batches were augmented beforehand (`Trainer.train`)."""
         loss_sum = tf.constant(0.0)
         correct = tf.constant(0.0)
-        for i in tf.range(tf.shape(batches)[0]):
+        # A while loop on `count`, not `tf.range(count)`, whose loop XLA compiles anew for
+        # every count.
+        i = tf.constant(0)
+        while i < count:
             rows = batches[i]
             x = tf.gather(self._store_x, rows) if features is None else features[i]
             y = tf.gather(self._store_y, rows)
@@ -137,6 +146,7 @@ class Trainer:
                 step_loss, step_correct = self._step(x, y)
             loss_sum += step_loss
             correct += step_correct
+            i += 1
         return loss_sum, correct
 
     def _augmented_fn(self, batches, first_step):
@@ -196,13 +206,15 @@ class Trainer:
                     if average:
                         since_sync = 0
                     step = first_step + done - n
-                    calls.append(_Call(tf.constant(batches[at - n : at]), step, average))
+                    calls.append(_Call(self._padded(batches[at - n : at]), n, step, average))
                 # All of this window's calls end before the next window fills the store.
                 for call, features in zip(calls, self._features(thread, calls), strict=True):
                     if features is None:
-                        step_loss, step_correct = self._train_steps(call.batches)
+                        step_loss, step_correct = self._train_steps(call.batches, call.count)
                     else:
-                        step_loss, step_correct = self._train_augmented(call.batches, features)
+                        step_loss, step_correct = self._train_augmented(
+                            call.batches, call.count, features
+                        )
                     loss_sum += float(step_loss)
                     correct += float(step_correct)
                     self.on_progress()
@@ -214,6 +226,30 @@ class Trainer:
 
             raise TrainingError(f"the epoch planned {done} steps, expected {steps}")
         return loss_sum, correct
+
+    def _padded(self, batches: np.ndarray) -> tf.Tensor:
+        """`batches` with rows of store position 0 added up to `_steps_per_call` rows."""
+        missing = self._steps_per_call - len(batches)
+        if missing > 0:
+            batches = np.concatenate([batches, np.zeros((missing, batches.shape[1]), np.int32)])
+        return tf.constant(batches, tf.int32)
+
+    def compile_ahead(self) -> None:
+        """Compile the training call (XLA, seconds) and trace the evaluation before the
+        first epoch: calls of zero steps and zero rows, which change nothing. The store's
+        shape must be final (`make_store`); its rows need not be in yet.
+
+        (XLA holds the variables while it compiles: filling the store on another thread
+        meanwhile waits for it, and saves nothing.)"""
+        if not self.jit_compile:
+            return
+        batches = self._padded(np.zeros((0, self.settings.batch_size), np.int32))
+        if self._augment is None:
+            self._train_steps(batches, tf.constant(0))
+        else:
+            features = self._augmented(batches, tf.constant(0, tf.int64))
+            self._train_augmented(batches, tf.constant(0), features)
+        self._evaluate_batch(tf.zeros((0, FEATURE_DIM)), tf.zeros((0, NUM_CLASSES)))
 
     @property
     def _steps_per_call(self) -> int:
@@ -355,7 +391,8 @@ class _Call(NamedTuple):
     """One compiled call of the training loop: its batches (store positions), the
     global step of its first batch, and whether local SGD averages the weights after it."""
 
-    batches: tf.Tensor
+    batches: tf.Tensor  # padded to `_steps_per_call` rows
+    count: int  # the rows of `batches` trained on
     first_step: int
     then_average: bool
 

@@ -269,6 +269,8 @@ def _make_trainer(settings, workers: int, strategy, train_data):
     trainer.make_store(store_rows(train_data, settings.shuffle_buffer, settings.batch_size))
     if train_data.in_memory:
         trainer.fill_store(train_data.chunks())
+    # Before the first epoch, so that its speed and the time left are the later epochs'.
+    trainer.compile_ahead()
     return trainer
 
 
