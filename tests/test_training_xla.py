@@ -131,6 +131,18 @@ def test_every_call_has_one_shape_compiled_ahead_without_changing_the_model(rows
     ahead.train([Segment(None, batches)], 13)
     assert seen == [((8, BATCH), 8), ((8, BATCH), 5)]
 
+    # The count is an input of the one compiled program, not a constant XLA bakes in
+    # (as for `tf.range(count)`: one program per count).
+    padded = ahead._padded(batches[:5])
+    features = tf.zeros((8, BATCH, 784)) if augment else None
+
+    def program(count: int) -> str:
+        return compiled.experimental_get_compiler_ir(padded, tf.constant(count), features)(
+            stage="hlo"
+        )
+
+    assert program(5) == program(8)
+
     # The same 13 steps in one call of 13: the same weights.
     whole = _trainer(settings.model_copy(update={"steps_per_call": 13}))
     whole.make_store(len(x))

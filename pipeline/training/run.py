@@ -205,10 +205,10 @@ def job_phases(
     worker's ``read`` (its rows spooled, their profile added up) and ``import``
     (TensorFlow, in its own process, at the same time as the read: the two overlap),
     ``load`` (model built, rows in its tensor store, the training call compiled, cluster
-    joined), ``trace`` (the first epoch's extra time over the later ones': the
-    rest of tracing and compiling), ``steps`` (the SGD steps of every epoch, without that
-    extra), ``validate``, ``checkpoints``, ``export``
-    (worker 0's model files), ``predict`` (the final model on the validation rows);
+    joined), ``trace`` (the first epoch's extra time over the later ones': the rest of
+    tracing and compiling), ``steps`` (the SGD steps of every epoch, without that extra),
+    ``validate``, ``checkpoints``, ``export`` (worker 0's model files), ``predict`` (the
+    final model on the validation rows);
     ``stage``: the whole barrier stage as the driver saw it; ``publish``: temperature,
     model card and plots, until the model directory is written."""
     import statistics
