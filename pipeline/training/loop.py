@@ -234,10 +234,11 @@ class Trainer:
             batches = np.concatenate([batches, np.zeros((missing, batches.shape[1]), np.int32)])
         return tf.constant(batches, tf.int32)
 
-    def compile_ahead(self) -> None:
-        """Compile the training call (XLA, seconds) and trace the evaluation before the
-        first epoch: calls of zero steps and zero rows, which change nothing. The store's
-        shape must be final (`make_store`); its rows need not be in yet.
+    def compile_ahead(self, evaluate: bool = True) -> None:
+        """Compile the training call (XLA, seconds) and, if `evaluate`, trace the
+        evaluation before the first epoch: calls of zero steps and zero rows, which change
+        nothing. The store's shape must be final (`make_store`); its rows need not be in
+        yet.
 
         (XLA holds the variables while it compiles: filling the store on another thread
         meanwhile waits for it, and saves nothing.)"""
@@ -249,7 +250,8 @@ class Trainer:
         else:
             features = self._augmented(batches, tf.constant(0, tf.int64))
             self._train_augmented(batches, tf.constant(0), features)
-        self._evaluate_batch(tf.zeros((0, FEATURE_DIM)), tf.zeros((0, NUM_CLASSES)))
+        if evaluate:
+            self._evaluate_batch(tf.zeros((0, FEATURE_DIM)), tf.zeros((0, NUM_CLASSES)))
 
     @property
     def _steps_per_call(self) -> int:

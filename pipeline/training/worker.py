@@ -133,7 +133,7 @@ def train(spec: dict[str, Any], tf, phases: _Phases) -> dict[str, Any]:
         strategy, listening = _join_cluster(tf, workers, rank)
     with phases.timed("load"):
         train_data, validation = _open_data(spec, settings)
-        trainer = _make_trainer(settings, workers, strategy, train_data)
+        trainer = _make_trainer(settings, workers, strategy, train_data, validation.rows > 0)
     if strategy is not None:
         # The first collective sets up the workers' group: cluster start-up, like the
         # server itself, so it happens before the first epoch's clock. Under local SGD it
@@ -257,8 +257,9 @@ def _open_data(spec: dict[str, Any], settings):
     return train_data, validation
 
 
-def _make_trainer(settings, workers: int, strategy, train_data):
-    """The model, its optimizer and compiled loop, with the rows in its tensor store."""
+def _make_trainer(settings, workers: int, strategy, train_data, evaluates: bool):
+    """The model, its optimizer and compiled loop, with the rows in its tensor store;
+    the evaluation traced too if this worker `evaluates` (has validation rows)."""
     import keras
 
     from pipeline.training.data import store_rows
@@ -270,7 +271,7 @@ def _make_trainer(settings, workers: int, strategy, train_data):
     if train_data.in_memory:
         trainer.fill_store(train_data.chunks())
     # Before the first epoch, so that its speed and the time left are the later epochs'.
-    trainer.compile_ahead()
+    trainer.compile_ahead(evaluate=evaluates)
     return trainer
 
 
