@@ -19,7 +19,7 @@ from tests import faults
 
 pytestmark = [pytest.mark.slow, pytest.mark.cluster]
 
-ROWS = 120_000
+ROWS = 48_000
 
 
 @pytest.fixture(scope="module")
