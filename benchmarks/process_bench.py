@@ -31,7 +31,13 @@ machine falls on every contender alike:
   SGD steps) says how much of ``ratio_train_vs_steps`` is start-up that no training code
   can remove.
 
-Ratios are taken within a repeat and summarised as median, min and max. The jobs' own
+``--contenders`` runs some of them only (``score`` needs ``train``, whose model it
+scores), for instance the large training job and the floor at another size::
+
+    python benchmarks/process_bench.py --rows 1000000 --contenders train start_floor
+
+Ratios are taken within a repeat and summarised as median, min and max; a ratio (and its
+target) whose two contenders did not both run is left out. The jobs' own
 phase seconds (``metadata.json`` of training, ``_report.json`` of scoring) are reported
 under ``phases`` when the jobs record them. `run()` is the entry point of
 ``benchmarks/run.py`` (stage ``process``).
@@ -48,6 +54,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -73,6 +80,16 @@ _WITHIN = {"accuracy_points_2_workers_minus_1"}
 # Figures of a run that are settings, not measurements.
 _SETTINGS = {"workers", "sync", "steps_from"}
 _AT_LEAST = {"ratio_2_workers_vs_1_samples_per_second"}
+CONTENDERS = (
+    "reference_small",
+    "train_small",
+    "train",
+    "train_2_workers",
+    "score",
+    "copy",
+    "mllib",
+    "start_floor",
+)
 
 
 class ProcessFailed(RuntimeError):
@@ -87,26 +104,47 @@ def run(
     epochs: int = 10,
     heldout_rows: int = 10_000,
     fit_rows: int = 6_000,
+    contenders: Sequence[str] = CONTENDERS,
 ) -> dict[str, Any]:
-    """Time every contender `repeats` times; returns the figures for ``benchmarks/run.py``."""
+    """Time each of `contenders` (default: all) `repeats` times; returns the figures for
+    ``benchmarks/run.py``."""
+    unknown = sorted(set(contenders) - set(CONTENDERS))
+    if unknown or not contenders:
+        raise ValueError(f"contenders {unknown or '(none)'}: choose from {', '.join(CONTENDERS)}")
+    if "score" in contenders and "train" not in contenders:
+        raise ValueError("the score contender scores the train contender's model: add train")
+    chosen = set(contenders)
     data_dir = Path(data_dir or DEFAULT_DATA_DIR).resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="process-bench-", dir=data_dir))
     try:
-        small = _features(data_dir, work, small_rows, seed=0)
-        large = _features(data_dir, work, rows, seed=0)
-        heldout = _features(data_dir, work, heldout_rows, seed=1)
-        mllib_model = _mllib_model(data_dir, work, heldout, fit_rows)
-        samples = _measure(work, small, large, heldout, mllib_model, epochs, repeats)
+        # Only the data the chosen contenders read is made.
+        small = large = heldout = mllib_model = ""
+        if chosen & {"reference_small", "train_small"}:
+            small = _features(data_dir, work, small_rows, seed=0)
+        if chosen & {"train", "train_2_workers", "score", "copy", "mllib"}:
+            large = _features(data_dir, work, rows, seed=0)
+        if chosen & {"train", "train_2_workers", "mllib"}:
+            heldout = _features(data_dir, work, heldout_rows, seed=1)
+        if "mllib" in chosen:
+            mllib_model = _mllib_model(data_dir, work, heldout, fit_rows)
+        samples = _measure(work, small, large, heldout, mllib_model, epochs, repeats, chosen)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return _result(samples, rows, small_rows, heldout_rows, fit_rows, epochs, repeats)
 
 
 def _measure(
-    work: Path, small: str, large: str, heldout: str, mllib_model: str, epochs: int, repeats: int
+    work: Path,
+    small: str,
+    large: str,
+    heldout: str,
+    mllib_model: str,
+    epochs: int,
+    repeats: int,
+    chosen: set[str],
 ) -> dict[str, list[dict[str, Any]]]:
-    """Every contender's figures, one dict per repeat."""
+    """The `chosen` contenders' figures, one dict per repeat."""
     samples: dict[str, list[dict[str, Any]]] = {}
     train = [
         str(ROOT / "jobs" / "train.py"),
@@ -135,6 +173,8 @@ def _measure(
             "start_floor": _start_floor,
         }
         for name, measure in runs.items():
+            if name not in chosen:
+                continue
             figures = measure()
             log.info("%s: %s", name, figures)
             samples.setdefault(name, []).append(figures)
@@ -157,29 +197,59 @@ def _result(
         pairs = zip(samples[numerator], samples[denominator], strict=True)
         return timing.stats([a[key_a] / b[key_b] for a, b in pairs if a[key_a] and b[key_b]], 4)
 
-    accuracy = [
-        100 * (two["val_accuracy"] - one["val_accuracy"])
-        for two, one in zip(samples["train_2_workers"], samples["train"], strict=True)
-        if two.get("val_accuracy") is not None and one.get("val_accuracy") is not None
-    ]
+    def steps_ratio() -> dict[str, Any]:
+        train = samples["train"]
+        return timing.stats(
+            [s["seconds"] / s["steps_seconds"] for s in train if s["steps_seconds"]], 4
+        )
+
+    def accuracy_points() -> dict[str, Any]:
+        pairs = zip(samples["train_2_workers"], samples["train"], strict=True)
+        return timing.stats(
+            [
+                100 * (two["val_accuracy"] - one["val_accuracy"])
+                for two, one in pairs
+                if two.get("val_accuracy") is not None and one.get("val_accuracy") is not None
+            ],
+            4,
+        )
+
+    # Each ratio with the contenders it needs: one whose contenders did not all run is left out.
+    formulas = {
+        "ratio_train_small_vs_reference": (
+            ("train_small", "reference_small"),
+            partial(paired, "train_small", "seconds", "reference_small", "seconds"),
+        ),
+        "ratio_train_vs_steps": (("train",), steps_ratio),
+        "ratio_score_vs_copy": (
+            ("score", "copy"),
+            partial(paired, "score", "seconds", "copy", "seconds"),
+        ),
+        "ratio_score_vs_mllib": (
+            ("score", "mllib"),
+            partial(paired, "score", "seconds", "mllib", "seconds"),
+        ),
+        "ratio_2_workers_vs_1_samples_per_second": (
+            ("train_2_workers", "train"),
+            partial(paired, "train_2_workers", "samples_per_second", "train", "samples_per_second"),
+        ),
+        "ratio_2_workers_vs_1_seconds": (
+            ("train_2_workers", "train"),
+            partial(paired, "train_2_workers", "seconds", "train", "seconds"),
+        ),
+        "ratio_start_floor_vs_steps": (
+            ("start_floor", "train"),
+            partial(paired, "start_floor", "seconds", "train", "steps_seconds"),
+        ),
+        "accuracy_points_2_workers_minus_1": (("train_2_workers", "train"), accuracy_points),
+    }
     ratios = {
-        "ratio_train_small_vs_reference": paired(
-            "train_small", "seconds", "reference_small", "seconds"
-        ),
-        "ratio_train_vs_steps": timing.stats(
-            [s["seconds"] / s["steps_seconds"] for s in samples["train"] if s["steps_seconds"]], 4
-        ),
-        "ratio_score_vs_copy": paired("score", "seconds", "copy", "seconds"),
-        "ratio_score_vs_mllib": paired("score", "seconds", "mllib", "seconds"),
-        "ratio_2_workers_vs_1_samples_per_second": paired(
-            "train_2_workers", "samples_per_second", "train", "samples_per_second"
-        ),
-        "ratio_2_workers_vs_1_seconds": paired("train_2_workers", "seconds", "train", "seconds"),
-        "ratio_start_floor_vs_steps": paired("start_floor", "seconds", "train", "steps_seconds"),
-        "accuracy_points_2_workers_minus_1": timing.stats(accuracy, 4),
+        key: compute() for key, (needs, compute) in formulas.items() if set(needs) <= set(samples)
     }
     targets = {}
     for key, target in TARGETS.items():
+        if key not in ratios:
+            continue
         median = ratios[key]["median"]
         if key in _WITHIN:
             sign, met = "within +-", abs(median) <= target
@@ -389,9 +459,11 @@ def _phase_stats(runs: list[dict[str, float]]) -> dict[str, Any]:
 
 
 def format_table(result: dict[str, Any]) -> str:
+    small = result["seconds"].keys() & {"reference_small", "train_small"}
     lines = [
-        f"whole processes: {result['rows']:,} rows ({result['small_rows']:,} for the reference "
-        f"comparison), {result['epochs']} epochs, {result['repeats']} repeats, "
+        f"whole processes: {result['rows']:,} rows"
+        + (f" ({result['small_rows']:,} for the reference comparison)" if small else "")
+        + f", {result['epochs']} epochs, {result['repeats']} repeats, "
         f"{result['master']}; seconds, median (min - max)",
     ]
     for name, s in result["seconds"].items():
@@ -422,6 +494,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--data-dir", default=str(DEFAULT_DATA_DIR))
+    parser.add_argument(
+        "--contenders",
+        nargs="+",
+        default=list(CONTENDERS),
+        choices=CONTENDERS,
+        metavar="NAME",
+        help=f"run only these (default: all): {', '.join(CONTENDERS)}",
+    )
     parser.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
@@ -433,6 +513,7 @@ def main(argv: list[str] | None = None) -> int:
         epochs=args.epochs,
         heldout_rows=args.heldout_rows,
         fit_rows=args.fit_rows,
+        contenders=args.contenders,
     )
     return timing.finish(format_table(result), result, args.json)
 

@@ -2,6 +2,7 @@
 
     python benchmarks/run.py --rows 1000000 --repeats 3 [--stages ingest train score]
         [--process-rows 300000 --process-small-rows 60000 --process-epochs 10]
+        [--process-contenders train start_floor]
 
 Each stage lives in ``benchmarks/<stage>_bench.py`` and exposes
 ``run(rows: int, repeats: int, **optional) -> dict``; the optional keywords it may accept
@@ -218,6 +219,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--process-epochs", type=int, default=10, help="whole-process stage: training epochs"
     )
+    if str(HERE) not in sys.path:
+        sys.path.insert(0, str(HERE))
+    from process_bench import CONTENDERS
+
+    parser.add_argument(
+        "--process-contenders",
+        nargs="+",
+        default=list(CONTENDERS),
+        choices=CONTENDERS,
+        metavar="NAME",
+        help=f"whole-process stage: run only these (default: all): {', '.join(CONTENDERS)}",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     logging.getLogger("py4j").setLevel(logging.WARNING)
@@ -226,7 +239,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     rows_by_stage = {"train": args.train_rows} if args.train_rows else {}
     rows_by_stage["process"] = args.process_rows
-    process = {"small_rows": args.process_small_rows, "epochs": args.process_epochs}
+    process = {
+        "small_rows": args.process_small_rows,
+        "epochs": args.process_epochs,
+        "contenders": args.process_contenders,
+    }
     doc = run_all(
         args.rows,
         args.repeats,
