@@ -34,7 +34,13 @@ machine falls on every contender alike:
 ``--contenders`` runs some of them only (``score`` needs ``train``, whose model it
 scores), for instance the large training job and the floor at another size::
 
-    python benchmarks/process_bench.py --rows 1000000 --contenders train start_floor
+    python benchmarks/process_bench.py --rows 1000000 --contenders train start_floor \
+        --train-set train.memory_budget_mb=4096
+
+``--train-set KEY=VALUE`` (repeatable) is passed on to every training job as ``--set``
+(here: a budget that keeps a million rows in memory, as 300,000 are by default, rather
+than streamed from local disk in every epoch); the results list it under
+``train_settings``.
 
 Ratios are taken within a repeat and summarised as median, min and max; a ratio (and its
 target) whose two contenders did not both run is left out. The jobs' own
@@ -105,6 +111,7 @@ def run(
     heldout_rows: int = 10_000,
     fit_rows: int = 6_000,
     contenders: Sequence[str] = CONTENDERS,
+    train_settings: Sequence[str] = (),
 ) -> dict[str, Any]:
     """Time each of `contenders` (default: all) `repeats` times; returns the figures for
     ``benchmarks/run.py``."""
@@ -128,10 +135,12 @@ def run(
             heldout = _features(data_dir, work, heldout_rows, seed=1)
         if "mllib" in chosen:
             mllib_model = _mllib_model(data_dir, work, heldout, fit_rows)
-        samples = _measure(work, small, large, heldout, mllib_model, epochs, repeats, chosen)
+        train = [item for setting in train_settings for item in ("--set", setting)]
+        samples = _measure(work, small, large, heldout, mllib_model, epochs, repeats, chosen, train)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    return _result(samples, rows, small_rows, heldout_rows, fit_rows, epochs, repeats)
+    result = _result(samples, rows, small_rows, heldout_rows, fit_rows, epochs, repeats)
+    return {**result, "train_settings": list(train_settings)}
 
 
 def _measure(
@@ -143,6 +152,7 @@ def _measure(
     epochs: int,
     repeats: int,
     chosen: set[str],
+    train_settings: list[str],
 ) -> dict[str, list[dict[str, Any]]]:
     """The `chosen` contenders' figures, one dict per repeat."""
     samples: dict[str, list[dict[str, Any]]] = {}
@@ -151,6 +161,7 @@ def _measure(
         "--fresh",
         "--set",
         f"train.epochs={epochs}",
+        *train_settings,
         "--input",
     ]
     validate = ["--set", f"train.validation_path={heldout}"]
@@ -502,6 +513,13 @@ def main(argv: list[str] | None = None) -> int:
         metavar="NAME",
         help=f"run only these (default: all): {', '.join(CONTENDERS)}",
     )
+    parser.add_argument(
+        "--train-set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a setting passed to every training job as --set (repeatable)",
+    )
     parser.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
@@ -514,6 +532,7 @@ def main(argv: list[str] | None = None) -> int:
         heldout_rows=args.heldout_rows,
         fit_rows=args.fit_rows,
         contenders=args.contenders,
+        train_settings=args.train_set,
     )
     return timing.finish(format_table(result), result, args.json)
 

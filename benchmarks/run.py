@@ -2,7 +2,7 @@
 
     python benchmarks/run.py --rows 1000000 --repeats 3 [--stages ingest train score]
         [--process-rows 300000 --process-small-rows 60000 --process-epochs 10]
-        [--process-contenders train start_floor]
+        [--process-contenders train start_floor] [--process-train-set KEY=VALUE]
 
 Each stage lives in ``benchmarks/<stage>_bench.py`` and exposes
 ``run(rows: int, repeats: int, **optional) -> dict``; the optional keywords it may accept
@@ -231,6 +231,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         metavar="NAME",
         help=f"whole-process stage: run only these (default: all): {', '.join(CONTENDERS)}",
     )
+    parser.add_argument(
+        "--process-train-set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="whole-process stage: a setting passed to every training job as --set",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     logging.getLogger("py4j").setLevel(logging.WARNING)
@@ -243,6 +250,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "small_rows": args.process_small_rows,
         "epochs": args.process_epochs,
         "contenders": args.process_contenders,
+        "train_settings": args.process_train_set,
     }
     doc = run_all(
         args.rows,
