@@ -194,6 +194,10 @@ def _java_version() -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    if str(HERE) not in sys.path:
+        sys.path.insert(0, str(HERE))
+    from process_bench import CONTENDERS  # the names --process-contenders accepts
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rows", type=int, default=1_000_000, help="rows for every stage")
     parser.add_argument("--train-rows", type=int, default=None, help="rows for training")
@@ -219,10 +223,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--process-epochs", type=int, default=10, help="whole-process stage: training epochs"
     )
-    if str(HERE) not in sys.path:
-        sys.path.insert(0, str(HERE))
-    from process_bench import CONTENDERS
-
     parser.add_argument(
         "--process-contenders",
         nargs="+",
