@@ -309,7 +309,7 @@ class LocalData:
         # memory for as long as the file stays open, which then grows with the data.
         self._reader = pa.ipc.open_file(pa.OSFile(path)) if self.size_bytes else None
         self.num_chunks = self._reader.num_record_batches if self._reader else 0
-        self.sizes = [self._reader.get_batch(i).num_rows for i in range(self.num_chunks)]
+        self.sizes = _batch_rows(path) if self.size_bytes else []
         self.offsets = np.concatenate([[0], np.cumsum(self.sizes, dtype=np.int64)])
         self.rows = int(self.offsets[-1])
         self.nbytes = self.rows * _ROW_BYTES  # as float32 arrays
@@ -329,6 +329,15 @@ class LocalData:
     def chunks(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         for i in range(self.num_chunks):
             yield self.chunk(i)
+
+
+def _batch_rows(path: str) -> list[int]:
+    """Rows of each record batch of the Arrow file at `path`, from their headers: mapped,
+    a batch's data is never read (through the file reader, every batch would be read
+    once more, the whole file, just to count its rows)."""
+    with pa.memory_map(path) as source:
+        reader = pa.ipc.open_file(source)
+        return [reader.get_batch(i).num_rows for i in range(reader.num_record_batches)]
 
 
 def epoch_seed(seed: int, worker: int, epoch: int) -> np.random.Generator:
