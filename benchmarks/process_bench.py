@@ -496,6 +496,27 @@ def format_table(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def add_selection_arguments(parser: argparse.ArgumentParser, prefix: str = "") -> None:
+    """``--contenders`` and ``--train-set`` (``--process-contenders`` and
+    ``--process-train-set`` in ``benchmarks/run.py``, `prefix` ``process-``)."""
+    stage = "whole-process stage: " if prefix else ""
+    parser.add_argument(
+        f"--{prefix}contenders",
+        nargs="+",
+        default=list(CONTENDERS),
+        choices=CONTENDERS,
+        metavar="NAME",
+        help=f"{stage}run only these (default: all): {', '.join(CONTENDERS)}",
+    )
+    parser.add_argument(
+        f"--{prefix}train-set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help=f"{stage}a setting passed to every training job as --set (repeatable)",
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rows", type=int, default=300_000, help="rows of the large runs")
@@ -505,21 +526,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--data-dir", default=str(DEFAULT_DATA_DIR))
-    parser.add_argument(
-        "--contenders",
-        nargs="+",
-        default=list(CONTENDERS),
-        choices=CONTENDERS,
-        metavar="NAME",
-        help=f"run only these (default: all): {', '.join(CONTENDERS)}",
-    )
-    parser.add_argument(
-        "--train-set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="a setting passed to every training job as --set (repeatable)",
-    )
+    add_selection_arguments(parser)
     parser.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")

@@ -196,7 +196,7 @@ def _java_version() -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     if str(HERE) not in sys.path:
         sys.path.insert(0, str(HERE))
-    from process_bench import CONTENDERS  # the names --process-contenders accepts
+    from process_bench import add_selection_arguments
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rows", type=int, default=1_000_000, help="rows for every stage")
@@ -223,21 +223,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--process-epochs", type=int, default=10, help="whole-process stage: training epochs"
     )
-    parser.add_argument(
-        "--process-contenders",
-        nargs="+",
-        default=list(CONTENDERS),
-        choices=CONTENDERS,
-        metavar="NAME",
-        help=f"whole-process stage: run only these (default: all): {', '.join(CONTENDERS)}",
-    )
-    parser.add_argument(
-        "--process-train-set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="whole-process stage: a setting passed to every training job as --set",
-    )
+    add_selection_arguments(parser, prefix="process-")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     logging.getLogger("py4j").setLevel(logging.WARNING)
