@@ -204,59 +204,43 @@ def _result(
     epochs: int,
     repeats: int,
 ) -> dict[str, Any]:
-    def paired(numerator: str, key_a: str, denominator: str, key_b: str) -> dict[str, Any]:
+    def paired(numerator: str, key_a: str, denominator: str, key_b: str) -> dict | None:
+        """Figure `key_a` of `numerator` over `key_b` of `denominator`, repeat by repeat;
+        None when one of the two did not run."""
+        if numerator not in samples or denominator not in samples:
+            return None
         pairs = zip(samples[numerator], samples[denominator], strict=True)
         return timing.stats([a[key_a] / b[key_b] for a, b in pairs if a[key_a] and b[key_b]], 4)
 
-    def steps_ratio() -> dict[str, Any]:
-        train = samples["train"]
-        return timing.stats(
+    train = samples.get("train", [])
+    ratios = {
+        "ratio_train_small_vs_reference": paired(
+            "train_small", "seconds", "reference_small", "seconds"
+        ),
+        "ratio_train_vs_steps": timing.stats(
             [s["seconds"] / s["steps_seconds"] for s in train if s["steps_seconds"]], 4
         )
-
-    def accuracy_points() -> dict[str, Any]:
-        pairs = zip(samples["train_2_workers"], samples["train"], strict=True)
-        return timing.stats(
+        if train
+        else None,
+        "ratio_score_vs_copy": paired("score", "seconds", "copy", "seconds"),
+        "ratio_score_vs_mllib": paired("score", "seconds", "mllib", "seconds"),
+        "ratio_2_workers_vs_1_samples_per_second": paired(
+            "train_2_workers", "samples_per_second", "train", "samples_per_second"
+        ),
+        "ratio_2_workers_vs_1_seconds": paired("train_2_workers", "seconds", "train", "seconds"),
+        "ratio_start_floor_vs_steps": paired("start_floor", "seconds", "train", "steps_seconds"),
+        "accuracy_points_2_workers_minus_1": timing.stats(
             [
                 100 * (two["val_accuracy"] - one["val_accuracy"])
-                for two, one in pairs
+                for two, one in zip(samples["train_2_workers"], train, strict=True)
                 if two.get("val_accuracy") is not None and one.get("val_accuracy") is not None
             ],
             4,
         )
-
-    # Each ratio with the contenders it needs: one whose contenders did not all run is left out.
-    formulas = {
-        "ratio_train_small_vs_reference": (
-            ("train_small", "reference_small"),
-            partial(paired, "train_small", "seconds", "reference_small", "seconds"),
-        ),
-        "ratio_train_vs_steps": (("train",), steps_ratio),
-        "ratio_score_vs_copy": (
-            ("score", "copy"),
-            partial(paired, "score", "seconds", "copy", "seconds"),
-        ),
-        "ratio_score_vs_mllib": (
-            ("score", "mllib"),
-            partial(paired, "score", "seconds", "mllib", "seconds"),
-        ),
-        "ratio_2_workers_vs_1_samples_per_second": (
-            ("train_2_workers", "train"),
-            partial(paired, "train_2_workers", "samples_per_second", "train", "samples_per_second"),
-        ),
-        "ratio_2_workers_vs_1_seconds": (
-            ("train_2_workers", "train"),
-            partial(paired, "train_2_workers", "seconds", "train", "seconds"),
-        ),
-        "ratio_start_floor_vs_steps": (
-            ("start_floor", "train"),
-            partial(paired, "start_floor", "seconds", "train", "steps_seconds"),
-        ),
-        "accuracy_points_2_workers_minus_1": (("train_2_workers", "train"), accuracy_points),
+        if "train_2_workers" in samples and train
+        else None,
     }
-    ratios = {
-        key: compute() for key, (needs, compute) in formulas.items() if set(needs) <= set(samples)
-    }
+    ratios = {key: value for key, value in ratios.items() if value is not None}
     targets = {}
     for key, target in TARGETS.items():
         if key not in ratios:

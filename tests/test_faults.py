@@ -135,7 +135,7 @@ def test_executor_killed_during_scoring_changes_no_prediction(
 
 
 # Training: exact sync at a small batch makes an epoch long enough (its steps each wait on
-# an all-reduce) for the fault to land mid-run, on a fifth of the rows to spool.
+# an all-reduce) for the fault to land mid-run, on half of the rows to spool.
 TRAIN = {"epochs": 3, "validation_fraction": 0.1, "sync": "exact", "batch_size": 16}
 TRAIN_ROWS = 24_000
 

@@ -308,8 +308,8 @@ class LocalData:
         # Read, not memory-mapped: mapped pages a worker has touched count in its resident
         # memory for as long as the file stays open, which then grows with the data.
         self._reader = pa.ipc.open_file(pa.OSFile(path)) if self.size_bytes else None
-        self.num_chunks = self._reader.num_record_batches if self._reader else 0
         self.sizes = _batch_rows(path) if self.size_bytes else []
+        self.num_chunks = len(self.sizes)
         self.offsets = np.concatenate([[0], np.cumsum(self.sizes, dtype=np.int64)])
         self.rows = int(self.offsets[-1])
         self.nbytes = self.rows * _ROW_BYTES  # as float32 arrays
