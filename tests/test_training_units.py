@@ -216,6 +216,19 @@ def test_checkpoints_round_trip_and_keep_the_newest(tmp_path):
     assert not [p for p in (tmp_path / "checkpoints").iterdir() if p.name.startswith(".tmp")]
 
 
+def test_a_removed_checkpoint_directory_is_not_written_again(tmp_path):
+    """A search deletes a pruned trial's directory while its worker may still train."""
+    import shutil
+
+    trial = tmp_path / "trial"
+    store = CheckpointDir(str(trial / "checkpoints"))
+    store.write(1, {"epoch": 1, "history": []}, {"w000": np.zeros(2)})
+    shutil.rmtree(trial)
+    with pytest.raises(TrainingError, match="was removed"):
+        store.write(2, {"epoch": 2, "history": []}, {"w000": np.zeros(2)})
+    assert not trial.exists()
+
+
 def test_a_damaged_checkpoint_says_to_start_fresh():
     data = encode({"epoch": 1}, {"w000": np.zeros(2)})
     with pytest.raises(TrainingError, match="--fresh"):

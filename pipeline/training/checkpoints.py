@@ -109,7 +109,15 @@ class CheckpointDir:
             return decode(stream.read(), path)
 
     def write(self, epoch: int, state: dict[str, Any], arrays: dict[str, np.ndarray]) -> str:
-        """Write the checkpoint of `epoch` atomically and drop all but the newest `KEEP`."""
+        """Write the checkpoint of `epoch` atomically and drop all but the newest `KEEP`.
+
+        Raises `TrainingError` when the directory is gone: whoever removed it (a search
+        deleting a pruned trial, whose worker may train on a while after its cancellation)
+        does not get it back, which the write would otherwise do."""
+        from pyarrow import fs
+
+        if self._fs.get_file_info(self._root).type == fs.FileType.NotFound:
+            raise TrainingError(f"{self._root} was removed while training ran: no checkpoint")
         final = f"{self._root}/{checkpoint_name(epoch)}"
         tmp = f"{self._root}/.tmp-{uuid.uuid4().hex}"
         with self._fs.open_output_stream(tmp) as stream:
