@@ -68,9 +68,11 @@ def mllib_score(spark, features: str, model_dir: str, output: str) -> None:
     ).write.parquet(output)
 
 
-# The import a training worker process starts with (pipeline.training.worker).
+# The import a training worker process starts with (pipeline.training.worker's
+# `_start_tensorflow`, with the optional imports it skips, `_UNUSED_BY_KERAS_HERE`).
 _IMPORT_TENSORFLOW = (
-    "import sys; sys.modules['sklearn'] = None; sys.modules['matplotlib'] = None; "
+    "import sys; "
+    "sys.modules.update(dict.fromkeys(('sklearn', 'matplotlib', 'pandas', 'scipy'))); "
     "import tensorflow, keras"
 )
 
