@@ -53,6 +53,15 @@ class TrainingError(PipelineError):
     exit_code = 7
 
 
+class TrainingStopped(TrainingError):
+    """Training stopped after an epoch because its caller asked (`on_epoch` said so):
+    no model was published."""
+
+    def __init__(self, epoch: int) -> None:
+        super().__init__(f"training stopped after epoch {epoch}, as its caller asked")
+        self.epoch = epoch
+
+
 class OutputPathError(PipelineError):
     """An output path the job may not write: it holds what this pipeline did not write, is
     a file, overlaps an input, or is the working, home or root directory."""

@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import signal
+import time
 from collections import Counter
 
 import numpy as np
@@ -18,9 +19,16 @@ import pytest
 from pipeline.artifact import model_from_bytes, read_model_dir
 from pipeline.config import Config, TrainSettings
 from pipeline.contract import FEATURES, LABEL_ONEHOT, NUM_CLASSES
-from pipeline.errors import ConfigError, EnvironmentProblem, InputDataError, TrainingError
+from pipeline.errors import (
+    ConfigError,
+    EnvironmentProblem,
+    InputDataError,
+    TrainingError,
+    TrainingStopped,
+)
 from pipeline.storage import Storage
 from pipeline.training import fit_partitions, run_training
+from pipeline.training.checkpoints import CheckpointDir
 from pipeline.training.data import VALIDATION_FLAG
 from tests import faults
 
@@ -233,6 +241,28 @@ def test_killed_worker_is_retried_and_resumes_from_its_checkpoint(
     # the published directory is complete and verifies
     metadata, _ = read_model_dir(Storage(spark), str(model_dir))
     assert metadata.workers == 2 and metadata.history[-1]["accuracy"] > 0.8
+
+
+def test_training_stops_when_on_epoch_asks_and_its_worker_trains_no_further(
+    spark, tmp_path, ingested_sample
+):
+    model_dir = tmp_path / "model"
+    config = Config().with_overrides({"train": {"epochs": 60, "checkpoint_every": 1}})
+    seen: list[int] = []
+
+    def stop_after_epoch_2(record) -> bool:
+        seen.append(int(record["epoch"]))
+        return record["epoch"] == 2
+
+    with pytest.raises(TrainingStopped) as caught:
+        run_training(spark, config, ingested_sample, str(model_dir), on_epoch=stop_after_epoch_2)
+    assert caught.value.epoch == 2 and seen == [1, 2]
+    assert not (model_dir / "model.keras").exists()  # nothing published
+    # Worker 0 stops before the checkpoint after the one it was told to stop at (epoch 3
+    # may have ended before the answer came). Without being told, it would train on
+    # until Spark's cancellation reached its process: dozens of epochs on this sample.
+    time.sleep(3)
+    assert CheckpointDir(str(model_dir / "checkpoints")).latest() in (2, 3)
 
 
 @pytest.mark.slow

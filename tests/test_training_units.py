@@ -21,6 +21,7 @@ from pipeline.training.data import (
     epoch_windows,
     spool_partition,
 )
+from pipeline.training.progress import STOP, ProgressListener, ProgressSender
 from pipeline.training.stopping import EarlyStopping
 
 
@@ -415,3 +416,20 @@ def test_every_name_of_a_package_face_is_its_modules_own(package):
     assert set(face.__all__) <= set(dir(face))
     with pytest.raises(AttributeError, match="no attribute 'run_everything'"):
         face.run_everything  # noqa: B018
+
+
+def test_the_driver_answers_an_epoch_with_stop_and_only_that_sender_is_asked_to_stop():
+    seen: list[dict] = []
+
+    def on_message(message):
+        seen.append(message)
+        return STOP if message["epoch"] == 2 else None
+
+    listener = ProgressListener("127.0.0.1", on_message)
+    with listener, ProgressSender(listener.address) as sender, ProgressSender(None) as silent:
+        sender.send({"event": "epoch", "epoch": 1})
+        assert not sender.stop_asked.wait(0.5)  # no answer to epoch 1
+        sender.send({"event": "epoch", "epoch": 2})
+        assert sender.stop_asked.wait(5)
+        assert not silent.stop_asked.is_set()
+    assert [m["epoch"] for m in seen] == [1, 2]

@@ -64,6 +64,7 @@ VALIDATION_PREDICTIONS = "validation_predictions.npz"
 # Exit codes of the worker process (pipeline.training.worker) that the task explains.
 BIND_FAILED_EXIT = 75  # its gRPC port was taken
 STALLED_EXIT = 76  # its watchdog saw no progress for train.stall_timeout_s: a peer stalled
+STOPPED_EXIT = 77  # the driver asked it to stop (`run_training`'s on_epoch)
 _RESULT_ARROW_SCHEMA = pa.schema(
     [
         pa.field("rank", pa.int32()),
@@ -256,6 +257,8 @@ def _run_worker(spec, context, rank: int, workers: int, batches, workdir: str) -
         # The worker's watchdog saw no progress (a peer stalled): a retry would most likely
         # stall again, so the driver stops the stage at once.
         raise _Stalled(stalled_message(rank, workers, float(spec["train"]["stall_timeout_s"])))
+    if code == STOPPED_EXIT:  # the driver has cancelled the stage too
+        raise TrainingError(f"training worker {rank} stopped, as the driver asked")
     if code != 0:
         raise TrainingError(
             f"training worker {rank} of {workers} exited with code {code}; its log ends:\n"

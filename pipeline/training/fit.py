@@ -25,7 +25,7 @@ from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 from pipeline.config import TrainSettings
-from pipeline.errors import InputDataError, TrainingError
+from pipeline.errors import InputDataError, TrainingError, TrainingStopped
 from pipeline.training.checkpoints import resume_key
 from pipeline.training.distributed import (
     RESULT_SCHEMA,
@@ -34,7 +34,7 @@ from pipeline.training.distributed import (
     make_task,
     spark_failure,
 )
-from pipeline.training.progress import ProgressListener, log_epoch
+from pipeline.training.progress import STOP, ProgressListener, log_epoch
 
 log = logging.getLogger("pipeline.training")
 
@@ -86,7 +86,7 @@ def fit_partitions(
     checkpoint_dir: str,
     fingerprint: str = "",
     tensorboard_dir: str | None = None,
-    on_epoch: Callable[[dict[str, Any]], None] | None = None,
+    on_epoch: Callable[[dict[str, Any]], bool | None] | None = None,
 ) -> FitResult:
     """Train on `data` (from `prepare_training_data`) with ``settings.workers`` workers.
 
@@ -95,7 +95,8 @@ def fit_partitions(
     (a union of training and validation rows, say: a barrier stage cannot run on those);
     any other is repartitioned with `repartition_in_a_fixed_order`, so that the same rows
     train the same model on every run. Checkpoints go to `checkpoint_dir` (any URI pyarrow
-    can write), each recording `fingerprint` as the data it was trained on.
+    can write), each recording `fingerprint` as the data it was trained on. `on_epoch`
+    gets each epoch's record and may stop training (`run_training`).
     """
     check_slots(spark, settings.workers)
     return run_stage(
@@ -117,7 +118,7 @@ def run_stage(
     checkpoint_dir: str,
     fingerprint: str,
     tensorboard_dir: str | None,
-    on_epoch: Callable[[dict[str, Any]], None] | None,
+    on_epoch: Callable[[dict[str, Any]], bool | None] | None,
     files: dict[str, Any] | None = None,
     classes_of: dict[str, Any] | None = None,
     monitoring: dict[str, int] | None = None,
@@ -143,16 +144,21 @@ def run_stage(
     resumed: list[int] = []
     errors: list[dict[str, Any]] = []
     console = on_epoch or log_epoch
+    stopped_after: list[int] = []  # the epoch after which `on_epoch` asked to stop
     sc = spark.sparkContext
     group = f"train-{uuid.uuid4().hex[:8]}"
 
-    def on_message(message: dict[str, Any]) -> None:
+    def on_message(message: dict[str, Any]) -> dict[str, Any] | None:
         event = message.get("event")
         if event == "resume":
             resumed.append(int(message["epoch"]))
             log.info("resuming from the checkpoint of epoch %d", message["epoch"])
         elif event == "epoch":
-            console(message)
+            if not stopped_after and console(message):
+                stopped_after.append(int(message["epoch"]))
+                sc.cancelJobGroup(group)
+            if stopped_after:  # worker 0 stops before its next checkpoint
+                return STOP
         elif event == "cluster":
             log.info(
                 "TensorFlow cluster %s; worker 0's gRPC server listens on %s",
@@ -197,9 +203,13 @@ def run_stage(
             # one, which Spark retries itself (spark.task.maxFailures): no second stage.
             rows = (stage.repartition(1) if workers > 1 else stage).collect()
         except (Py4JError, PySparkException) as exc:  # the stage failed for good
+            if stopped_after:  # cancelled, as asked
+                raise TrainingStopped(stopped_after[0]) from None
             raise _stage_error(errors, exc) from None
         finally:
             sc.setLocalProperty("spark.jobGroup.id", None)
+    if stopped_after:  # the stage ended before its cancellation reached it
+        raise TrainingStopped(stopped_after[0])
     infos = sorted((json.loads(r["info"]) for r in rows), key=lambda i: i["rank"])
     chief = next((r for r in rows if r["rank"] == 0), None)
     if chief is None or chief["model"] is None or chief["onnx"] is None:

@@ -1,10 +1,14 @@
-"""The progress channel: worker 0's epoch lines and the tasks' errors, sent to the driver.
+"""The progress channel: worker 0's epoch lines and the tasks' errors, sent to the driver,
+and the driver's request to stop, sent back.
 
 Both ends live here. The driver opens a `ProgressListener` (a socket on its own address)
 before the barrier stage starts; worker 0's TensorFlow process sends one JSON line per
 epoch through a `ProgressSender`, and a barrier task sends an ``error`` message when it
 fails in a way a retry cannot fix, so the driver stops the stage at once and raises the
-task's own error type. `format_epoch` is the console line the driver prints for an epoch.
+task's own error type. The driver answers an epoch with `STOP` when its caller wants no
+more epochs (a search's pruned trial): the worker stops before its next checkpoint, where
+otherwise it would train on until Spark's cancellation of the stage reached its process.
+`format_epoch` is the console line the driver prints for an epoch.
 """
 
 from __future__ import annotations
@@ -19,15 +23,23 @@ from collections.abc import Callable
 from typing import Any
 
 log = logging.getLogger(__name__)
+# The driver's answer to an epoch when the worker is to stop.
+STOP = {"event": "stop"}
 # The console's epoch lines and the stage's news come from the training stage itself.
 console = logging.getLogger("pipeline.training")
 
 
 # -- driver end ---------------------------------------------------------------------------
 class ProgressListener:
-    """A socket on the driver that worker 0 sends one JSON line per epoch to."""
+    """A socket on the driver that worker 0 sends one JSON line per epoch to.
 
-    def __init__(self, host: str, on_message: Callable[[dict[str, Any]], None]) -> None:
+    What `on_message` returns, if not None, goes back to the message's sender as a line
+    of its own (`STOP`, say).
+    """
+
+    def __init__(
+        self, host: str, on_message: Callable[[dict[str, Any]], dict[str, Any] | None]
+    ) -> None:
         self._on_message = on_message
         self._server = socket.create_server((host, 0))
         self._server.settimeout(0.5)
@@ -62,9 +74,13 @@ class ProgressListener:
                 except json.JSONDecodeError:
                     continue
                 try:
-                    self._on_message(message)
+                    reply = self._on_message(message)
                 except Exception:  # a broken console must not stop training
                     log.exception("progress handler failed")
+                    continue
+                if reply is not None:
+                    with contextlib.suppress(OSError):  # the sender is gone: nothing to stop
+                        conn.sendall((json.dumps(reply) + "\n").encode("utf-8"))
 
 
 def log_epoch(record: dict[str, Any]) -> None:
@@ -99,16 +115,38 @@ def _duration(seconds: float) -> str:
 class ProgressSender:
     """A connection to the driver's listener; training goes on if the driver is gone.
 
-    `address` None (every worker but 0) makes a sender that sends nothing.
+    `stop_asked` is set once the driver answers `STOP`. `address` None (every worker
+    but 0) makes a sender that sends nothing and is never asked to stop.
     """
 
     def __init__(self, address: list | tuple | None) -> None:
         self._sock = None
+        self.stop_asked = threading.Event()
         if address:
             try:
                 self._sock = socket.create_connection((address[0], int(address[1])), timeout=10)
             except OSError as exc:
                 log.warning("no progress to the driver (%s)", exc)
+                return
+            threading.Thread(target=self._listen, daemon=True, name="progress-replies").start()
+
+    def _listen(self) -> None:
+        """Read the driver's answers until the connection closes."""
+        sock, pending = self._sock, b""
+        while True:
+            try:
+                data = sock.recv(4096)
+            except TimeoutError:  # the connection's timeout, for sends: keep listening
+                continue
+            except OSError:
+                return
+            if not data:
+                return
+            *lines, pending = (pending + data).split(b"\n")
+            for line in lines:
+                with contextlib.suppress(ValueError):
+                    if json.loads(line) == STOP:
+                        self.stop_asked.set()
 
     def send(self, message: dict[str, Any]) -> None:
         if self._sock is None:
@@ -121,6 +159,8 @@ class ProgressSender:
 
     def close(self) -> None:
         if self._sock is not None:
+            with contextlib.suppress(OSError):
+                self._sock.shutdown(socket.SHUT_RDWR)  # ends `_listen`'s read
             with contextlib.suppress(OSError):
                 self._sock.close()
             self._sock = None

@@ -57,13 +57,15 @@ def run_training(
     model_dir: str,
     workers: int | None = None,
     fresh: bool = False,
-    on_epoch: Callable[[dict[str, Any]], None] | None = None,
+    on_epoch: Callable[[dict[str, Any]], bool | None] | None = None,
 ) -> TrainResult:
     """Train on the features at `input_path` and publish the model directory `model_dir`.
 
     Resumes from ``MODEL/checkpoints/`` unless `fresh`. `workers` overrides
     ``train.workers``. `on_epoch` receives worker 0's per-epoch record while training
-    runs (default: one log line).
+    runs (default: one log line); when it returns a true value, training stops there:
+    the stage is cancelled, worker 0 stops before its next checkpoint, no model is
+    published, and `TrainingStopped` is raised (the checkpoints stay, to resume from).
     """
     started = time.monotonic()
     waited = start_seconds()

@@ -15,9 +15,9 @@ out of the executor log, and dies with its task (``PR_SET_PDEATHSIG``).
 
 `train` reads top to bottom as the worker's steps: start TensorFlow, join the cluster,
 load the rows into the trainer's tensor store, resume, run the epochs (train, validate,
-agree on the epoch's record, stop early or not, checkpoint, report), export the model:
-``model.keras`` and ``model.onnx``, checked here to give Keras's probabilities, so that
-the driver never imports TensorFlow.
+agree on the epoch's record, stop if the driver asked, stop early or not, checkpoint,
+report), export the model: ``model.keras`` and ``model.onnx``, checked here to give
+Keras's probabilities, so that the driver never imports TensorFlow.
 """
 
 from __future__ import annotations
@@ -50,10 +50,14 @@ class _BindFailed(TrainingError):
     """TensorFlow's gRPC server could not take its port."""
 
 
+class _StopAsked(TrainingError):
+    """The driver asked worker 0 to stop (its caller wants no more epochs)."""
+
+
 def main(workdir: str, threads: int, parent_pid: int) -> int:
     """Start TensorFlow, then train as the spec on stdin says (it comes once the task has
     spooled its partition and agreed on the cluster with the others)."""
-    from pipeline.training.distributed import BIND_FAILED_EXIT
+    from pipeline.training.distributed import BIND_FAILED_EXIT, STOPPED_EXIT
 
     logging.basicConfig(
         level=logging.INFO,
@@ -76,6 +80,9 @@ def main(workdir: str, threads: int, parent_pid: int) -> int:
     except _BindFailed as exc:
         log.error("gRPC port taken: %s", exc)
         return _exit_now(BIND_FAILED_EXIT)
+    except _StopAsked as exc:
+        log.info("%s", exc)
+        return _exit_now(STOPPED_EXIT)
     result["peak_rss_mb"] = peak.stop()
     with open(os.path.join(workdir, "result.json"), "w", encoding="utf-8") as f:
         json.dump(result, f)
@@ -157,6 +164,8 @@ def train(spec: dict[str, Any], tf, phases: _Phases) -> dict[str, Any]:
                 record = _run_epoch(
                     spec, settings, trainer, train_data, validation, epoch, done, phases
                 )
+                if progress.stop_asked.is_set():  # no checkpoint, no model: the run is over
+                    raise _StopAsked(f"stopped after epoch {epoch}, as the driver asked")
                 if chief:
                     if clock.due(epoch, last=epoch == settings.epochs or done.stopped_early):
                         with phases.timed("checkpoints"):

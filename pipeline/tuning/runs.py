@@ -1,12 +1,10 @@
-"""One training run of a search: the ordinary `run_training`, as a Spark job of its own
-that the search can stop between epochs (a pruned trial)."""
+"""One training run of a search: the ordinary `run_training`, which the search can stop
+between epochs (a pruned trial)."""
 
 from __future__ import annotations
 
 import logging
-import threading
 import time
-import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -15,7 +13,7 @@ from pyspark.sql import SparkSession
 
 from pipeline import training
 from pipeline.config import Config, TrainSettings
-from pipeline.errors import SlotsBusy
+from pipeline.errors import SlotsBusy, TrainingStopped
 
 log = logging.getLogger(__name__)
 
@@ -57,52 +55,37 @@ def train_run(
     """Train `settings` on one worker into `model_dir`, logging each epoch as `name`.
 
     `should_stop` sees each epoch's record as the run reports it; when it answers True
-    the run's Spark jobs are cancelled and the run returns as ``stopped``. Errors of
-    the training run propagate.
+    the run stops there (`run_training`'s on_epoch) and returns as ``stopped``, with no
+    model. Errors of the training run propagate.
     """
-    sc = spark.sparkContext
-    tag = f"tune-run-{uuid.uuid4().hex[:12]}"
     history: list[dict[str, float]] = []
-    stop = threading.Event()
 
-    def on_epoch(record: Mapping[str, Any]) -> None:
-        if stop.is_set():  # an epoch that ran while the cancellation reached the task
-            return
+    def on_epoch(record: Mapping[str, Any]) -> bool:
         history.append({k: float(record[k]) for k in _HISTORY_KEYS if k in record})
         _log_epoch(name, record)
-        if should_stop is not None and should_stop(history[-1]):
-            stop.set()
-            sc.cancelJobsWithTag(tag)
+        return should_stop is not None and bool(should_stop(history[-1]))
 
     run_config = config.model_copy(update={"train": settings})
     started = time.monotonic()
-    sc.addJobTag(tag)  # this thread's jobs: the run's own
-    try:
-        for attempt in range(_SLOT_RETRIES + 1):
-            try:
-                result = training.run_training(
-                    spark,
-                    run_config,
-                    input_path,
-                    model_dir,
-                    workers=1,
-                    fresh=True,
-                    on_epoch=on_epoch,
-                )
-                break
-            except SlotsBusy:
-                if attempt == _SLOT_RETRIES or stop.is_set():
-                    raise
-                log.info("%s waits for a free task slot", name)
-                time.sleep(_SLOT_RETRY_SECONDS)
-            except Exception:
-                if stop.is_set():  # the cancelled jobs fail: that is the stop asked for
-                    return _stopped(history, time.monotonic() - started)
+    for attempt in range(_SLOT_RETRIES + 1):
+        try:
+            result = training.run_training(
+                spark,
+                run_config,
+                input_path,
+                model_dir,
+                workers=1,
+                fresh=True,
+                on_epoch=on_epoch,
+            )
+            break
+        except SlotsBusy:
+            if attempt == _SLOT_RETRIES:
                 raise
-    finally:
-        sc.removeJobTag(tag)
-    if stop.is_set():  # the run ended before the cancellation reached it
-        return _stopped(history, time.monotonic() - started)
+            log.info("%s waits for a free task slot", name)
+            time.sleep(_SLOT_RETRY_SECONDS)
+        except TrainingStopped:
+            return _stopped(history, time.monotonic() - started)
     full = [{k: float(h[k]) for k in _HISTORY_KEYS if k in h} for h in result.history]
     judged = _judged_epoch(result, settings)
     record = next((h for h in full if int(h["epoch"]) == judged), {})
