@@ -258,11 +258,12 @@ def test_training_stops_when_on_epoch_asks_and_its_worker_trains_no_further(
         run_training(spark, config, ingested_sample, str(model_dir), on_epoch=stop_after_epoch_2)
     assert caught.value.epoch == 2 and seen == [1, 2]
     assert not (model_dir / "model.keras").exists()  # nothing published
-    # Worker 0 stops before the checkpoint after the one it was told to stop at (epoch 3
-    # may have ended before the answer came). Without being told, it would train on
-    # until Spark's cancellation reached its process: dozens of epochs on this sample.
+    # Worker 0 stops before its first checkpoint after the answer reaches it: epoch 3's,
+    # or a later one if epochs (a tenth of a second each here) ended before the answer
+    # came. Without being told, it trained on until Spark's cancellation reached its
+    # process: all 60 epochs on this sample.
     time.sleep(3)
-    assert CheckpointDir(str(model_dir / "checkpoints")).latest() in (2, 3)
+    assert 2 <= CheckpointDir(str(model_dir / "checkpoints")).latest() < 10
 
 
 @pytest.mark.slow
