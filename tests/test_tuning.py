@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from pipeline.config import Config, TrainSettings, TuneSettings, load_config
-from pipeline.errors import ConfigError, OutputPathError, TrainingError
+from pipeline.errors import ConfigError, InputDataError, OutputPathError, TrainingError
 from pipeline.tracking import record_tuning
 from pipeline.tuning import (
     BEST_FILE,
@@ -230,6 +230,13 @@ def test_a_directory_the_search_did_not_write_is_refused(spark, tmp_path):
     with pytest.raises(OutputPathError, match=r"notes\.txt"):
         run_tuning(spark, Config(), str(tmp_path / "features"), str(foreign), fresh=True)
     assert (foreign / "notes.txt").read_text() == "keep me"
+
+
+def test_a_missing_input_stops_the_search_before_any_trial(spark, tmp_path):
+    output = tmp_path / "tune"
+    with pytest.raises(InputDataError, match="input not found"):
+        run_tuning(spark, Config(), str(tmp_path / "no-features"), str(output))
+    assert not output.exists()  # no study, no trial, nothing written
 
 
 def test_parallelism_is_capped_by_free_slots_and_trials(spark):

@@ -27,6 +27,7 @@ from pyspark.sql import SparkSession
 from pipeline.artifact import CHECKPOINTS_DIR
 from pipeline.config import Config, TrainSettings, TuneSettings
 from pipeline.errors import PipelineError, TrainingError
+from pipeline.ingest import read_features
 from pipeline.outputs import TUNE, check_output
 from pipeline.storage import Storage
 from pipeline.training.distributed import busy_tasks, task_slots
@@ -124,6 +125,9 @@ def run_tuning(
     storage = Storage(spark)
     input_path = storage.qualify(input_path)
     output = check_output(storage, output, TUNE, {"--input": input_path})
+    # The input's own problems (not found, unreadable) stop the search before it starts,
+    # with the input's error and exit code, rather than failing every trial alike.
+    read_features(spark, input_path)
     base = trial_base(config.train, tune)
     reference = reference_trial(config.train, tune)
     setup = {
