@@ -213,9 +213,9 @@ def _start_tensorflow(threads: int):
     from pipeline.tf_runtime import tensorflow
 
     # Keras and TensorFlow import these, where installed, for features this process
-    # never uses: 7.2 s to import with them, about 4 s without (README, Performance), in
-    # every training job. A None entry in sys.modules makes their import fail as
-    # if they were not installed, which Keras and TensorFlow allow for (all optional).
+    # never uses: seconds of every training job's start (README, Performance, times it).
+    # A None entry in sys.modules makes their import fail as if they were not
+    # installed, which Keras and TensorFlow allow for (all are optional there).
     for optional in _UNUSED_BY_KERAS_HERE:
         sys.modules.setdefault(optional, None)
 
