@@ -151,3 +151,14 @@ def test_every_call_has_one_shape_compiled_ahead_without_changing_the_model(rows
     for a, b, before in zip(ahead.weights(), whole.weights(), initial[0], strict=True):
         assert np.abs(a - before).max() > 1e-4  # the steps moved the weights
         np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("evaluate", [False, True])
+def test_compiling_ahead_traces_the_evaluation_only_when_asked(rows, evaluate):
+    """A worker without validation rows (`compile_ahead(evaluate=False)`) traces no
+    evaluation; the training call is compiled either way."""
+    trainer = _trainer(TrainSettings(seed=4, steps_per_call=8))
+    trainer.make_store(len(rows[0]))
+    trainer.compile_ahead(evaluate=evaluate)
+    assert trainer._train_steps.experimental_get_tracing_count() == 1
+    assert trainer._evaluate_batch.experimental_get_tracing_count() == int(evaluate)
