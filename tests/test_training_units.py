@@ -218,7 +218,8 @@ def test_checkpoints_round_trip_and_keep_the_newest(tmp_path):
 
 
 def test_a_removed_checkpoint_directory_is_not_written_again(tmp_path):
-    """A search deletes a pruned trial's directory while its worker may still train."""
+    """A search deletes a pruned trial's directory while its worker may still be
+    finishing an epoch (`TrainingStopped` comes with the stage's cancellation)."""
     import shutil
 
     trial = tmp_path / "trial"

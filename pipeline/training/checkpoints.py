@@ -111,9 +111,10 @@ class CheckpointDir:
     def write(self, epoch: int, state: dict[str, Any], arrays: dict[str, np.ndarray]) -> str:
         """Write the checkpoint of `epoch` atomically and drop all but the newest `KEEP`.
 
-        Raises `TrainingError` when the directory is gone: whoever removed it (a search
-        deleting a pruned trial, whose worker may train on a while after its cancellation)
-        does not get it back, which the write would otherwise do."""
+        Raises `TrainingError` when the directory is gone: whoever removed it does not get
+        it back, which the write would otherwise do. A search deletes a pruned trial once
+        its stage is cancelled, while the trial's worker, told to stop at its next epoch,
+        may still be finishing the epoch it was in and write its checkpoint."""
         from pyarrow import fs
 
         if self._fs.get_file_info(self._root).type == fs.FileType.NotFound:
