@@ -12,9 +12,9 @@ from pipeline.errors import InputDataError, TrainingError
 from pipeline.training import format_epoch
 from pipeline.training.checkpoints import CheckpointDir, arrow_uri, decode, encode
 from pipeline.training.data import (
-    TRAIN_FILE,
-    VALIDATION_FILE,
+    TRAIN_SPOOL,
     VALIDATION_FLAG,
+    VALIDATION_SPOOL,
     LocalData,
     epoch_seed,
     epoch_segments,
@@ -38,6 +38,10 @@ def _record_batch(ids: np.ndarray, validation: np.ndarray) -> pa.RecordBatch:
     return pa.record_batch(
         [*lists, pa.array(validation)], names=[FEATURES, LABEL_ONEHOT, VALIDATION_FLAG]
     )
+
+
+# Rows of a spool chunk in these tests: a few chunks, windows across them.
+CHUNK = 256
 
 
 @pytest.fixture
@@ -74,8 +78,8 @@ def test_spool_adds_up_the_profile_of_the_training_rows_only(tmp_path):
 def test_spool_splits_training_and_validation_rows(spooled):
     directory, counts = spooled
     assert (counts.train_rows, counts.validation_rows) == (900, 100)
-    train = LocalData(str(directory / TRAIN_FILE), budget_bytes=1 << 30)
-    validation = LocalData(str(directory / VALIDATION_FILE), budget_bytes=1 << 30)
+    train = LocalData(str(directory / TRAIN_SPOOL), budget_bytes=1 << 30)
+    validation = LocalData(str(directory / VALIDATION_SPOOL), budget_bytes=1 << 30)
     assert (train.rows, validation.rows) == (900, 100)
     ids = np.concatenate([x[:, 0] for x, _ in validation.chunks()])
     assert set(ids.astype(int) % 10) == {0}
@@ -91,11 +95,60 @@ def test_spool_passes_batches_of_one_kind_whole_and_splits_mixed_ones(tmp_path):
     counts = spool_partition(iter(batches), str(tmp_path))
     assert (counts.train_rows, counts.validation_rows) == (300, 300)
     read = {}
-    for name in (TRAIN_FILE, VALIDATION_FILE):
+    for name in (TRAIN_SPOOL, VALIDATION_SPOOL):
         data = LocalData(str(tmp_path / name), budget_bytes=1 << 30)
         read[name] = np.concatenate([x[:, 0] for x, _ in data.chunks()]).astype(int)
-    assert read[TRAIN_FILE].tolist() == [*range(200), *range(401, 600, 2)]
-    assert read[VALIDATION_FILE].tolist() == [*range(200, 400), *range(400, 600, 2)]
+    assert read[TRAIN_SPOOL].tolist() == [*range(200), *range(401, 600, 2)]
+    assert read[VALIDATION_SPOOL].tolist() == [*range(200, 400), *range(400, 600, 2)]
+
+
+def test_spool_refuses_rows_of_another_width_even_when_the_values_add_up(tmp_path):
+    batch = _record_batch(np.arange(4), np.zeros(4, bool))
+    values = np.zeros(4 * FEATURE_DIM, np.float32)
+    offsets = np.array([0, FEATURE_DIM - 1, 2 * FEATURE_DIM, 3 * FEATURE_DIM, 4 * FEATURE_DIM])
+    uneven = pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), pa.array(values))
+    with pytest.raises(InputDataError, match=f"exactly {FEATURE_DIM} values per row.*783 to 785"):
+        spool_partition(iter([batch.set_column(0, FEATURES, uneven)]), str(tmp_path))
+    nulls = pa.array(
+        [[0.0] * NUM_CLASSES, None, *[[0.0] * NUM_CLASSES] * 2], pa.list_(pa.float32())
+    )
+    with pytest.raises(InputDataError, match="1 rows have a null label_onehot"):
+        spool_partition(iter([batch.set_column(1, LABEL_ONEHOT, nulls)]), str(tmp_path))
+
+
+def test_a_spool_whose_files_disagree_is_refused(spooled):
+    from pipeline.training.data import spool_paths
+
+    directory, _ = spooled
+    labels = spool_paths(str(directory / TRAIN_SPOOL))[1]
+    with open(labels, "ab") as f:
+        f.write(b"\0" * 40)  # one label row more than feature rows
+    with pytest.raises(InputDataError, match="damaged"):
+        LocalData(str(directory / TRAIN_SPOOL), budget_bytes=1 << 30)
+
+
+def test_resident_rows_are_mapped_and_the_store_holds_them_without_a_copy(spooled):
+    from pipeline.training.loop import _tensor_of
+
+    directory, _ = spooled
+    data = LocalData(str(directory / TRAIN_SPOOL), budget_bytes=1 << 30)
+    x, y = data.arrays()
+    assert isinstance(x, np.memmap) and x.shape == (900, FEATURE_DIM) and y.shape == (900, 10)
+    tensor = _tensor_of(x)
+    before = x[5, 3]
+    x[5, 3] = -1.0  # the mapping is copy-on-write: the spool file is never written
+    assert tensor.numpy()[5, 3] == -1.0  # the tensor is that memory, not a copy of it
+    on_disk = np.fromfile(data.paths[0], np.float32, FEATURE_DIM, offset=5 * 4 * FEATURE_DIM)
+    assert on_disk[3] == before != -1.0
+    # Memory not aligned as TensorFlow assumes is copied rather than handed over.
+    raw = np.zeros(65 * FEATURE_DIM + 1, np.float32)
+    odd = raw[1:].reshape(65, FEATURE_DIM)
+    assert odd.ctypes.data % 64
+    copied = _tensor_of(odd)
+    odd[0, 0] = 7.0
+    assert copied.numpy()[0, 0] == 0.0
+    with pytest.raises(ValueError, match="memory budget"):
+        LocalData(str(directory / TRAIN_SPOOL), budget_bytes=1024).arrays()
 
 
 def test_read_ahead_keeps_order_raises_in_place_and_lets_an_early_stop_go():
@@ -136,8 +189,8 @@ def test_read_ahead_keeps_order_raises_in_place_and_lets_an_early_stop_go():
 
 def test_small_budget_streams_from_disk_with_the_same_rows(spooled):
     directory, _ = spooled
-    memory = LocalData(str(directory / TRAIN_FILE), budget_bytes=1 << 30)
-    disk = LocalData(str(directory / TRAIN_FILE), budget_bytes=1024)
+    memory = LocalData(str(directory / TRAIN_SPOOL), budget_bytes=1 << 30, chunk_rows=CHUNK)
+    disk = LocalData(str(directory / TRAIN_SPOOL), budget_bytes=1024, chunk_rows=CHUNK)
     assert memory.in_memory and not disk.in_memory
     assert memory.rows == disk.rows == 900 and sum(memory.sizes) == 900
     for (a, ay), (b, by) in zip(memory.chunks(), disk.chunks(), strict=True):
@@ -163,22 +216,22 @@ def _epoch_ids(data: LocalData, epoch: int, steps: int, shuffle_buffer: int, see
 
 def test_epoch_batches_cover_the_data_and_depend_only_on_seed_worker_epoch(spooled):
     directory, _ = spooled
-    data = LocalData(str(directory / TRAIN_FILE), budget_bytes=1 << 30)
+    data = LocalData(str(directory / TRAIN_SPOOL), budget_bytes=1 << 30, chunk_rows=CHUNK)
     first = _epoch_ids(data, 1, 28, 10_000)
     assert first.shape == (28, 32)
     assert len(set(first.ravel())) == 28 * 32  # one pass without repeats while rows last
     assert not np.array_equal(first.ravel(), np.sort(first.ravel()))  # shuffled
     np.testing.assert_array_equal(first, _epoch_ids(data, 1, 28, 10_000))  # (seed, epoch)
     assert not np.array_equal(first, _epoch_ids(data, 2, 28, 10_000))
-    disk = LocalData(str(directory / TRAIN_FILE), budget_bytes=0)
+    disk = LocalData(str(directory / TRAIN_SPOOL), budget_bytes=0, chunk_rows=CHUNK)
     np.testing.assert_array_equal(first, _epoch_ids(disk, 1, 28, 10_000))
 
 
 def test_streamed_windows_give_the_resident_order_across_window_boundaries(spooled):
     """Windows of ~300 rows, batches straddling them, and more steps than rows (a wrap)."""
     directory, _ = spooled
-    memory = LocalData(str(directory / TRAIN_FILE), budget_bytes=1 << 30)
-    disk = LocalData(str(directory / TRAIN_FILE), budget_bytes=0)
+    memory = LocalData(str(directory / TRAIN_SPOOL), budget_bytes=1 << 30, chunk_rows=CHUNK)
+    disk = LocalData(str(directory / TRAIN_SPOOL), budget_bytes=0, chunk_rows=CHUNK)
     resident = _epoch_ids(memory, 3, 40, 300)
     streamed = _epoch_ids(disk, 3, 40, 300)
     np.testing.assert_array_equal(resident, streamed)
@@ -191,7 +244,7 @@ def test_streamed_windows_give_the_resident_order_across_window_boundaries(spool
 def test_without_shuffle_batches_keep_order_and_wrap_around(spooled):
     directory, _ = spooled
     for budget in (1 << 30, 0):
-        data = LocalData(str(directory / TRAIN_FILE), budget_bytes=budget)
+        data = LocalData(str(directory / TRAIN_SPOOL), budget_bytes=budget, chunk_rows=CHUNK)
         ids = _epoch_ids(data, 1, 30, 0).ravel()
         expected = np.array([i for i in range(1000) if i % 10])
         np.testing.assert_array_equal(ids[:900], expected)
@@ -200,7 +253,7 @@ def test_without_shuffle_batches_keep_order_and_wrap_around(spooled):
 
 def test_a_worker_without_rows_is_an_input_error(tmp_path):
     spool_partition(iter([]), str(tmp_path))
-    data = LocalData(str(tmp_path / TRAIN_FILE), budget_bytes=1 << 30)
+    data = LocalData(str(tmp_path / TRAIN_SPOOL), budget_bytes=1 << 30)
     with pytest.raises(InputDataError, match="no training rows"):
         next(epoch_windows(data.sizes, epoch_seed(1, 0, 1), 0))
 
@@ -361,7 +414,7 @@ def test_a_share_of_row_groups_spools_its_rows_and_counts_their_classes(tmp_path
             read_share(rowgroups.LOCAL, ranges, label_column, batch_rows=40), str(directory)
         )
         assert (counts.train_rows, counts.validation_rows) == (125, 0)
-        data = LocalData(str(directory / TRAIN_FILE), budget_bytes=1 << 30)
+        data = LocalData(str(directory / TRAIN_SPOOL), budget_bytes=1 << 30)
         x, y = (np.concatenate(a) for a in zip(*data.chunks(), strict=True))
         assert np.array_equal(y.argmax(axis=1), x[:, 0].astype(int) % NUM_CLASSES)
         mine = x[:, 0].astype(int)

@@ -3,20 +3,21 @@
 A barrier task receives its rows as a stream of Arrow record batches: its Spark
 partition, or, for an ingest output, its share of the Parquet row groups read with
 pyarrow (`read_share`, planned on the driver by `pipeline.training.inputs.plan_files`).
-It spools them, batch by batch, into local Arrow IPC files (`spool_partition`), counting
-the rows of each class as they pass: the task never holds more than one record batch.
-The worker process opens the files with `LocalData` and hands the trainer NumPy blocks,
-one record batch at a time: the whole partition once, when it fits the memory budget
-(epochs 2..n read no disk), or else one shuffle window after another, streamed back from
-the local file, so a worker's memory stays bounded whatever the data's size. This module
-never touches TensorFlow: the trainer copies the blocks into its tensor store
-(`pipeline.training.loop`).
+It spools them, batch by batch, as raw float32 matrices into local files, features and
+one-hot labels, training and validation rows apart (`spool_partition`), counting the rows
+of each class as they pass: the task never holds more than one record batch, and the
+rows are checked there, once. The worker process opens the files with `LocalData`: when
+the partition fits the memory budget it maps them, and the trainer's tensor store holds
+the mapped rows as they are (no read, no copy; epochs 2..n read no disk); otherwise it
+reads one chunk after another, one shuffle window at a time, so a worker's memory stays
+bounded whatever the data's size. This module never touches TensorFlow: the trainer
+makes its tensor store from these arrays (`pipeline.training.loop`).
 
 No batch is assembled in Python: `epoch_segments` plans an epoch as row positions only.
 Each `Segment` names the rows to place in the store (none when the whole partition is
 resident) and a ``(steps, batch_size)`` matrix of row positions; the training loop
-gathers every batch from the store inside its compiled function. The order (record
-batches in a seeded random order, rows shuffled within windows of at least
+gathers every batch from the store inside its compiled function. The order (chunks of
+``SPOOL_BATCH_ROWS`` rows in a seeded random order, rows shuffled within windows of at least
 ``shuffle_buffer`` rows, exactly ``steps`` batches, wrapping around when the worker has
 fewer rows than its share) is a function of (seed, worker, epoch) alone, the same in
 memory and from disk: it is what a checkpoint records as the data position.
@@ -40,14 +41,20 @@ from pipeline.errors import InputDataError
 # Boolean column marking validation rows in the stream a barrier task receives.
 VALIDATION_FLAG = "is_validation"
 
-TRAIN_FILE = "train.arrow"
+# A split's spool: its rows as raw float32 matrices, features and one-hot labels, in two
+# files named from the split's path prefix (`spool_paths`).
+TRAIN_SPOOL = "train"
+VALIDATION_SPOOL = "validation"
+# Rows of a chunk: what a worker streaming from disk reads at once, and the unit of shuffling.
 SPOOL_BATCH_ROWS = 2048
-VALIDATION_FILE = "validation.arrow"
 
-_SPOOL_SCHEMA = pa.schema(
-    [pa.field(FEATURES, pa.list_(pa.float32())), pa.field(LABEL_ONEHOT, pa.list_(pa.float32()))]
-)
 _ROW_BYTES = 4 * (FEATURE_DIM + NUM_CLASSES)
+
+
+def spool_paths(prefix: str) -> tuple[str, str]:
+    """The features file (rows of FEATURE_DIM float32) and the labels file (rows of
+    NUM_CLASSES float32) of the spool at `prefix`."""
+    return f"{prefix}.features.f32", f"{prefix}.labels.f32"
 
 
 @dataclass(frozen=True)
@@ -64,44 +71,43 @@ class SpoolCounts:
 def spool_partition(
     batches: Iterable[pa.RecordBatch], directory: str, profile_bins: int | None = None
 ) -> SpoolCounts:
-    """Write a partition's record batches to ``train.arrow`` and ``validation.arrow``;
-    with `profile_bins`, add up the training rows' profile sums as they pass (training
-    records the profile for drift checks without reading its rows again)."""
+    """Write a partition's record batches to the spools `TRAIN_SPOOL` and
+    `VALIDATION_SPOOL` in `directory`; with `profile_bins`, add up the training rows'
+    profile sums as they pass (training records the profile for drift checks without
+    reading its rows again). Raises `InputDataError` for rows that are not FEATURE_DIM
+    features and NUM_CLASSES label values, all non-null."""
     from pipeline.monitoring.drift import profile_size
 
     profile = np.zeros(profile_size(profile_bins)) if profile_bins else None
-    counts = {TRAIN_FILE: 0, VALIDATION_FILE: 0}
-    classes = {name: np.zeros(NUM_CLASSES + 1, np.int64) for name in counts}
-    writers = {
-        name: pa.ipc.new_file(os.path.join(directory, name), _SPOOL_SCHEMA) for name in counts
-    }
-    try:
+    names = (TRAIN_SPOOL, VALIDATION_SPOOL)
+    counts = dict.fromkeys(names, 0)
+    classes = {name: np.zeros(NUM_CLASSES + 1, np.int64) for name in names}
+    with contextlib.ExitStack() as stack:
+        files = {
+            name: [
+                stack.enter_context(open(path, "wb"))
+                for path in spool_paths(os.path.join(directory, name))
+            ]
+            for name in names
+        }
         for batch in batches:
             if batch.num_rows == 0:
                 continue
-            parts = _split_by_flag(batch)
-            for name, part in parts.items():
-                # Small record batches bound what a worker streaming from disk holds at once.
-                for offset in range(0, part.num_rows, SPOOL_BATCH_ROWS):
-                    piece = part.slice(offset, SPOOL_BATCH_ROWS)
-                    writers[name].write_batch(
-                        pa.record_batch(
-                            [piece.column(FEATURES), piece.column(LABEL_ONEHOT)],
-                            schema=_SPOOL_SCHEMA,
-                        )
-                    )
+            for name, part in _split_by_flag(batch).items():
+                if not part.num_rows:
+                    continue
+                x, y = to_numpy(part)
+                files[name][0].write(np.ascontiguousarray(x))
+                files[name][1].write(np.ascontiguousarray(y))
                 counts[name] += part.num_rows
-                classes[name] += _class_counts(part.column(LABEL_ONEHOT))
-            if profile is not None and parts[TRAIN_FILE].num_rows:
-                profile += _profile_sums(parts[TRAIN_FILE], profile_bins)
-    finally:
-        for writer in writers.values():
-            writer.close()
+                classes[name] += _class_counts(y)
+                if profile is not None and name == TRAIN_SPOOL:
+                    profile += _profile_sums(x, y, profile_bins)
     return SpoolCounts(
-        counts[TRAIN_FILE],
-        counts[VALIDATION_FILE],
-        _named_counts(classes[TRAIN_FILE]),
-        _named_counts(classes[VALIDATION_FILE]),
+        counts[TRAIN_SPOOL],
+        counts[VALIDATION_SPOOL],
+        _named_counts(classes[TRAIN_SPOOL]),
+        _named_counts(classes[VALIDATION_SPOOL]),
         profile,
     )
 
@@ -113,40 +119,33 @@ def _split_by_flag(batch: pa.RecordBatch) -> dict[str, pa.RecordBatch]:
     if not flag.null_count:  # (a null flag is neither: `filter` leaves such rows out)
         validation = pc.sum(flag).as_py() or 0
         if validation == 0:
-            return {TRAIN_FILE: batch, VALIDATION_FILE: batch.slice(0, 0)}
+            return {TRAIN_SPOOL: batch, VALIDATION_SPOOL: batch.slice(0, 0)}
         if validation == batch.num_rows:
-            return {TRAIN_FILE: batch.slice(0, 0), VALIDATION_FILE: batch}
-    return {TRAIN_FILE: batch.filter(pc.invert(flag)), VALIDATION_FILE: batch.filter(flag)}
+            return {TRAIN_SPOOL: batch.slice(0, 0), VALIDATION_SPOOL: batch}
+    return {TRAIN_SPOOL: batch.filter(pc.invert(flag)), VALIDATION_SPOOL: batch.filter(flag)}
 
 
-def _profile_sums(part: pa.RecordBatch, bins: int) -> np.ndarray:
-    """`profile_sums` of a spooled batch's rows (their class from the one-hot label), a
-    slice at a time; rows of another width are left to the worker, which refuses them."""
+def _profile_sums(x: np.ndarray, y: np.ndarray, bins: int) -> np.ndarray:
+    """`profile_sums` of rows `x` with one-hot labels `y`, a slice at a time (its
+    temporaries stay small)."""
     from pipeline.monitoring.drift import profile_size, profile_sums
 
     total = np.zeros(profile_size(bins))
-    for offset in range(0, part.num_rows, SPOOL_BATCH_ROWS):
-        piece = part.slice(offset, SPOOL_BATCH_ROWS)
-        x = piece.column(FEATURES).flatten().to_numpy(zero_copy_only=False)
-        onehot = piece.column(LABEL_ONEHOT).flatten().to_numpy(zero_copy_only=False)
-        if len(x) != piece.num_rows * FEATURE_DIM or len(onehot) != piece.num_rows * NUM_CLASSES:
-            continue
-        hot = onehot.reshape(-1, NUM_CLASSES) == 1.0
-        classes = np.where(hot.any(axis=1), hot.argmax(axis=1), -1)
-        total += profile_sums(x.reshape(-1, FEATURE_DIM), classes, bins)
+    for offset in range(0, len(x), SPOOL_BATCH_ROWS):
+        piece = slice(offset, offset + SPOOL_BATCH_ROWS)
+        total += profile_sums(x[piece], _classes(y[piece], missing=-1), bins)
     return total
 
 
-def _class_counts(onehot: pa.Array) -> np.ndarray:
-    """Rows per class of one-hot labels, the last entry counting rows without a 1."""
-    if not len(onehot):
-        return np.zeros(NUM_CLASSES + 1, np.int64)
-    values = onehot.flatten().to_numpy(zero_copy_only=False)
-    if len(values) != len(onehot) * NUM_CLASSES:
-        return np.zeros(NUM_CLASSES + 1, np.int64)  # the worker refuses these rows
-    hot = values.reshape(-1, NUM_CLASSES) == 1.0
-    label = np.where(hot.any(axis=1), hot.argmax(axis=1), NUM_CLASSES)
-    return np.bincount(label, minlength=NUM_CLASSES + 1)
+def _class_counts(y: np.ndarray) -> np.ndarray:
+    """Rows per class of one-hot labels `y`, the last entry counting rows without a 1."""
+    return np.bincount(_classes(y, missing=NUM_CLASSES), minlength=NUM_CLASSES + 1)
+
+
+def _classes(y: np.ndarray, missing: int) -> np.ndarray:
+    """The class of each one-hot row of `y`: where its first 1 is, else `missing`."""
+    hot = y == 1.0
+    return np.where(hot.any(axis=1), hot.argmax(axis=1), missing)
 
 
 def _named_counts(counts: np.ndarray) -> dict[str, int]:
@@ -278,66 +277,83 @@ def _spool_batch(batch: pa.RecordBatch, label_column: str, validation: bool) -> 
 def to_numpy(batch: pa.RecordBatch) -> tuple[np.ndarray, np.ndarray]:
     """(features (n, 784) float32, one-hot labels (n, 10) float32) of a record batch."""
     return (
-        _matrix(batch.column(0), FEATURE_DIM, FEATURES),
-        _matrix(batch.column(1), NUM_CLASSES, LABEL_ONEHOT),
+        _matrix(batch.column(FEATURES), FEATURE_DIM, FEATURES),
+        _matrix(batch.column(LABEL_ONEHOT), NUM_CLASSES, LABEL_ONEHOT),
     )
 
 
 def _matrix(column: pa.Array, width: int, name: str) -> np.ndarray:
     if column.null_count:
         raise InputDataError(f"{column.null_count} rows have a null {name}")
-    values = column.flatten()
-    if len(values) != len(column) * width or values.null_count:
-        raise InputDataError(
-            f"{name} must hold exactly {width} non-null values per row; "
-            f"found {len(values)} values in {len(column)} rows"
-        )
+    if len(column):
+        lengths = pc.min_max(pc.list_value_length(column)).as_py()
+        if lengths["min"] != width or lengths["max"] != width:
+            raise InputDataError(
+                f"{name} must hold exactly {width} values per row; found rows of "
+                f"{lengths['min']} to {lengths['max']}"
+            )
+    values = column.flatten()  # honours the array's slice offset, unlike `.values`
+    if values.null_count:
+        raise InputDataError(f"{name} holds {values.null_count} null values")
     return values.to_numpy(zero_copy_only=False).astype(np.float32, copy=False).reshape(-1, width)
 
 
 class LocalData:
-    """A worker's rows in one spooled file, read one record batch (chunk) at a time.
+    """A worker's rows in one spool (`spool_paths` of `prefix`), in chunks of `chunk_rows`
+    rows.
 
-    `in_memory` says whether the rows fit `budget_bytes` (as float32 tensors): then the
-    trainer keeps them all resident; otherwise it streams them back window by window.
+    `in_memory` says whether the rows fit `budget_bytes`: then the files are mapped, and
+    `arrays` gives all the rows at once without reading or copying them (the trainer's
+    tensor store holds them as they are); otherwise each chunk is read when asked for,
+    and the trainer streams them back window by window.
     """
 
-    def __init__(self, path: str, budget_bytes: int) -> None:
-        self.path = path
-        self.size_bytes = os.path.getsize(path) if os.path.exists(path) else 0
-        # Read, not memory-mapped: mapped pages a worker has touched count in its resident
-        # memory for as long as the file stays open, which then grows with the data.
-        self._reader = pa.ipc.open_file(pa.OSFile(path)) if self.size_bytes else None
-        self.sizes = _batch_rows(path) if self.size_bytes else []
+    def __init__(
+        self, prefix: str, budget_bytes: int, chunk_rows: int = SPOOL_BATCH_ROWS
+    ) -> None:
+        self.paths = spool_paths(prefix)
+        sizes = [os.path.getsize(p) if os.path.exists(p) else 0 for p in self.paths]
+        self.rows = sizes[0] // (4 * FEATURE_DIM)
+        if sizes != [4 * FEATURE_DIM * self.rows, 4 * NUM_CLASSES * self.rows]:
+            raise InputDataError(f"the spool at {prefix} is damaged: files of {sizes} bytes")
+        self.sizes = [min(chunk_rows, self.rows - at) for at in range(0, self.rows, chunk_rows)]
         self.num_chunks = len(self.sizes)
         self.offsets = np.concatenate([[0], np.cumsum(self.sizes, dtype=np.int64)])
-        self.rows = int(self.offsets[-1])
-        self.nbytes = self.rows * _ROW_BYTES  # as float32 arrays
+        self.nbytes = self.rows * _ROW_BYTES
         self.in_memory = self.nbytes <= budget_bytes
-        self._cache: list[tuple[np.ndarray, np.ndarray]] | None = None
+        # Mapped only when resident anyway: mapped pages a worker has touched count in its
+        # resident memory for as long as the mapping lives, which would then grow with the
+        # data. Copy-on-write, so that they are writable arrays to hand on, never written.
+        self._mapped = self._map() if self.in_memory else None
 
-    def keep_in_memory(self) -> None:
-        """Keep the chunks as NumPy arrays from now on, if within the budget."""
-        if self.in_memory and self._cache is None:
-            self._cache = [self.chunk(i) for i in range(self.num_chunks)]
+    def _map(self) -> tuple[np.ndarray, np.ndarray]:
+        if not self.rows:
+            return np.empty((0, FEATURE_DIM), np.float32), np.empty((0, NUM_CLASSES), np.float32)
+        return tuple(
+            np.memmap(path, np.float32, "c", shape=(self.rows, width))
+            for path, width in zip(self.paths, (FEATURE_DIM, NUM_CLASSES), strict=True)
+        )
+
+    def arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        """All the rows, (features, labels), mapped from the files: only when `in_memory`."""
+        if self._mapped is None:
+            raise ValueError("the rows exceed the memory budget: read them chunk by chunk")
+        return self._mapped
 
     def chunk(self, i: int) -> tuple[np.ndarray, np.ndarray]:
-        if self._cache is not None:
-            return self._cache[i]
-        return to_numpy(self._reader.get_batch(i))
+        start, stop = int(self.offsets[i]), int(self.offsets[i + 1])
+        if self._mapped is not None:
+            return self._mapped[0][start:stop], self._mapped[1][start:stop]
+        return tuple(
+            np.fromfile(path, np.float32, (stop - start) * width, offset=4 * width * start).reshape(
+                -1, width
+            )
+            for path, width in zip(self.paths, (FEATURE_DIM, NUM_CLASSES), strict=True)
+        )
 
     def chunks(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         for i in range(self.num_chunks):
             yield self.chunk(i)
-
-
-def _batch_rows(path: str) -> list[int]:
-    """Rows of each record batch of the Arrow file at `path`, from their headers: mapped,
-    a batch's data is never read (through the file reader, every batch would be read
-    once more, the whole file, just to count its rows)."""
-    with pa.memory_map(path) as source:
-        reader = pa.ipc.open_file(source)
-        return [reader.get_batch(i).num_rows for i in range(reader.num_record_batches)]
 
 
 def epoch_seed(seed: int, worker: int, epoch: int) -> np.random.Generator:

@@ -2,8 +2,8 @@
 
 ``df.mapInArrow(task, schema, barrier=True)`` runs one task per worker on the DataFrame's
 partitions (or, when the tasks read their own files, an RDD of the ranks does). Each task
-spools its rows to local Arrow files, reserves a port on its executor's address, and
-shares (address, row counts, checkpoint to resume from) with the others through
+spools its rows to local files (raw float32 matrices), reserves a port on its executor's
+address, and shares (address, row counts, checkpoint to resume from) with the others through
 ``BarrierTaskContext.allGather``: every worker then knows the cluster, the same number of
 steps per epoch, and the same checkpoint. It writes ``TF_CONFIG`` and a spec, starts the
 TensorFlow worker process (`pipeline.training.worker`), waits for it and yields one small
@@ -174,8 +174,8 @@ def make_rank_task(spec: dict[str, Any]) -> Callable[[Iterator[int]], Iterator[d
 def _run_worker(spec, context, rank: int, workers: int, batches, workdir: str) -> pa.RecordBatch:
     from pipeline.training.checkpoints import CheckpointDir
     from pipeline.training.data import (
-        TRAIN_FILE,
-        VALIDATION_FILE,
+        TRAIN_SPOOL,
+        VALIDATION_SPOOL,
         add_counts,
         read_share,
         spool_partition,
@@ -226,8 +226,8 @@ def _run_worker(spec, context, rank: int, workers: int, batches, workdir: str) -
             **spec,
             "rank": rank,
             "workdir": workdir,
-            "train_file": os.path.join(workdir, TRAIN_FILE),
-            "validation_file": os.path.join(workdir, VALIDATION_FILE),
+            "train_spool": os.path.join(workdir, TRAIN_SPOOL),
+            "validation_spool": os.path.join(workdir, VALIDATION_SPOOL),
             "total_train_rows": total_train,
             "total_validation_rows": sum(m["validation_rows"] for m in everyone),
             "steps_per_epoch": math.ceil(total_train / (workers * batch)),

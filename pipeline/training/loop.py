@@ -12,13 +12,14 @@ gradient, optimizer update):
   the end of every epoch one all-reduce averages the weights and momentum.
 
 ``model.fit`` is not used: under the strategy it fails in Keras 3, and its per-step
-overhead dominates this small model. The worker's rows live in a tensor store (two
-non-trainable variables: the whole partition when it fits the memory budget, else one
-shuffle window at a time); `Trainer.train` runs ``steps_per_call`` steps per
-``tf.function`` call, each step gathering its batch from the store by row positions
-planned in NumPy (`pipeline.training.data.epoch_segments`); with augmentation, a second
-thread gathers and augments the next call's batches while a call trains. No tf.data
-pipeline and no Python per batch. With ``train.jit_compile`` (the default) that function
+overhead dominates this small model. The worker's rows live in a tensor store: the whole
+partition when it fits the memory budget, held as mapped from the spool without a copy
+(`Trainer.hold`), else one shuffle window at a time in two non-trainable variables.
+`Trainer.train` runs ``steps_per_call`` steps per ``tf.function`` call, each step
+gathering its batch from the store by row positions planned in NumPy
+(`pipeline.training.data.epoch_segments`); with augmentation, a second thread gathers and
+augments the next call's batches while a call trains. No tf.data pipeline and no Python
+per batch. With ``train.jit_compile`` (the default) that function
 is compiled with XLA, about 1.4x the steps per second on CPU, except in ``exact`` mode,
 whose all-reduce inside the loop XLA cannot compile on CPU. Every call has the same shape
 (short calls are padded and say how many steps to run), so XLA compiles once:
@@ -43,6 +44,8 @@ from pipeline.training.augment import make_augment
 
 # Rows of augmented training batches made in one go (about 10 MB of pixels).
 AUGMENT_CALL_ROWS = 3200
+# Bytes to which TensorFlow's CPU kernels assume a tensor's memory is aligned.
+_ALIGNMENT = 64
 
 
 class Trainer:
@@ -155,8 +158,15 @@ class Trainer:
         return self._augment.steps(tf.gather(self._store_x, batches), first_step)
 
     # -- the tensor store -------------------------------------------------------------
+    def hold(self, x: np.ndarray, y: np.ndarray) -> None:
+        """Make the whole partition, features `x` and one-hot labels `y`, the store, as
+        they are: no copy (`LocalData.arrays` maps them from the spool). Call once, before
+        training; for a partition that must be streamed, `make_store` instead."""
+        self._store_x, self._store_y = _tensor_of(x), _tensor_of(y)
+
     def make_store(self, rows: int) -> None:
-        """Room for `rows` rows; call once, before training."""
+        """Room for `rows` rows, filled window by window (`fill_store`); call once, before
+        training."""
         with tf.device(self._device or "/cpu:0"):
             self._store_x = tf.Variable(
                 tf.zeros((rows, FEATURE_DIM), tf.float32), trainable=False, name="store_x"
@@ -397,6 +407,15 @@ class _Call(NamedTuple):
     count: int  # the rows of `batches` trained on
     first_step: int
     then_average: bool
+
+
+def _tensor_of(array: np.ndarray) -> tf.Tensor:
+    """A float32 tensor over `array`'s memory, through DLPack, without a copy (a copy
+    when its memory is not aligned as TensorFlow's kernels assume: mapped files are)."""
+    array = np.ascontiguousarray(array, np.float32)
+    if array.ctypes.data % _ALIGNMENT or not array.flags.writeable:
+        return tf.constant(array)
+    return tf.experimental.dlpack.from_dlpack(array.__dlpack__())
 
 
 def _nothing() -> None:

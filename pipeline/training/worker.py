@@ -251,12 +251,11 @@ def _open_data(spec: dict[str, Any], settings):
     from pipeline.training.data import LocalData
 
     budget = settings.memory_budget_mb * 1024 * 1024
-    train_data = LocalData(spec["train_file"], budget)
+    train_data = LocalData(spec["train_spool"], budget)
     # Validation rows stay in memory when the whole partition fits the budget; otherwise
     # they are read back once per epoch, chunk by chunk, like the training rows.
     left = budget - train_data.nbytes if train_data.in_memory else 0
-    validation = LocalData(spec["validation_file"], max(0, left))
-    validation.keep_in_memory()
+    validation = LocalData(spec["validation_spool"], max(0, left))
     log.info(
         "worker %d/%d: %d training rows (%s), %d validation rows",
         spec["rank"],
@@ -278,9 +277,10 @@ def _make_trainer(settings, workers: int, strategy, train_data, evaluates: bool)
 
     keras.utils.set_random_seed(settings.seed)
     trainer = Trainer(settings, workers, strategy)
-    trainer.make_store(store_rows(train_data, settings.shuffle_buffer, settings.batch_size))
     if train_data.in_memory:
-        trainer.fill_store(train_data.chunks())
+        trainer.hold(*train_data.arrays())
+    else:
+        trainer.make_store(store_rows(train_data, settings.shuffle_buffer, settings.batch_size))
     # Before the first epoch, so that its speed and the time left are the later epochs'.
     trainer.compile_ahead(evaluate=evaluates)
     return trainer
