@@ -12,7 +12,7 @@ a worker process or an executor task imports only what it runs):
   the cluster, start the TensorFlow worker process);
 - `progress` — both ends of the progress channel and the console's epoch line;
 - `worker` — the TensorFlow worker process, step by step; `loop` — its compiled training
-  loop; `data` — its rows, from spooled Arrow files to the tensor store;
+  loop; `data` — its rows, from the local spool to the tensor store;
 - `checkpoints`, `stopping` — resume and early stopping.
 """
 

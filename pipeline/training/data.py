@@ -308,9 +308,7 @@ class LocalData:
     and the trainer streams them back window by window.
     """
 
-    def __init__(
-        self, prefix: str, budget_bytes: int, chunk_rows: int = SPOOL_BATCH_ROWS
-    ) -> None:
+    def __init__(self, prefix: str, budget_bytes: int, chunk_rows: int = SPOOL_BATCH_ROWS) -> None:
         self.paths = spool_paths(prefix)
         sizes = [os.path.getsize(p) if os.path.exists(p) else 0 for p in self.paths]
         self.rows = sizes[0] // (4 * FEATURE_DIM)

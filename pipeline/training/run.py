@@ -173,20 +173,16 @@ def run_training(
     )
     from pipeline.plots import history_png
 
-    # The data profile, temperature, first-layer picture and model card.
+    # The data profile, temperature, first-layer picture, model card and history plot.
     metadata, extras = training_extras(
         config, metadata, fit.model_bytes, fit.profile_sums, fit.validation
     )
+    extras[HISTORY_PLOT] = history_png(fit.history)
     phases = job_phases(waited, started, staged, fitted, fit.workers, time.monotonic())
     metadata = metadata.model_copy(update={"phases": phases})
     log.info("phases (s): %s", ", ".join(f"{k} {v:.1f}" for k, v in phases.items()))
     metadata = write_model_dir(
-        storage,
-        model_dir,
-        metadata,
-        fit.model_bytes,
-        {HISTORY_PLOT: history_png(fit.history), **extras},
-        onnx_bytes=fit.onnx_bytes,
+        storage, model_dir, metadata, fit.model_bytes, extras, onnx_bytes=fit.onnx_bytes
     )
     return TrainResult(model_dir, metadata, fit, time.monotonic() - started)
 
@@ -212,7 +208,8 @@ def job_phases(
     ``validate``, ``checkpoints``, ``export`` (worker 0's model files), ``predict`` (the
     final model on the validation rows);
     ``stage``: the whole barrier stage as the driver saw it; ``publish``: temperature,
-    model card and plots, until the model directory is written."""
+    model card and plots (the writing of the model directory, which records these
+    phases, comes after)."""
     import statistics
 
     def slowest(name: str) -> float:
