@@ -9,7 +9,7 @@ import pytest
 from pipeline.config import EarlyStoppingSettings
 from pipeline.contract import FEATURE_DIM, FEATURES, LABEL_ONEHOT, NUM_CLASSES
 from pipeline.errors import InputDataError, TrainingError
-from pipeline.training import format_epoch
+from pipeline.training import data, format_epoch
 from pipeline.training.checkpoints import CheckpointDir, arrow_uri, decode, encode
 from pipeline.training.data import (
     TRAIN_SPOOL,
@@ -40,12 +40,10 @@ def _record_batch(ids: np.ndarray, validation: np.ndarray) -> pa.RecordBatch:
     )
 
 
-# Rows of a spool chunk in these tests: a few chunks, windows across them.
-CHUNK = 256
-
-
 @pytest.fixture
-def spooled(tmp_path):
+def spooled(tmp_path, monkeypatch):
+    # Chunks of 256 rows: a few of them, and shuffle windows across them.
+    monkeypatch.setattr(data, "SPOOL_BATCH_ROWS", 256)
     ids = np.arange(1000)
     batches = [
         _record_batch(ids[i : i + 300], ids[i : i + 300] % 10 == 0) for i in range(0, 1000, 300)
@@ -189,10 +187,10 @@ def test_read_ahead_keeps_order_raises_in_place_and_lets_an_early_stop_go():
 
 def test_small_budget_streams_from_disk_with_the_same_rows(spooled):
     directory, _ = spooled
-    memory = LocalData(str(directory / TRAIN_SPOOL), budget_bytes=1 << 30, chunk_rows=CHUNK)
-    disk = LocalData(str(directory / TRAIN_SPOOL), budget_bytes=1024, chunk_rows=CHUNK)
+    memory = LocalData(str(directory / TRAIN_SPOOL), budget_bytes=1 << 30)
+    disk = LocalData(str(directory / TRAIN_SPOOL), budget_bytes=1024)
     assert memory.in_memory and not disk.in_memory
-    assert memory.rows == disk.rows == 900 and sum(memory.sizes) == 900
+    assert memory.rows == disk.rows == 900 and memory.sizes == [256, 256, 256, 132]
     for (a, ay), (b, by) in zip(memory.chunks(), disk.chunks(), strict=True):
         np.testing.assert_array_equal(a, b)
         np.testing.assert_array_equal(ay, by)
@@ -216,22 +214,22 @@ def _epoch_ids(data: LocalData, epoch: int, steps: int, shuffle_buffer: int, see
 
 def test_epoch_batches_cover_the_data_and_depend_only_on_seed_worker_epoch(spooled):
     directory, _ = spooled
-    data = LocalData(str(directory / TRAIN_SPOOL), budget_bytes=1 << 30, chunk_rows=CHUNK)
+    data = LocalData(str(directory / TRAIN_SPOOL), budget_bytes=1 << 30)
     first = _epoch_ids(data, 1, 28, 10_000)
     assert first.shape == (28, 32)
     assert len(set(first.ravel())) == 28 * 32  # one pass without repeats while rows last
     assert not np.array_equal(first.ravel(), np.sort(first.ravel()))  # shuffled
     np.testing.assert_array_equal(first, _epoch_ids(data, 1, 28, 10_000))  # (seed, epoch)
     assert not np.array_equal(first, _epoch_ids(data, 2, 28, 10_000))
-    disk = LocalData(str(directory / TRAIN_SPOOL), budget_bytes=0, chunk_rows=CHUNK)
+    disk = LocalData(str(directory / TRAIN_SPOOL), budget_bytes=0)
     np.testing.assert_array_equal(first, _epoch_ids(disk, 1, 28, 10_000))
 
 
 def test_streamed_windows_give_the_resident_order_across_window_boundaries(spooled):
     """Windows of ~300 rows, batches straddling them, and more steps than rows (a wrap)."""
     directory, _ = spooled
-    memory = LocalData(str(directory / TRAIN_SPOOL), budget_bytes=1 << 30, chunk_rows=CHUNK)
-    disk = LocalData(str(directory / TRAIN_SPOOL), budget_bytes=0, chunk_rows=CHUNK)
+    memory = LocalData(str(directory / TRAIN_SPOOL), budget_bytes=1 << 30)
+    disk = LocalData(str(directory / TRAIN_SPOOL), budget_bytes=0)
     resident = _epoch_ids(memory, 3, 40, 300)
     streamed = _epoch_ids(disk, 3, 40, 300)
     np.testing.assert_array_equal(resident, streamed)
@@ -244,7 +242,7 @@ def test_streamed_windows_give_the_resident_order_across_window_boundaries(spool
 def test_without_shuffle_batches_keep_order_and_wrap_around(spooled):
     directory, _ = spooled
     for budget in (1 << 30, 0):
-        data = LocalData(str(directory / TRAIN_SPOOL), budget_bytes=budget, chunk_rows=CHUNK)
+        data = LocalData(str(directory / TRAIN_SPOOL), budget_bytes=budget)
         ids = _epoch_ids(data, 1, 30, 0).ravel()
         expected = np.array([i for i in range(1000) if i % 10])
         np.testing.assert_array_equal(ids[:900], expected)

@@ -299,8 +299,8 @@ def _matrix(column: pa.Array, width: int, name: str) -> np.ndarray:
 
 
 class LocalData:
-    """A worker's rows in one spool (`spool_paths` of `prefix`), in chunks of `chunk_rows`
-    rows.
+    """A worker's rows in one spool (`spool_paths` of `prefix`), in chunks of
+    SPOOL_BATCH_ROWS rows.
 
     `in_memory` says whether the rows fit `budget_bytes`: then the files are mapped, and
     `arrays` gives all the rows at once without reading or copying them (the trainer's
@@ -308,13 +308,14 @@ class LocalData:
     and the trainer streams them back window by window.
     """
 
-    def __init__(self, prefix: str, budget_bytes: int, chunk_rows: int = SPOOL_BATCH_ROWS) -> None:
+    def __init__(self, prefix: str, budget_bytes: int) -> None:
         self.paths = spool_paths(prefix)
         sizes = [os.path.getsize(p) if os.path.exists(p) else 0 for p in self.paths]
         self.rows = sizes[0] // (4 * FEATURE_DIM)
         if sizes != [4 * FEATURE_DIM * self.rows, 4 * NUM_CLASSES * self.rows]:
             raise InputDataError(f"the spool at {prefix} is damaged: files of {sizes} bytes")
-        self.sizes = [min(chunk_rows, self.rows - at) for at in range(0, self.rows, chunk_rows)]
+        step = SPOOL_BATCH_ROWS
+        self.sizes = [min(step, self.rows - at) for at in range(0, self.rows, step)]
         self.num_chunks = len(self.sizes)
         self.offsets = np.concatenate([[0], np.cumsum(self.sizes, dtype=np.int64)])
         self.nbytes = self.rows * _ROW_BYTES
