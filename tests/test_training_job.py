@@ -102,3 +102,25 @@ def test_two_spark_submit_train_jobs_at_once_each_train_its_own_model(
     assert models[1]["model_sha256"] != models[2]["model_sha256"]
     # held-out digits: 20 % of the sample, never trained on
     assert models[1]["history"][-1]["val_accuracy"] > 0.88
+
+
+@pytest.mark.slow
+def test_a_one_worker_job_leaves_no_temporary_files(tmp_path, ingested_sample):
+    """Everything the job's Python processes put in the temporary folder is gone at its end:
+    TensorFlow's generated modules too, which its exit hooks delete and the worker, ending
+    with os._exit, never runs."""
+    temp = tmp_path / "temp"
+    temp.mkdir()
+    args = ["--input", ingested_sample, "--model-dir", str(tmp_path / "model"), "--workers", "1"]
+    job = subprocess.run(
+        job_command("train.py", *args, "--set", "train.epochs=1"),
+        capture_output=True,
+        text=True,
+        env=job_env(TMPDIR=str(temp)),
+        cwd=tmp_path,
+        timeout=600,
+        check=False,
+    )
+    assert job.returncode == 0, (job.stdout + job.stderr)[-3000:]
+    assert (tmp_path / "model" / "model.keras").exists()
+    assert sorted(p.name for p in temp.iterdir()) == []

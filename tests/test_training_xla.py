@@ -70,6 +70,21 @@ def test_xla_is_used_alone_and_under_local_sgd_never_under_exact():
     assert not Trainer(TrainSettings(jit_compile=False), workers=1).jit_compile
 
 
+def test_local_sgd_workers_step_at_the_learning_rate_times_the_workers():
+    """Averaging N workers' weights averages their steps: under local SGD each worker's
+    optimizer starts at learning_rate x N, unless scale_learning_rate is off; exact SGD
+    (N workers at batch b = one at batch N*b) and one worker keep learning_rate."""
+    assert TrainSettings(workers=2).worker_learning_rate() == pytest.approx(0.02)
+    three = TrainSettings(workers=3, learning_rate=0.05)
+    assert three.worker_learning_rate() == pytest.approx(0.15)
+    assert TrainSettings(workers=2, sync="exact").worker_learning_rate() == 0.01
+    assert TrainSettings(workers=2, scale_learning_rate=False).worker_learning_rate() == 0.01
+    assert TrainSettings(workers=1).worker_learning_rate() == 0.01
+    # The trainer is told its workers (a worker's settings may say 1).
+    assert float(Trainer(TrainSettings(), workers=2).optimizer.learning_rate) == pytest.approx(0.02)
+    assert float(_trainer(TrainSettings()).optimizer.learning_rate) == pytest.approx(0.01)
+
+
 def test_a_multi_worker_run_names_its_sync_mode_and_the_other_ones_cost():
     from pipeline.training.fit import SYNC_BENCHMARK, sync_message
 
@@ -77,6 +92,9 @@ def test_a_multi_worker_run_names_its_sync_mode_and_the_other_ones_cost():
     assert local.startswith("2 workers, train.sync=local_sgd (local SGD, weights averaged")
     assert "XLA on" in local and "--set train.sync=exact for exact" in local
     assert f"exact at {SYNC_BENCHMARK['exact'][0]:.2f}x" in local
+    assert "learning rate 0.01 x 2 workers = 0.02, see train.scale_learning_rate" in local
+    unscaled = sync_message(TrainSettings(workers=2, scale_learning_rate=False))
+    assert "learning rate" not in unscaled
     exact = sync_message(TrainSettings(workers=2, sync="exact"))
     assert "train.sync=exact (exact synchronous SGD" in exact
     assert "XLA off, it cannot compile the all-reduce on CPU" in exact

@@ -347,6 +347,10 @@ def _start_process(workdir: str, threads: int, log_path: str) -> subprocess.Pope
         MALLOC_MMAP_THRESHOLD_="1048576",
         MALLOC_ARENA_MAX="2",
         PYTHONPATH=os.pathsep.join(filter(None, [_package_root(), env.get("PYTHONPATH")])),
+        # Temporary files in the work directory, which the task removes: the worker ends
+        # with os._exit, so TensorFlow's exit hooks that would delete its own (autograph's
+        # generated modules) never run.
+        TMPDIR=workdir,
     )
     env.pop("TF_CONFIG", None)  # the worker sets it from its spec
     command = [sys.executable, "-m", "pipeline.training.worker", workdir, str(threads)]

@@ -61,7 +61,7 @@ class Trainer:
         scope = strategy.scope() if self.mode == "exact" else contextlib.nullcontext()
         with scope:
             self.model = build_model(settings)
-            self.optimizer = build_optimizer(settings)
+            self.optimizer = build_optimizer(ran)  # its learning rate is the worker's
             self.optimizer.build(self.model.trainable_variables)
         self._device = strategy.extended.worker_devices[0] if strategy is not None else None
         self._store_x = self._store_y = None
