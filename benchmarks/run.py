@@ -48,13 +48,23 @@ def machine() -> dict[str, Any]:
 
     return {
         "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
+        "processor": _cpu_model() or platform.processor() or platform.machine(),
         "logical_cpus": os.cpu_count(),
         "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
         "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
         "python": platform.python_version(),
         "java": _java_version(),
     }
+
+
+def _cpu_model() -> str | None:
+    """The CPU's model name where Linux says it (the same count of cores can differ in
+    speed several times over from one machine to the next)."""
+    with contextlib.suppress(OSError), open("/proc/cpuinfo", encoding="utf-8") as info:
+        for line in info:
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return None
 
 
 def versions() -> dict[str, str]:
@@ -134,7 +144,8 @@ def to_markdown(doc: dict[str, Any]) -> str:
         "",
         f"- date: {doc['date']}",
         f"- command: `{doc['command']}`",
-        f"- machine: {m['logical_cpus']} CPUs, {m['memory_gib']} GiB, {m['platform']}, "
+        f"- machine: {m['logical_cpus']} CPUs ({m['processor']}), {m['memory_gib']} GiB, "
+        f"{m['platform']}, "
         f"Python {m['python']}, {m['java']}; load average at start "
         f"{', '.join(str(x) for x in m['load_average_at_start'])}",
         "- versions: " + ", ".join(f"{k} {v}" for k, v in doc["versions"].items()),

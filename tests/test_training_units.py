@@ -390,7 +390,7 @@ def test_a_share_of_row_groups_spools_its_rows_and_counts_their_classes(tmp_path
     import pyarrow.parquet as pq
 
     from pipeline import rowgroups
-    from pipeline.training.data import read_share
+    from pipeline.training.data import read_share, spool_share
     from pipeline.training.inputs import balanced_shares
 
     ids = np.arange(250)
@@ -412,6 +412,17 @@ def test_a_share_of_row_groups_spools_its_rows_and_counts_their_classes(tmp_path
             read_share(rowgroups.LOCAL, ranges, label_column, batch_rows=40), str(directory)
         )
         assert (counts.train_rows, counts.validation_rows) == (125, 0)
+        # Its ranges read and spooled by two threads at once: the same spool and counts.
+        threaded = tmp_path / f"threaded-{worker}"
+        threaded.mkdir()
+        assert (
+            spool_share(
+                rowgroups.LOCAL, ranges, label_column, str(threaded), threads=2, batch_rows=40
+            )
+            == counts
+        )
+        for spooled in directory.iterdir():
+            assert (threaded / spooled.name).read_bytes() == spooled.read_bytes(), spooled.name
         data = LocalData(str(directory / TRAIN_SPOOL), budget_bytes=1 << 30)
         x, y = (np.concatenate(a) for a in zip(*data.chunks(), strict=True))
         assert np.array_equal(y.argmax(axis=1), x[:, 0].astype(int) % NUM_CLASSES)
@@ -427,6 +438,8 @@ def test_a_share_of_row_groups_spools_its_rows_and_counts_their_classes(tmp_path
     ranges = [(*groups[0][:4], 0, 100, False)]
     with pytest.raises(InputDataError, match="changed while the job ran"):
         list(read_share(rowgroups.LOCAL, ranges, label_column))
+    with pytest.raises(InputDataError, match="changed while the job ran"):
+        spool_share(rowgroups.LOCAL, ranges, label_column, str(tmp_path / "worker-0"))
 
     # Damaged data under an intact footer (same size, same row groups) is an input error
     # that names the file, not a traceback from the task.
@@ -438,6 +451,10 @@ def test_a_share_of_row_groups_spools_its_rows_and_counts_their_classes(tmp_path
     ranges = [(*groups[0][:4], 0, 100, False)]
     with pytest.raises(InputDataError, match=r"cannot read row group 0 of .*part-0\.parquet"):
         list(read_share(rowgroups.LOCAL, ranges, label_column))
+    # Two threads, the damaged group first: its error is the one raised.
+    both = [*ranges, (*groups[1][:4], 0, 100, False)]
+    with pytest.raises(InputDataError, match=r"cannot read row group 0 of .*part-0\.parquet"):
+        spool_share(rowgroups.LOCAL, both, label_column, str(tmp_path / "worker-0"), threads=2)
 
 
 def test_the_worker_process_imports_no_spark_before_tensorflow():

@@ -177,8 +177,8 @@ def _run_worker(spec, context, rank: int, workers: int, batches, workdir: str) -
         TRAIN_SPOOL,
         VALIDATION_SPOOL,
         add_counts,
-        read_share,
         spool_partition,
+        spool_share,
     )
 
     started = time.monotonic()
@@ -192,8 +192,15 @@ def _run_worker(spec, context, rank: int, workers: int, batches, workdir: str) -
         if files:  # this task reads its share of the row groups; its one input row is its rank
             for _ in batches:
                 pass
-            batches = read_share(files["filesystem"], files["shares"][rank], files["label_column"])
-        counts = spool_partition(batches, workdir, spec.get("profile_bins"))
+            counts = spool_share(
+                files["filesystem"],
+                files["shares"][rank],
+                files["label_column"],
+                workdir,
+                spec.get("profile_bins"),
+            )
+        else:
+            counts = spool_partition(batches, workdir, spec.get("profile_bins"))
         spooled = time.monotonic()
         host = _executor_host(context, rank, workers)
         reserved = _reserve_port(host) if workers > 1 else None
