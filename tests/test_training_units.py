@@ -451,7 +451,10 @@ def test_a_share_of_row_groups_spools_its_rows_and_counts_their_classes(tmp_path
     ranges = [(*groups[0][:4], 0, 100, False)]
     with pytest.raises(InputDataError, match=r"cannot read row group 0 of .*part-0\.parquet"):
         list(read_share(rowgroups.LOCAL, ranges, label_column))
-    # Two threads, the damaged group first: its error is the one raised.
+    # A share of one range: one reader. Two threads, the damaged group first: its error
+    # is the one raised.
+    with pytest.raises(InputDataError, match=r"cannot read row group 0 of .*part-0\.parquet"):
+        spool_share(rowgroups.LOCAL, ranges, label_column, str(tmp_path / "worker-0"), threads=2)
     both = [*ranges, (*groups[1][:4], 0, 100, False)]
     with pytest.raises(InputDataError, match=r"cannot read row group 0 of .*part-0\.parquet"):
         spool_share(rowgroups.LOCAL, both, label_column, str(tmp_path / "worker-0"), threads=2)
