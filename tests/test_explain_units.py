@@ -67,6 +67,18 @@ def test_a_grey_baseline_keeps_completeness(model, held_out):
     assert np.all(attributions.values[np.isclose(x[:50], 0.5)] == 0)
 
 
+def test_explaining_writes_no_temporary_files(model, held_out, tmp_path, monkeypatch):
+    """Nothing goes to the temporary folder, which a Spark worker, killed at its end,
+    would never clean (autograph writes a module there for each function it converts)."""
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    explainer = IntegratedGradients(model, steps=2)
+    explainer(held_out[0][:3])
+    explainer.predict(held_out[0][:3])
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
 def test_one_row_is_explained_as_within_a_batch(explained, held_out):
     explainer, batch = explained
     x, _ = held_out

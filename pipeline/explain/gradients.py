@@ -62,7 +62,10 @@ class IntegratedGradients:
         ]
 
         # XLA fuses the path's points into one compiled program: about 1.4x faster on CPU.
-        @tf.function(input_signature=signature, jit_compile=True)
+        # No autograph (no Python control flow here): it would write a module to the
+        # temporary folder for each function, which a Spark worker, killed at its end,
+        # never deletes.
+        @tf.function(input_signature=signature, jit_compile=True, autograph=False)
         def path_gradients(x, target):
             # (steps, n, 784) points on the path, flattened into one batch for the model.
             base = tf.fill(tf.shape(x), self.baseline)
@@ -77,7 +80,7 @@ class IntegratedGradients:
             mean = tf.reduce_mean(tf.reshape(gradients, [steps, -1, FEATURE_DIM]), axis=0)
             return mean * (x - base)
 
-        @tf.function(input_signature=signature[:1])
+        @tf.function(input_signature=signature[:1], autograph=False)
         def forward(x):
             return model(x, training=False)
 
