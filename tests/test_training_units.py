@@ -416,9 +416,7 @@ def test_a_share_of_row_groups_spools_its_rows_and_counts_their_classes(tmp_path
         threaded = tmp_path / f"threaded-{worker}"
         threaded.mkdir()
         assert (
-            spool_share(
-                rowgroups.LOCAL, ranges, label_column, str(threaded), threads=2, batch_rows=40
-            )
+            spool_share(rowgroups.LOCAL, ranges, label_column, str(threaded), batch_rows=40)
             == counts
         )
         for spooled in directory.iterdir():
@@ -454,10 +452,10 @@ def test_a_share_of_row_groups_spools_its_rows_and_counts_their_classes(tmp_path
     # A share of one range: one reader. Two threads, the damaged group first: its error
     # is the one raised.
     with pytest.raises(InputDataError, match=r"cannot read row group 0 of .*part-0\.parquet"):
-        spool_share(rowgroups.LOCAL, ranges, label_column, str(tmp_path / "worker-0"), threads=2)
+        spool_share(rowgroups.LOCAL, ranges, label_column, str(tmp_path / "worker-0"))
     both = [*ranges, (*groups[1][:4], 0, 100, False)]
     with pytest.raises(InputDataError, match=r"cannot read row group 0 of .*part-0\.parquet"):
-        spool_share(rowgroups.LOCAL, both, label_column, str(tmp_path / "worker-0"), threads=2)
+        spool_share(rowgroups.LOCAL, both, label_column, str(tmp_path / "worker-0"))
 
 
 def test_the_worker_process_imports_no_spark_before_tensorflow():

@@ -48,9 +48,9 @@ TRAIN_SPOOL = "train"
 VALIDATION_SPOOL = "validation"
 # Rows of a chunk: what a worker streaming from disk reads at once, and the unit of shuffling.
 SPOOL_BATCH_ROWS = 2048
-# Threads that read and spool an ingest output's share (`spool_share`). On 2 cores, outside
-# Spark, they read 1,000,000 rows in 5.5 s against 7-11 s for one reader; inside a job,
-# which shares the cores with TensorFlow's import, 11.7 s against 13.8 s.
+# Threads that read and spool an ingest output's share (`spool_share`). On 2 cores, a job
+# of 1,000,000 rows read them in 11.7 s against 13.8 s with one reader (README,
+# Performance), sharing the cores with TensorFlow's import.
 SPOOL_THREADS = 2
 
 _ROW_BYTES = 4 * (FEATURE_DIM + NUM_CLASSES)
@@ -123,10 +123,9 @@ def spool_share(
     label_column: str,
     directory: str,
     profile_bins: int | None = None,
-    threads: int = SPOOL_THREADS,
     batch_rows: int = 10_000,
 ) -> SpoolCounts:
-    """`spool_partition` of `read_share`'s batches, with `threads` threads reading and
+    """`spool_partition` of `read_share`'s batches, with SPOOL_THREADS threads reading and
     spooling the share's row ranges at once (Parquet decoding takes most of a read).
 
     The plan gives each range's rows, hence its place in its split's spool: every thread
@@ -136,7 +135,7 @@ def spool_share(
     first in the share's order when several fail); the others stop at their next batch.
     A share of one range is read by one thread, decoding ahead of the spooling.
     """
-    if threads < 2 or len(share) < 2:  # one reader, decoding ahead on a thread of its own
+    if len(share) < 2:  # one reader, decoding ahead on a thread of its own
         return spool_partition(
             read_share(filesystem, share, label_column, batch_rows), directory, profile_bins
         )
@@ -186,7 +185,7 @@ def spool_share(
                 stack.callback(os.close, fd)
                 os.ftruncate(fd, 4 * width * ends[name])
                 fds[name].append(fd)
-        pool = stack.enter_context(ThreadPoolExecutor(max(1, threads), "spool"))
+        pool = stack.enter_context(ThreadPoolExecutor(SPOOL_THREADS, "spool"))
         futures = [pool.submit(spool_range, i, fds[places[i][0]]) for i in range(len(share))]
         try:
             done = [future.result() for future in futures]
