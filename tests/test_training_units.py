@@ -412,15 +412,24 @@ def test_a_share_of_row_groups_spools_its_rows_and_counts_their_classes(tmp_path
             read_share(rowgroups.LOCAL, ranges, label_column, batch_rows=40), str(directory)
         )
         assert (counts.train_rows, counts.validation_rows) == (125, 0)
-        # Its ranges read and spooled by two threads at once: the same spool and counts.
-        threaded = tmp_path / f"threaded-{worker}"
-        threaded.mkdir()
-        assert (
-            spool_share(rowgroups.LOCAL, ranges, label_column, str(threaded), batch_rows=40)
-            == counts
-        )
-        for spooled in directory.iterdir():
-            assert (threaded / spooled.name).read_bytes() == spooled.read_bytes(), spooled.name
+        # Its ranges read and spooled by two threads at once: the same spool, counts and
+        # profile, also when its last range is validation rows.
+        for kind, mixed in (("train", ranges), ("mixed", [*ranges[:-1], (*ranges[-1][:6], True)])):
+            one, two = tmp_path / f"one-{kind}-{worker}", tmp_path / f"two-{kind}-{worker}"
+            one.mkdir(), two.mkdir()
+            read = read_share(rowgroups.LOCAL, mixed, label_column, batch_rows=40)
+            expected = spool_partition(read, str(one), profile_bins=8)
+            threaded = spool_share(rowgroups.LOCAL, mixed, label_column, str(two), 8, 40)
+            assert threaded.validation_rows == (mixed[-1][5] - mixed[-1][4]) * (kind == "mixed")
+            assert (threaded.train_rows, threaded.validation_rows) == (
+                expected.train_rows,
+                expected.validation_rows,
+            )
+            assert threaded.train_classes == expected.train_classes
+            assert threaded.validation_classes == expected.validation_classes
+            np.testing.assert_allclose(threaded.profile, expected.profile, rtol=1e-12)
+            for spooled in one.iterdir():
+                assert (two / spooled.name).read_bytes() == spooled.read_bytes(), spooled.name
         data = LocalData(str(directory / TRAIN_SPOOL), budget_bytes=1 << 30)
         x, y = (np.concatenate(a) for a in zip(*data.chunks(), strict=True))
         assert np.array_equal(y.argmax(axis=1), x[:, 0].astype(int) % NUM_CLASSES)

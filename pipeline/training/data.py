@@ -108,13 +108,7 @@ def spool_partition(
                 classes[name] += _class_counts(y)
                 if profile is not None and name == TRAIN_SPOOL:
                     profile += _profile_sums(x, y, profile_bins)
-    return SpoolCounts(
-        counts[TRAIN_SPOOL],
-        counts[VALIDATION_SPOOL],
-        _named_counts(classes[TRAIN_SPOOL]),
-        _named_counts(classes[VALIDATION_SPOOL]),
-        profile,
-    )
+    return _spool_counts(counts, classes, profile)
 
 
 def spool_share(
@@ -153,9 +147,8 @@ def spool_share(
     stop = threading.Event()
 
     def spool_range(index: int, fds: Sequence[int]) -> tuple[np.ndarray, np.ndarray | None]:
-        name, first = places[index]
-        path, group, _, _, start, stop_row, _ = share[index]
-        planned, at = int(stop_row) - int(start), first
+        # `read_share` yields the range's planned rows or raises (rowgroups checks the plan).
+        name, at = places[index]
         classes = np.zeros(NUM_CLASSES + 1, np.int64)
         wanted = profile_bins if name == TRAIN_SPOOL else None
         profile = np.zeros(profile_size(wanted)) if wanted else None
@@ -169,11 +162,6 @@ def spool_share(
             classes += _class_counts(y)
             if profile is not None:
                 profile += _profile_sums(x, y, wanted)
-        if at - first != planned and not stop.is_set():
-            raise InputDataError(
-                f"row group {group} of {path} gave {at - first} of its planned {planned} rows: "
-                "the training input changed while the job ran; rerun on stable input"
-            )
         return classes, profile
 
     with contextlib.ExitStack() as stack:
@@ -200,9 +188,16 @@ def spool_share(
         classes[name] += counted
         if profile is not None and summed is not None:
             profile += summed
+    return _spool_counts(ends, classes, profile)
+
+
+def _spool_counts(
+    rows: dict[str, int], classes: dict[str, np.ndarray], profile: np.ndarray | None
+) -> SpoolCounts:
+    """The counts of a spool from its rows and class counts by split name."""
     return SpoolCounts(
-        ends[TRAIN_SPOOL],
-        ends[VALIDATION_SPOOL],
+        rows[TRAIN_SPOOL],
+        rows[VALIDATION_SPOOL],
         _named_counts(classes[TRAIN_SPOOL]),
         _named_counts(classes[VALIDATION_SPOOL]),
         profile,

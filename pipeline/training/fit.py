@@ -42,7 +42,8 @@ log = logging.getLogger("pipeline.training")
 # 10 epochs): samples/s ratio of each sync mode and its validation accuracy minus one
 # worker's, in points. local_sgd (averaging every 200 steps, learning rate scaled):
 # `python benchmarks/local_sgd_bench.py --every 200 --repeats 3`, median of 3 rounds
-# (one worker 0.936, two 0.933); exact: `make bench`'s train stage (0.941 and 0.932).
+# (one worker 0.936, two 0.933); exact: `make bench`'s train stage on the slower machine
+# before (0.941 and 0.932), not rerun since.
 SYNC_BENCHMARK = {"local_sgd": (1.29, -0.34), "exact": (0.15, -0.9)}
 
 # The errors a barrier task reports through the progress channel, by type name.
